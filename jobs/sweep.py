@@ -1,0 +1,309 @@
+"""The sweep driver: validate, plan shards, run them, write results, summarise, track.
+
+`prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
+file) before any weights are loaded. `run_sweep` then cuts the (model x prompts x conditions) work
+into shards, runs the ones not yet on disk, and writes each as one parquet file the moment it
+returns, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from jobs import config as config_mod
+from jobs.executors import LocalExecutor, RayExecutor, init_ray
+from jobs.storage import OutDir, RESULT_SCHEMA, package_versions, write_json_atomic, write_parquet_atomic
+from jobs.worker import Shard, WorkerSpec
+from verif.conditions import Condition, build_conditions
+from verif.countdown import generate_problems, load_attempts_jsonl, make_attempts
+from verif.heads import parse_heads, validate_heads
+from verif.model import Arch, ModelSource, read_arch, resolve_source
+from verif.prompts import render_prompt
+from verif.score import resolve_yes_no
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue, with the reason in the message."""
+
+
+class SweepInterrupted(RuntimeError):
+    """The driver stopped on purpose (`testing.stop_after_shards`); `--resume` continues."""
+
+
+@dataclass
+class SweepPlan:
+    cfg: dict
+    sources: list[ModelSource]
+    arch: Arch
+    prompts: pl.DataFrame
+    conditions: list[Condition]
+    shards: list[Shard]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+
+@dataclass
+class SweepReport:
+    out: OutDir
+    rows_written: int
+    shards_run: int
+    shards_skipped: int
+    seconds: float
+    startup_seconds: float = 0.0
+    retried: list[str] = field(default_factory=list)
+    summary: pl.DataFrame | None = None
+    figures: list[Path] = field(default_factory=list)
+    wandb_dir: str | None = None
+
+
+def build_prompts(cfg: dict) -> pl.DataFrame:
+    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts."""
+    p = cfg["prompts"]
+    if p["file"]:
+        attempts = load_attempts_jsonl(p["file"])
+    else:
+        attempts = make_attempts(generate_problems(p["n"], p["seed"]), seed=p["seed"], p_correct=p["p_correct"])
+    return pl.DataFrame(
+        {
+            "prompt_id": list(range(len(attempts))),
+            "numbers": [list(a.problem.numbers) for a in attempts],
+            "target": [a.problem.target for a in attempts],
+            "attempt": [a.text for a in attempts],
+            "label": [a.label for a in attempts],
+            "error_kind": [a.error_kind for a in attempts],
+            "prompt": [render_prompt(a.problem.numbers, a.problem.target, a.text) for a in attempts],
+        },
+        schema_overrides={"numbers": pl.List(pl.Int64)},
+    )
+
+
+def _check_tokens(sources: list[ModelSource], cfg: dict) -> None:
+    """Yes/No variants must be single tokens of every model's vocabulary (tokenizer only, no weights)."""
+    from transformers import AutoTokenizer
+
+    for src in sources:
+        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        try:
+            tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+        except OSError as e:
+            raise SweepError(f"model.path {src.spec!r}: cannot load its tokenizer ({e})") from e
+        try:
+            resolve_yes_no(tok, cfg["scoring"]["yes"], cfg["scoring"]["no"])
+        except ValueError as e:
+            raise SweepError(f"{e} (model {src.spec!r})") from e
+
+
+def plan_shards(cfg: dict, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
+    """Cut (model x prompts x conditions) into shards with stable ids."""
+    per_p = cfg["shards"]["prompts_per_shard"]
+    per_c = cfg["shards"]["conditions_per_shard"] or len(conditions)
+    ids = [c.id for c in conditions]
+    shards = []
+    for m, name in enumerate(names):
+        for a in range(0, n_prompts, per_p):
+            for g, b in enumerate(range(0, len(ids), per_c)):
+                shards.append(
+                    Shard(f"m{m}-p{a:06d}-c{g:03d}", name, tuple(range(a, min(a + per_p, n_prompts))), tuple(ids[b:b + per_c]))
+                )
+    return shards
+
+
+def prepare(cfg: dict) -> SweepPlan:
+    """Every check that can fail, before any weights load; returns the full plan."""
+    try:
+        sources = [resolve_source(p) for p in config_mod.model_paths(cfg)]
+        archs = [read_arch(s) for s in sources]
+    except (OSError, ValueError) as e:
+        raise SweepError(str(e)) from e
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise SweepError(f"model.path: two models share the name {names}; give distinct paths")
+    shapes = {(a.n_layers, a.n_heads) for a in archs}
+    if len(shapes) > 1:
+        raise SweepError(f"model.path: models differ in layers x heads {sorted(shapes)}; one head set cannot fit all")
+    arch = archs[0]
+    ab = cfg["ablation"]
+    try:
+        target = validate_heads(parse_heads(ab["target_heads"] or []), arch.n_layers, arch.n_heads,
+                                what=f"ablation.target_heads (model {sources[0].spec})")
+        conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab["random_controls"], ab["seed"],
+                                      ab["exclude_target"], ab["match_layers"], ab["sweeps"])
+        prompts = build_prompts(cfg)
+    except ValueError as e:
+        raise SweepError(str(e)) from e
+    _check_tokens(sources, cfg)
+    shards = plan_shards(cfg, names, prompts.height, conditions)
+    return SweepPlan(cfg, sources, arch, prompts, conditions, shards)
+
+
+def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [c.row() for c in conditions],
+        schema={"condition": pl.Utf8, "kind": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
+                "layer": pl.Int64, "head": pl.Int64},
+    )
+
+
+def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
+    """Create the folder, or on --resume check it was started with the same result-defining config."""
+    cfg = plan.cfg
+    if out.manifest.exists():
+        old = __import__("json").loads(out.manifest.read_text())
+        if not resume:
+            raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
+        diffs = config_mod.config_differences(old["config"], cfg)
+        if diffs:
+            raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
+        return old
+    if resume and out.root.exists() and any(out.root.iterdir()):
+        raise SweepError(f"--resume: {out.root} has no manifest.json; it was not started by a sweep")
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(plan.prompts, out.prompts)
+    write_parquet_atomic(_conditions_frame(plan.conditions), out.conditions)
+    manifest = {
+        "config": cfg,
+        "config_hash": config_mod.config_hash(cfg),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": {s.id: {"status": "pending", "model": s.model, "prompts": len(s.prompt_ids),
+                          "conditions": len(s.conditions)} for s in plan.shards},
+    }
+    write_json_atomic(manifest, out.manifest)
+    return manifest
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker needs, shipped through Ray's runtime_env."""
+    keep = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def resolve_workers(cfg: dict) -> int:
+    """`ray.workers: auto` is one worker per GPU of the (already joined) cluster."""
+    r = cfg["ray"]
+    if r["workers"] != "auto":
+        return r["workers"]
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not r["gpus_per_worker"] or gpus < r["gpus_per_worker"]:
+        raise SweepError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r['gpus_per_worker']})")
+    return int(gpus // r["gpus_per_worker"])
+
+
+def _make_executor(cfg: dict, model: str, out: OutDir, n_workers: int):
+    r = cfg["ray"]
+    testing = cfg["testing"]
+    threads = max(1, int(r["cpus_per_worker"])) if n_workers else None
+    spec = WorkerSpec(
+        model=model,
+        dtype=cfg["model"]["dtype"],
+        device=cfg["model"]["device"],
+        yes=tuple(cfg["scoring"]["yes"]),
+        no=tuple(cfg["scoring"]["no"]),
+        engine=dict(cfg["engine"]),
+        threads=threads,
+        crash_marker=str(out.root.resolve() / ".crash_marker") if testing["crash_worker_once"] else None,
+    )
+    if n_workers == 0:
+        return LocalExecutor(spec)
+    return RayExecutor(spec, n_workers, r["cpus_per_worker"], r["gpus_per_worker"], cfg["shards"]["max_attempts"])
+
+
+def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, float, list[str]]:
+    """Run every shard not yet on disk; returns (rows written, shards run, startup seconds, retried)."""
+    cfg = plan.cfg
+    done = out.done_shards()
+    pending = [s for s in plan.shards if s.id not in done]
+    if not pending:
+        return 0, 0, 0.0, []
+    prompts_text = plan.prompts["prompt"].to_list()
+    heads_of = {c.id: c.heads for c in plan.conditions}
+    stop_after = cfg["testing"]["stop_after_shards"]
+    use_ray = cfg["ray"]["workers"] != 0
+    startup = 0.0
+    rows = shards_run = 0
+    retried: list[str] = []
+    if use_ray:
+        import ray
+
+        t = time.perf_counter()
+        r = cfg["ray"]
+        wanted = r["workers"] if isinstance(r["workers"], int) else 1
+        init_ray(r["address"], worker_env(), wanted * r["cpus_per_worker"], str(config_mod.REPO_ROOT))
+        startup += time.perf_counter() - t
+    n_workers = resolve_workers(cfg) if use_ray else 0
+    try:
+        bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
+        t_rows = time.perf_counter()
+        for model in plan.model_names:
+            todo = [s for s in pending if s.model == model]
+            if not todo:
+                continue
+            source = plan.sources[plan.model_names.index(model)]
+            bar.set_description(f"loading {model}")
+            executor = _make_executor(cfg, source.spec, out, n_workers)
+            startup += executor.startup_seconds
+            bar.set_description(f"scoring {model}")
+            t_rows = time.perf_counter()
+
+            def payload(s: Shard, name=model):
+                return [prompts_text[i] for i in s.prompt_ids], [heads_of[c] for c in s.conditions], name
+
+            try:
+                for shard, columns in executor.run(todo, payload):
+                    frame = pl.DataFrame(columns, schema=RESULT_SCHEMA)
+                    write_parquet_atomic(frame, out.shard(shard.id))
+                    manifest["shards"][shard.id]["status"] = "done"
+                    write_json_atomic(manifest, out.manifest)
+                    rows += frame.height
+                    shards_run += 1
+                    bar.update(1)
+                    bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t_rows, 1e-9):.1f}")
+                    if stop_after and shards_run >= stop_after:
+                        raise SweepInterrupted(f"stopped after {shards_run} shards (testing.stop_after_shards)")
+            finally:
+                retried += getattr(executor, "retried", [])
+                executor.close()
+        bar.close()
+    finally:
+        if use_ray:
+            ray.shutdown()
+    return rows, shards_run, startup, retried
+
+
+def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
+    """Every (model, prompt, condition) exactly once, or the sweep is not done."""
+    expected = len(plan.model_names) * plan.prompts.height * len(plan.conditions)
+    dupes = results.group_by(["model", "prompt_id", "condition"]).len().filter(pl.col("len") > 1).height
+    if results.height != expected or dupes:
+        raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
+
+
+def run_sweep(cfg: dict, resume: bool = False) -> SweepReport:
+    """The whole job: plan, score, summarise, figures, tracking. Returns where everything is."""
+    from jobs.finalize import finalize
+
+    start = time.perf_counter()
+    plan = prepare(cfg)
+    out = OutDir(cfg["out"])
+    manifest = _open_out(plan, out, resume)
+    skipped = len(out.done_shards() & {s.id for s in plan.shards})
+    rows, shards_run, startup, retried = run_shards(plan, out, manifest)
+    report = SweepReport(out, rows, shards_run, skipped, 0.0, startup, retried)
+    finalize(plan, out, manifest, report)
+    report.seconds = time.perf_counter() - start
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "rows_written": rows}
+    write_json_atomic(manifest, out.manifest)
+    return report

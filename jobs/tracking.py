@@ -1,0 +1,494 @@
+"""W&B tracking of a finished sweep (or weight-diff job): one run per job, written by the driver only.
+
+Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
+a result: if W&B fails (no network, bad key, full disk) a warning says where the results are and how to
+re-log them (`python -m jobs.tracking OUT`), and the sweep carries on.
+
+Offline runs (the default) live entirely under OUT/wandb: the W&B folders (`WANDB_DIR`, cache, data,
+config, artifact staging) are pointed there for the duration of the call, and the previous environment
+is restored afterwards, so nothing lands in the home folder (online mode keeps the user's
+WANDB_CONFIG_DIR, which holds the host set by `wandb login`; the key is read from ~/.netrc or
+WANDB_API_KEY). The run can be read back without a server
+with `read_run(run_dir)` (it parses the `.wandb` record log), or uploaded later with `wandb sync`.
+
+Keys:
+  run.summary  "{model}/{condition}/{column}"          every numeric column of summary.parquet
+               "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
+               "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
+               "sweep/{rows_written,shards_run,...}"   job bookkeeping
+  history      "tables/<name>"                         W&B Tables (summary, per_prompt, ...)
+               "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target, <kind>_pooled
+               "figures/<file stem>"                   the PNG figures as images
+  artifact     "<name>-results" of type "sweep-results" (results/, summary, prompts, conditions, stats/,
+               and OUT/weight_diff* when that job ran); the weight-diff-only job logs "<name>-weight-diff"
+               of type "weight-diff-results"
+Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table at its top 5,000 rows by
+1 - cos; the full frames are in the artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from jobs.storage import OutDir
+
+if TYPE_CHECKING:
+    from jobs.sweep import SweepReport
+
+ARTIFACT_TYPE = "sweep-results"
+WEIGHT_DIFF_ARTIFACT_TYPE = "weight-diff-results"
+HIST_BINS = 20
+WEIGHT_DIFF_MAX_ROWS = 5000
+# Conditions whose p_yes_norm gets its own histogram; every other kind is pooled into one per kind.
+OWN_HISTOGRAM_KINDS = ("baseline", "target")
+TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", "p_empirical", "p_less",
+             "p_greater", "rank")
+# Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
+LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind")
+WEIGHT_DIFF_FILES = ("weight_diff.parquet", "weight_diff_selection.parquet", "weight_diff_selected_rows.parquet",
+                     "weight_diff_summary.json")
+
+
+# --------------------------------------------------------------------------------------------
+# keys and conversions
+# --------------------------------------------------------------------------------------------
+
+
+def summary_key(model: str, condition: str, column: str) -> str:
+    """The run.summary key of one summary.parquet cell (readers use this too)."""
+    return f"{model}/{condition}/{column}"
+
+
+def tvc_key(model: str, metric: str, stat: str) -> str:
+    """The run.summary key of one target-vs-controls statistic."""
+    return f"{model}/target_vs_controls/{metric}/{stat}"
+
+
+def _scalar(value: Any) -> Any:
+    """JSON-safe summary value: non-finite floats become None (W&B cannot chart NaN anyway)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _numeric_columns(df: pl.DataFrame, skip: tuple[str, ...] = ()) -> list[str]:
+    return [c for c, t in df.schema.items() if t.is_numeric() and c not in skip]
+
+
+def summary_metrics(summary: pl.DataFrame) -> dict[str, Any]:
+    """Every numeric summary cell under `summary_key` (None where undefined)."""
+    cols = _numeric_columns(summary)
+    return {
+        summary_key(row["model"], row["condition"], c): _scalar(row[c])
+        for row in summary.iter_rows(named=True)
+        for c in cols
+    }
+
+
+def tvc_metrics(tvc: pl.DataFrame) -> dict[str, Any]:
+    """Target-vs-controls statistics under `tvc_key`; a second target condition gets its own prefix."""
+    out = {}
+    for row in tvc.iter_rows(named=True):
+        metric = row["metric"] if row["target_condition"] == "target" else f"{row['target_condition']}/{row['metric']}"
+        out.update({tvc_key(row["model"], metric, s): _scalar(row[s]) for s in TVC_STATS if s in row})
+    return out
+
+
+def to_wandb_table(df: pl.DataFrame):
+    """A polars frame as a wandb.Table: nested columns (lists, structs) become strings, None stays None."""
+    import wandb
+
+    nested = {c for c, t in df.schema.items() if t.is_nested()}
+    columns = [
+        [None if v is None else str(v) for v in df[c].to_list()] if c in nested else df[c].to_list()
+        for c in df.columns
+    ]
+    return wandb.Table(columns=df.columns, data=[list(r) for r in zip(*columns)] if columns else [])
+
+
+def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl.DataFrame) -> dict[str, Any]:
+    """Histograms of p_yes_norm per model, condition group and label, on fixed bins over [0, 1].
+
+    Baseline and target get one each; other kinds (random sets, layer and single-head sweeps) are
+    pooled per kind, because hundreds of near-identical histograms would bury the comparison.
+    """
+    import wandb
+
+    kinds = conditions.select("condition", "kind")
+    df = (
+        results.select("model", "condition", "prompt_id", "p_yes_norm")
+        .join(prompts.select("prompt_id", "label"), on="prompt_id", how="left")
+        .join(kinds, on="condition", how="left")
+        .with_columns(
+            pl.when(pl.col("kind").is_in(OWN_HISTOGRAM_KINDS) | pl.col("kind").is_null())
+            .then(pl.col("condition"))
+            .otherwise(pl.col("kind") + "_pooled")
+            .alias("group")
+        )
+        .filter(pl.col("p_yes_norm").is_finite() & pl.col("label").is_not_null())
+    )
+    hists = {}
+    for (model, group, label), part in df.group_by(["model", "group", "label"], maintain_order=True):
+        counts, edges = np.histogram(part["p_yes_norm"].to_numpy(), bins=HIST_BINS, range=(0.0, 1.0))
+        name = "correct" if label else "incorrect"
+        hists[f"{model}/p_yes_norm/{group}/{name}"] = wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
+    return hists
+
+
+def weight_diff_logs(weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> tuple[dict, dict]:
+    """(summary metrics, history items) of a weight diff: the selection whole, the table's top rows."""
+    top = weight_diff.sort("one_minus_cos", descending=True, nulls_last=True).head(WEIGHT_DIFF_MAX_ROWS)
+    history = {"tables/weight_diff_top": to_wandb_table(top)}
+    metrics: dict[str, Any] = {
+        "weight_diff/n_rows": weight_diff.height,
+        "weight_diff/max_one_minus_cos": _scalar(weight_diff["one_minus_cos"].max()),
+    }
+    if selection is not None and selection.height:
+        history["tables/weight_diff_selection"] = to_wandb_table(selection)
+        cols = _numeric_columns(selection)
+        for row in selection.iter_rows(named=True):
+            metrics.update({f"weight_diff/{row['selection']}/{c}": _scalar(row[c]) for c in cols})
+    return metrics, history
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+def _wandb_env(root: Path, mode: str) -> dict[str, str]:
+    """W&B's folders under OUT/wandb. Online keeps the user's config dir: it holds the login's host."""
+    env = {
+        "WANDB_DIR": str(root),
+        "WANDB_CACHE_DIR": str(root / "cache"),
+        "WANDB_DATA_DIR": str(root / "data"),
+        "WANDB_ARTIFACT_DIR": str(root / "artifacts"),
+        "WANDB_SILENT": "true",
+    }
+    if mode == "offline":
+        env["WANDB_CONFIG_DIR"] = str(root / "config")
+    return env
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block and restore the previous values (or absence) after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _settings(mode: str):
+    """Keep init fast and the run folder small: no console capture, code, git, stats or machine probe."""
+    import wandb
+
+    return wandb.Settings(
+        mode=mode,
+        console="off",
+        save_code=False,
+        disable_code=True,
+        disable_git=True,
+        x_disable_stats=True,
+        x_disable_machine_info=True,
+        x_disable_meta=True,
+        silent=True,
+    )
+
+
+def _safe_name(name: str) -> str:
+    """Artifact names allow letters, digits, '-', '_' and '.' only."""
+    return re.sub(r"[^\w.-]", "-", name)
+
+
+def _relog_hint(out: OutDir) -> str:
+    return f"python -m jobs.tracking {out.root} [--mode offline|online]"
+
+
+def _log_run(cfg: dict, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
+    """Open one run (group = sweep name), let `fill` log into it, close it; never raises.
+
+    Returns the offline run folder, the online URL, or None (disabled, or W&B failed).
+    """
+    w = cfg["wandb"]
+    mode = w["mode"]
+    if mode == "disabled":
+        return None
+    root = out.wandb.resolve()
+    run = None
+    try:
+        with _environment(_wandb_env(root, mode)):
+            import wandb
+
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                run = wandb.init(
+                    project=w["project"], entity=w["entity"], group=cfg["name"], job_type=job_type,
+                    name=f"{cfg['name']}-{job_type}", config=cfg, dir=str(root), reinit="create_new",
+                    settings=_settings(mode),
+                )
+                fill(run)
+                where = run.url if mode == "online" else str(Path(run.settings.sync_dir))
+                run.finish()
+                run = None
+            finally:
+                if run is not None:
+                    run.finish(exit_code=1)
+                # Stop the W&B service: it keeps the environment it started with, and the next run
+                # (another OUT) must not inherit this one's folders.
+                wandb.teardown()
+    except Exception as e:  # noqa: BLE001 - tracking must never cost the computed results
+        print(
+            f"WARNING: W&B logging failed ({type(e).__name__}: {e}). Nothing is lost: every result is on disk "
+            f"in {out.root} (summary.parquet, results/, stats/, figures/). Re-log it with: {_relog_hint(out)}",
+            file=sys.stderr,
+        )
+        return None
+    hint = f" (upload with: wandb sync {where})" if mode == "offline" else ""
+    print(f"W&B {job_type} run ({mode}): {where}{hint}")
+    return where
+
+
+def log_sweep(
+    cfg: dict,
+    out: OutDir,
+    tables: dict[str, pl.DataFrame | None],
+    figures: list[Path],
+    weight_diff: pl.DataFrame | None,
+    report: SweepReport | None,
+) -> str | None:
+    """Log a finished sweep as one W&B run (job_type "sweep"); see the module docstring for the keys.
+
+    `tables` are the frames of `jobs.finalize.compute_tables` (optionally `weight_diff_selection`),
+    `report` a `jobs.sweep.SweepReport` or None (re-log). Returns the offline run folder, the online
+    URL, or None when disabled or W&B failed (the failure is reported, never raised).
+    """
+
+    def fill(run) -> None:
+        import wandb
+
+        metrics = summary_metrics(tables["summary"])
+        if tables.get("target_vs_controls") is not None:
+            metrics.update(tvc_metrics(tables["target_vs_controls"]))
+        metrics["sweep/n_prompts"] = tables["prompts"].height
+        metrics["sweep/n_conditions"] = tables["conditions"].height
+        if report is not None:
+            for name in ("rows_written", "shards_run", "shards_skipped", "startup_seconds"):
+                metrics[f"sweep/{name}"] = getattr(report, name)
+            metrics["sweep/n_retried"] = len(report.retried)
+        items: dict[str, Any] = {
+            f"tables/{name}": to_wandb_table(_capped(tables[name]))
+            for name in LOGGED_TABLES if tables.get(name) is not None
+        }
+        items.update(p_yes_norm_histograms(tables["results"], tables["prompts"], tables["conditions"]))
+        items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
+        if weight_diff is not None:
+            wd_metrics, wd_items = weight_diff_logs(weight_diff, tables.get("weight_diff_selection"))
+            metrics.update(wd_metrics)
+            items.update(wd_items)
+        run.summary.update(metrics)
+        run.log(items)
+        run.log_artifact(_results_artifact(cfg["name"], out))
+
+    return _log_run(cfg, out, "sweep", fill)
+
+
+def log_weight_diff(cfg: dict, out: OutDir, weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> str | None:
+    """Log a weight-diff-only job as one W&B run (job_type "weight_diff").
+
+    `cfg` needs `name` and the `wandb` section (e.g. `jobs.config.load_config(None, [...], out)`).
+    Logs the selection table and its numbers, the top rows by 1 - cos, and the OUT/weight_diff*
+    files as one artifact. Same return value and failure handling as `log_sweep`.
+    """
+
+    def fill(run) -> None:
+        import wandb
+
+        metrics, items = weight_diff_logs(weight_diff, selection)
+        run.summary.update(metrics)
+        run.log(items)
+        art = wandb.Artifact(f"{_safe_name(cfg['name'])}-weight-diff", type=WEIGHT_DIFF_ARTIFACT_TYPE)
+        for name in WEIGHT_DIFF_FILES:
+            if (out.root / name).is_file():
+                art.add_file(str(out.root / name), name=name)
+        run.log_artifact(art)
+
+    return _log_run(cfg, out, "weight_diff", fill)
+
+
+def _capped(df: pl.DataFrame) -> pl.DataFrame:
+    """W&B truncates tables above Table.MAX_ROWS with only a log line; cut explicitly instead."""
+    import wandb
+
+    return df.head(wandb.Table.MAX_ROWS)
+
+
+def _results_artifact(name: str, out: OutDir):
+    """The parquet outputs as one artifact (copied to staging now, so later rewrites cannot corrupt it)."""
+    import wandb
+
+    art = wandb.Artifact(f"{_safe_name(name)}-results", type=ARTIFACT_TYPE)
+    for path in (out.summary, out.prompts, out.conditions):
+        if path.is_file():
+            art.add_file(str(path), name=path.name)
+    for folder in (out.results, out.root / "stats"):
+        if folder.is_dir():
+            art.add_dir(str(folder), name=folder.name)
+    for fname in WEIGHT_DIFF_FILES:
+        if (out.root / fname).is_file():
+            art.add_file(str(out.root / fname), name=fname)
+    return art
+
+
+# --------------------------------------------------------------------------------------------
+# reading a run back without a server
+# --------------------------------------------------------------------------------------------
+
+_BLOCK = 32768
+_HEADER = 7  # ident ":W&B" (4), magic 0xBEE1 (2), version (1); record headers are 7 bytes too
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_records(path: str | Path) -> Iterator[Any]:
+    """The protobuf records of a `.wandb` file (LevelDB log format, W&B's 7-byte file header).
+
+    Blocks are 32 KiB counted from the start of the file; a record is crc32 (seeded with its type
+    byte), length, type and data, and long records are split FIRST/MIDDLE.../LAST across blocks.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
+        raise ValueError(f"{path}: not a W&B record log")
+    pos, parts = _HEADER, []
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # zero trailer at the end of a block
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if kind == 0 and length == 0:  # zero padding: no more records in this block
+            pos += left
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path}: checksum mismatch at byte {pos}")
+        pos += _HEADER + length
+        parts.append(chunk)
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def _item_value(item: Any) -> Any:
+    """A history item's value: W&B writes either `value_json` or one typed field."""
+    if item.value_json:
+        return json.loads(item.value_json)
+    field = item.WhichOneof("value")
+    if field == "json":
+        return json.loads(item.json)
+    return getattr(item, field) if field and field != "none" else None
+
+
+def _put(target: dict, item: Any, value: Any) -> None:
+    """Store an item under its key; a nested key (one path element per level) makes nested dicts."""
+    keys = list(item.nested_key) or [item.key]
+    for k in keys[:-1]:
+        target = target.setdefault(k, {})
+    target[keys[-1]] = value
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """An offline run folder's contents: config, summary, history steps, artifacts, group, job type.
+
+    Summary updates are merged in order (later wins, removals drop keys); each history record is one
+    step as a dict; artifacts are {name, type, files} with the files in the artifact's manifest.
+    """
+    files = sorted(Path(run_dir).glob("*.wandb"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{run_dir}: expected one .wandb file, found {len(files)}")
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "artifacts": [], "group": None,
+                           "job_type": None}
+    for rec in iter_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
+            for i in rec.run.config.update:
+                _put(run["config"], i, json.loads(i.value_json))
+        elif kind == "config":
+            for i in rec.config.update:
+                _put(run["config"], i, json.loads(i.value_json))
+        elif kind == "summary":
+            for i in rec.summary.update:
+                _put(run["summary"], i, json.loads(i.value_json))
+            for i in rec.summary.remove:
+                run["summary"].pop(i.key, None)
+        elif kind == "history":
+            step: dict[str, Any] = {}
+            for i in rec.history.item:
+                _put(step, i, _item_value(i))
+            run["history"].append(step)
+        elif kind == "artifact":
+            a = rec.artifact
+            run["artifacts"].append({"name": a.name, "type": a.type, "files": [e.path for e in a.manifest.contents]})
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# re-logging an existing output folder
+# --------------------------------------------------------------------------------------------
+
+
+def relog(out_root: str | Path, mode: str | None = None) -> str | None:
+    """Log a finished sweep folder again from its files (after a W&B failure, or to go online)."""
+    from jobs.finalize import per_prompt_table
+
+    out = OutDir(out_root)
+    cfg = json.loads(out.manifest.read_text())["config"]
+    if mode:
+        cfg["wandb"]["mode"] = mode
+    results, prompts = out.read_results(), pl.read_parquet(out.prompts)
+    tables: dict[str, pl.DataFrame | None] = {
+        "results": results, "prompts": prompts, "conditions": pl.read_parquet(out.conditions),
+        "summary": pl.read_parquet(out.summary), "per_prompt": per_prompt_table(results, prompts),
+    }
+    for path in sorted((out.root / "stats").glob("*.parquet")):
+        tables[path.stem] = pl.read_parquet(path)
+    wd_file, sel_file = out.root / WEIGHT_DIFF_FILES[0], out.root / WEIGHT_DIFF_FILES[1]
+    weight_diff = pl.read_parquet(wd_file) if wd_file.is_file() else None
+    tables["weight_diff_selection"] = pl.read_parquet(sel_file) if sel_file.is_file() else None
+    return log_sweep(cfg, out, tables, sorted(out.figures.glob("*.png")), weight_diff, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.tracking", description="Re-log a finished sweep folder to W&B.")
+    p.add_argument("out", help="the sweep's output folder (holds manifest.json and summary.parquet)")
+    p.add_argument("--mode", choices=("offline", "online"), help="override the config's wandb.mode")
+    args = p.parse_args(argv)
+    return 0 if relog(args.out, args.mode) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

