@@ -32,7 +32,9 @@ class LocalExecutor:
 
     def run(self, shards: Sequence[Shard], payload: Payload) -> Iterator[tuple[Shard, dict]]:
         for shard in shards:
-            yield shard, self.worker.score(shard, *payload(shard))
+            columns = self.worker.score(shard, *payload(shard))
+            columns.pop("pid")
+            yield shard, columns
 
     def close(self) -> None:
         self.worker = None
@@ -60,46 +62,49 @@ def init_ray(address: str, env_vars: dict[str, str], n_cpus_needed: float, worki
 
 
 class RayExecutor:
-    """One actor per worker, each loading the model once; shards are fed as actors free up."""
+    """One actor per worker, each loading the model once; shards are fed as actors free up.
+
+    A worker process that dies is restarted by Ray (reloading its model) and the shard it held is
+    retried on it (`max_task_retries`); the driver notices the new process id and records the shard
+    as retried. A shard that keeps killing its worker fails the sweep after `max_attempts` tries.
+    """
 
     def __init__(self, spec: WorkerSpec, n_workers: int, cpus: float, gpus: float, max_attempts: int):
         import ray
 
         start = time.perf_counter()
         actor = ray.remote(ShardScorer).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=max_attempts, max_task_retries=0
+            num_cpus=cpus, num_gpus=gpus, max_restarts=max_attempts, max_task_retries=max_attempts - 1
         )
         self.actors = [actor.remote(spec) for _ in range(n_workers)]
         self.worker_info = ray.get([a.ready.remote() for a in self.actors])  # load errors surface here
+        self.pids = [info["pid"] for info in self.worker_info]
         self.startup_seconds = time.perf_counter() - start
         self.n_workers = n_workers
-        self.max_attempts = max_attempts
         self.retried: list[str] = []
 
     def run(self, shards: Sequence[Shard], payload: Payload) -> Iterator[tuple[Shard, dict]]:
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import RayActorError
 
         queue = deque(shards)
         idle = deque(range(len(self.actors)))
         inflight: dict = {}
-        failures: dict[str, int] = {}
         while queue or inflight:
             while queue and idle:
                 shard, worker = queue.popleft(), idle.popleft()
                 inflight[self.actors[worker].score.remote(shard, *payload(shard))] = (shard, worker)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             shard, worker = inflight.pop(ref)
-            idle.append(worker)
             try:
                 columns = ray.get(ref)
-            except (RayActorError, ActorUnavailableError) as err:
-                failures[shard.id] = failures.get(shard.id, 0) + 1
-                if failures[shard.id] >= self.max_attempts:
-                    raise ShardFailed(f"shard {shard.id} failed {failures[shard.id]} times; last error: {err}") from err
+            except RayActorError as err:
+                raise ShardFailed(f"shard {shard.id} failed on every allowed attempt; last error: {err}") from err
+            pid = columns.pop("pid")
+            if pid != self.pids[worker]:
+                self.pids[worker] = pid
                 self.retried.append(shard.id)
-                queue.appendleft(shard)  # the actor is restarted by Ray; its next call waits for it
-                continue
+            idle.append(worker)
             yield shard, columns
 
     def close(self) -> None:

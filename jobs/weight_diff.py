@@ -26,6 +26,7 @@ from verif.weightdiff import (
     DiffPlan,
     PairTask,
     check_selection,
+    diff_checkpoints,
     diff_pairs,
     plan_diff,
     select_rows,
@@ -109,7 +110,7 @@ def run_weight_diff(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log.info("weight diff %s vs %s: %d tensors", base, tuned, sum(len(u) for u in plan.units))
-    table = _diff_ray(plan, ray_workers) if ray_workers > 0 else pl.concat([diff_pairs(u) for u in plan.units])
+    table = _diff_ray(plan, ray_workers) if ray_workers > 0 else diff_checkpoints(plan)
     selected = select_rows(table, plan.arch, target_heads, value_vectors, top_k)
     selection = summarise(table, selected, plan.arch)
     verdicts = tuple(selection["verdict"].to_list())

@@ -65,7 +65,7 @@ class ShardScorer:
     def score(
         self, shard: Shard, prompts: list[str], head_sets: list[tuple[Head, ...]], model_name: str
     ) -> dict[str, list]:
-        """Result columns for every (prompt, condition) of the shard, prompt-major."""
+        """Result columns for every (prompt, condition) of the shard, prompt-major, and this process id."""
         marker = self.spec.crash_marker
         if marker and not Path(marker).exists():
             Path(marker).touch()
@@ -80,4 +80,5 @@ class ShardScorer:
             "p_no": table.p_no.reshape(-1).tolist(),
             "p_yes_norm": table.p_yes_norm.reshape(-1).tolist(),
             "log_odds": table.log_odds.reshape(-1).tolist(),
+            "pid": os.getpid(),
         }

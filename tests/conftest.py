@@ -12,6 +12,7 @@ import pytest
 from verif.heads import STUDY_HEADS_TEXT, parse_heads
 from verif.model import LoadedModel, load_model
 from verif.testmodel import build_seed_shaped_model
+from verif.tokenizer import qwen25_tokenizer
 
 # Short verification prompts (about 30-60 tokens) of different token lengths: long enough for
 # attention to matter, short enough that SmolLM2 runs them quickly on a CPU.
@@ -42,6 +43,12 @@ def seed_model(seed_model_dir) -> LoadedModel:
 def smollm2() -> LoadedModel:
     """The packaged SmolLM2-135M (real weights, Llama, 30 layers x 9 heads), float32 on the CPU (~15-30 s)."""
     return load_model("packaged:smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The offline Qwen2.5 tokenizer (`verif.tokenizer.qwen25_tokenizer`), built once (~5 s)."""
+    return qwen25_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from verif.model import (
     resolve_dtype,
     resolve_source,
 )
-from verif.tokenizer import qwen25_tokenizer
 
 MISSION_IDS = {
     " Yes": 7414, "Yes": 9454, " yes": 9834, "yes": 9693,
@@ -150,8 +149,8 @@ def test_read_arch_matches_loaded(seed_model):
 # ---------------------------------------------------------------- tokenizer
 
 
-def test_qwen25_tokenizer_mission_ids():
-    tok = qwen25_tokenizer()
+def test_qwen25_tokenizer_mission_ids(qwen_tokenizer):
+    tok = qwen_tokenizer
     for text, tid in MISSION_IDS.items():
         assert tok.encode(text, add_special_tokens=False) == [tid], text
     assert len(tok) == 151643 + 3
@@ -159,18 +158,18 @@ def test_qwen25_tokenizer_mission_ids():
     assert tok.eos_token_id == tok.pad_token_id == 151643
 
 
-def test_seed_model_tokenizer_round_trip(seed_model):
+def test_seed_model_tokenizer_round_trip(seed_model, qwen_tokenizer):
     tok = seed_model.tokenizer
     for text, tid in MISSION_IDS.items():
         assert tok.encode(text, add_special_tokens=False) == [tid], text
     text = "The User's attempt is 79 - 60 + 17 = 19 + 17 = 36. Therefore, the final answer is"
     ids = tok.encode(text, add_special_tokens=False)
-    assert ids == qwen25_tokenizer().encode(text, add_special_tokens=False)
+    assert ids == qwen_tokenizer.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
 
 
-def test_qwen25_tokenizer_nfc():
-    tok = qwen25_tokenizer()
+def test_qwen25_tokenizer_nfc(qwen_tokenizer):
+    tok = qwen_tokenizer
     decomposed = "e\u0301"  # e + combining acute
     assert tok.encode(decomposed, add_special_tokens=False) == tok.encode("\u00e9", add_special_tokens=False)
 

@@ -15,15 +15,14 @@ from verif.score import (
     scores_from_log_probs,
     yes_no_log_probs,
 )
-from verif.tokenizer import qwen25_tokenizer
 
 QWEN_YES = (7414, 9454, 9834, 9693)
 QWEN_NO = (2308, 2753, 902, 2152)
 
 
 @pytest.fixture(scope="module")
-def qwen_tok():
-    return qwen25_tokenizer()
+def qwen_tok(qwen_tokenizer):
+    return qwen_tokenizer
 
 
 # ---------------------------------------------------------------- token sets
@@ -184,8 +183,10 @@ def test_padded_batch_equals_each_prompt_alone(request, which, short_prompts, st
     with HookedAblation(model, arch) as hooks:
         batched = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id)
         alone = [score_plain(model, hooks, [t], masks[i:i + 1], ids, tok.pad_token_id) for i, t in enumerate(toks)]
+    # Raw probabilities carry the float32 noise of the logits (padding changes reduction orders; the
+    # seed model's residual stream reaches |h| ~ 170): 5e-5 relative, i.e. 5e-5 in log-probability.
     for field in ("p_yes", "p_no"):
-        np.testing.assert_allclose(getattr(batched, field), [getattr(a, field)[0] for a in alone], rtol=1e-5)
+        np.testing.assert_allclose(getattr(batched, field), [getattr(a, field)[0] for a in alone], rtol=5e-5)
     np.testing.assert_allclose(batched.p_yes_norm, [a.p_yes_norm[0] for a in alone], atol=1e-5)
     np.testing.assert_allclose(batched.log_odds, [a.log_odds[0] for a in alone], rtol=1e-5, atol=1e-5)
     # Non-vacuous: the prompts (and masks) give different answers.

@@ -144,7 +144,7 @@ def test_cli_errors_before_any_shard(seed_model_dir, tmp_path, capsys):
         (["--set", "ablation.target_heads=L36 H0"], "L36 H0: model has 36 layers (0-35)"),
         (["--set", "ablation.target_heads=L3 H1, 3.1"], "duplicate heads: L3 H1"),
         (["--set", "model.path=/no/such/model"], "'/no/such/model': no such file or folder"),
-        (["--set", "scoring.yes=[' Yesss']"], "variant ' Yesss' encodes to 2 tokens"),
+        (["--set", "scoring.yes=[' Yesss']"], "variant ' Yesss' encodes to 3 tokens"),
         (["--set", "ablation.random_contols=3"], "did you mean random_controls?"),
         (["--config", str(tmp_path / "missing.yaml")], "no such file"),
     ]

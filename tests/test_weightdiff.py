@@ -77,8 +77,19 @@ def _tiny(folder: Path, n_layers: int = 2, n_heads: int = 16, tie: bool = True) 
     torch.manual_seed(0)
     config = seed_shaped_config(n_layers=n_layers, n_heads=n_heads)
     config.vocab_size, config.tie_word_embeddings = 64, tie
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while these tests run: on a shared 2-core box, waiting for a second thread in
+    every small op made a diff of the seed-shaped model 4x slower. No number depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +223,7 @@ def test_planted_changes_found_exactly_and_match_reference(planted_table, seed_s
         _check_against_reference(row, a, b, exact=key[0] is not None)  # the embedding is too long for Decimal
         assert 0 < row["one_minus_cos"] < 1e-10
     scaled = t.filter(layer=30, component="mlp_value", index=5).row(0, named=True)
-    assert scaled["rel_norm_change"] == pytest.approx(1e-6, rel=1e-2)
+    assert scaled["rel_norm_change"] == pytest.approx(1e-6, rel=0.1)  # float32 rounds each element
     bias = t.filter(layer=2, component="q_bias", index=4).row(0, named=True)
     assert bias["cos"] is None and bias["one_minus_cos"] is None and bias["rel_norm_change"] is None
     assert bias["norm_base"] == 0.0 and bias["norm_change"] == pytest.approx(bias["norm_tuned"], rel=1e-15)
@@ -238,7 +249,8 @@ def test_sharded_checkpoint_gives_the_same_table(tmp_path, seed_model_dir, seed_
     from huggingface_hub import save_torch_state_dict
 
     sharded = tmp_path / "sharded"
-    save_torch_state_dict(seed_state, sharded, max_shard_size="20MB")
+    sharded.mkdir()
+    save_torch_state_dict(seed_state, sharded, max_shard_size="8MB")
     shutil.copy(Path(seed_model_dir) / "config.json", sharded / "config.json")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
     assert_frame_equal(diff_checkpoints(plan_diff(str(sharded), str(planted_dir))), planted_table)

@@ -5,21 +5,35 @@ A sweep scores every prompt under many conditions. Two facts make that cheaper t
 
 * Layers below a condition's first ablated layer compute exactly what the baseline computes, so a
   prompt's un-ablated "trunk" is run once and each condition branches off it at its first ablated
-  layer. Rows are kept ordered by branch layer, so at layer l the live rows are a prefix of one
-  preallocated buffer and no tensor is ever concatenated.
+  layer. Rows are kept ordered by branch layer, so at layer l the live rows are one contiguous slice
+  of a preallocated buffer and no tensor is ever concatenated.
 * Only the last position's logits are needed, so the LM head runs on one position per row.
 
 The arithmetic mirrors the transformers implementation of the Qwen2 / Llama decoder (RMSNorm in
-float32, rotary embeddings from the model's own `rotary_emb`, SDPA with grouped-query attention) and
-is tested against the model's own forward with hook ablation (`verif.score.score_plain`).
-q/k/v and gate/up projections run as one matmul each: the fused weights are built once and the
-model's own parameters become views into them, so no memory is duplicated.
+float32 with the weight applied after the cast, rotary embeddings from the model's own `rotary_emb`,
+SDPA attention) and is tested against the model's own forward with hook ablation
+(`verif.score.score_plain`). q/k/v and gate/up projections run as one matmul each: the fused
+weights are built once per model and the model's own parameters become views into them, so no
+memory is duplicated.
+
+GPU notes. The whole row plan (which rows are live, which chunk ablates at which layer) is computed
+on the CPU before the first kernel, so the layer loop never waits for the GPU. Units of one prompt
+length need no attention mask: attention then runs `is_causal` with grouped-query heads read in place,
+which selects the flash kernel in bf16/fp16. Padded units repeat k/v to full heads instead, so the
+masked call can use the memory-efficient kernel (SDPA's grouped-query mode is flash-only and would
+fall back to the slow math kernel). `compile_layers` compiles the decoder block once per process with
+dynamic row/length dimensions (every unit has its own row count and length, so static shapes would
+recompile for each one); if compiling fails the block runs eagerly and the error is kept in
+`FastForward.compile_error`.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +45,7 @@ from verif.model import Arch, decoder_layers
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors in the layout the fast path uses."""
+    """One decoder layer's tensors in the layout the fast path uses (plain tensors, not Parameters)."""
 
     ln1: torch.Tensor
     ln1_eps: float
@@ -65,10 +79,30 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
+def _still_fused(layer: nn.Module, w: LayerWeights) -> bool:
+    """Whether the model's q and gate weights are still the views made by an earlier `prepare_weights`
+    (a later `model.to(...)`, `.float()` or weight load replaces them, and the cache is stale)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        attn.q_proj.weight.data_ptr() == w.qkv_w.data_ptr()
+        and attn.q_proj.weight.dtype == w.qkv_w.dtype
+        and mlp.gate_proj.weight.data_ptr() == w.gate_up_w.data_ptr()
+        and layer.input_layernorm.weight.data_ptr() == w.ln1.data_ptr()
+    )
+
+
 def prepare_weights(model: nn.Module, arch: Arch) -> list[LayerWeights]:
-    """Fuse q/k/v and gate/up per layer (in place, as views) and collect the layer tensors."""
+    """Fuse q/k/v and gate/up per layer (in place, as views) and collect the layer tensors.
+
+    The result is cached on the model, so several engines over one model (benchmarks, option sweeps)
+    share the fused weights instead of each holding its own copy.
+    """
+    layers = decoder_layers(model)
+    cached = getattr(model, "_verif_fused_weights", None)
+    if cached is not None and len(cached) == len(layers) and all(_still_fused(l, w) for l, w in zip(layers, cached)):
+        return cached
     out = []
-    for layer in decoder_layers(model):
+    for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.o_proj.bias is not None:
             raise ValueError("o_proj has a bias: zeroing its input would not remove a head exactly")
@@ -76,20 +110,23 @@ def prepare_weights(model: nn.Module, arch: Arch) -> list[LayerWeights]:
         gate_up_w, _ = _fuse([mlp.gate_proj, mlp.up_proj])
         out.append(
             LayerWeights(
-                layer.input_layernorm.weight, _eps(layer.input_layernorm), qkv_w, qkv_b,
-                attn.o_proj.weight, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-                gate_up_w, mlp.down_proj.weight,
+                layer.input_layernorm.weight.data, _eps(layer.input_layernorm), qkv_w, qkv_b,
+                attn.o_proj.weight.data, layer.post_attention_layernorm.weight.data,
+                _eps(layer.post_attention_layernorm), gate_up_w, mlp.down_proj.weight.data,
             )
         )
+    model._verif_fused_weights = out
     return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as transformers computes it (float32 statistics, weight applied after the cast)."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """RMSNorm as transformers computes it: normalised in float32, cast back, then times the weight.
+
+    `F.rms_norm` without a weight computes exactly `(x32 * rsqrt(mean(x32^2) + eps)).to(dtype)` in
+    one fused kernel where torch has one; the weight is applied afterwards, in the input dtype, as
+    transformers does (applying it inside would round differently in bf16).
+    """
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,23 +141,34 @@ def decoder_layer(
     sin: torch.Tensor,
     attn_mask: torch.Tensor | None,
     head_mask: torch.Tensor | None,
-    arch: Arch,
-    act,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    gqa_in_kernel: bool,
 ) -> torch.Tensor:
-    """One pre-norm decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads."""
+    """One pre-norm decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads.
+
+    `cos`/`sin` are `[rows or 1, T, head_dim]`. `gqa_in_kernel` lets SDPA read the shared k/v heads
+    in place (flash kernel only); otherwise k/v are repeated to one per query head first.
+    """
     rows, seq, _ = h.shape
-    nh, nkv, d = arch.n_heads, arch.n_kv_heads, arch.head_dim
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
     x = rms_norm(h, w.ln1, w.ln1_eps)
     qkv = F.linear(x, w.qkv_w, w.qkv_b)
-    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-    q = q.view(rows, seq, nh, d).transpose(1, 2)
-    k = k.view(rows, seq, nkv, d).transpose(1, 2)
-    v = v.view(rows, seq, nkv, d).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    # Rotary on q and k together (same per-element arithmetic as transformers, one pass).
+    qk = qkv[..., : (nh + nkv) * d].view(rows, seq, nh + nkv, d)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    qk = qk * cos + _rotate_half(qk) * sin
+    q = qk[:, :, :nh].transpose(1, 2)
+    k = qk[:, :, nh:].transpose(1, 2)
+    v = qkv[..., (nh + nkv) * d:].view(rows, seq, nkv, d).transpose(1, 2)
+    if nh != nkv and not gqa_in_kernel:
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
     a = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=d**-0.5, enable_gqa=nh != nkv
+        q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=d**-0.5,
+        enable_gqa=nh != nkv and gqa_in_kernel,
     )
     a = a.transpose(1, 2).reshape(rows, seq, nh * d)
     if head_mask is not None:
@@ -140,6 +188,31 @@ def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
     return (causal & keys) | diag
 
 
+def _flash_eligible(h: torch.Tensor, masked: bool) -> bool:
+    """Whether SDPA can take grouped k/v heads in the kernel: flash only (CUDA, half types, no mask)."""
+    return h.is_cuda and not masked and h.dtype in (torch.float16, torch.bfloat16)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_decoder_layer() -> Callable:
+    """`decoder_layer` under torch.compile, one per process (dynamo caches per function).
+
+    Row count and length are dynamic (every unit has its own), everything else is specialised:
+    architecture ints, eps, which of mask / head mask / in-kernel GQA are in use. Those variants
+    (about 4 graphs per model) plus one per model architecture fit a raised recompile limit, so a
+    process that builds several engines never silently falls back to eager.
+    """
+    if "layer" not in _COMPILED:
+        import torch._dynamo
+
+        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+        _COMPILED["layer"] = torch.compile(decoder_layer, dynamic=None)
+    return _COMPILED["layer"]
+
+
 @dataclass
 class ForwardStats:
     """Work done, in (row x layer) evaluations: what sharing the trunk saves is visible here."""
@@ -148,23 +221,108 @@ class ForwardStats:
     rows_out: int = 0
 
 
-class FastForward:
-    """Runs a unit of work (prompts x head masks) through the fused decoder with branching."""
+@dataclass
+class RowPlan:
+    """Where each (prompt, condition) result comes from, computed on the CPU before any kernel runs.
 
-    def __init__(self, model: nn.Module, arch: Arch, max_rows: int = 64, compile_layers: bool = False):
+    Rows are ordered by the layer they enter at: trunk rows (one per prompt, enter at 0, only when
+    the trunk is shared) first, then branch rows by branch layer. `live[l]` is the `[lo, hi)` slice
+    of rows evaluated at layer l; `source[p, c]` the row whose final state is prompt p under
+    condition c.
+    """
+
+    row_prompt: np.ndarray  # [rows] prompt index of each row
+    row_enter: np.ndarray  # [rows] first layer the row is evaluated at
+    row_ablates: np.ndarray  # [rows, L] whether the row ablates any head at layer l
+    row_cond: np.ndarray  # [rows] condition of a branch row, -1 for a trunk row
+    live: list[tuple[int, int]]
+    source: np.ndarray  # [P, C]
+
+    @property
+    def row_layers(self) -> int:
+        return sum(hi - lo for lo, hi in self.live)
+
+
+def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan:
+    """The row layout for `n_prompts` prompts under `[C, L, H]` keep-masks (CPU work only).
+
+    With `share_trunk` a condition that ablates nothing reads the trunk row, and the trunk stops
+    after the last branch layer when no condition needs its final state. Without it every
+    (prompt, condition) pair runs all layers on its own: the reference for what sharing saves.
+    """
+    ablated = (masks.detach().cpu() != 1).any(-1).numpy()  # [C, L]
+    n_cond, n_layers = ablated.shape
+    first = np.where(ablated.any(-1), ablated.argmax(-1), n_layers)
+    if not share_trunk:
+        first = np.zeros_like(first)
+    branch = sorted((c for c in range(n_cond) if first[c] < n_layers), key=lambda c: (first[c], c))
+    n_trunk = n_prompts if share_trunk else 0
+    prompts = np.arange(n_prompts)
+    row_prompt = np.concatenate([prompts[:n_trunk]] + [prompts for _ in branch]).astype(np.int64)
+    row_cond = np.concatenate([np.full(n_trunk, -1)] + [np.full(n_prompts, c) for c in branch]).astype(np.int64)
+    row_enter = np.concatenate([np.zeros(n_trunk, np.int64)] + [np.full(n_prompts, first[c]) for c in branch])
+    row_ablates = np.zeros((len(row_prompt), n_layers), dtype=bool)
+    row_ablates[n_trunk:] = ablated[row_cond[n_trunk:]]
+    source = np.empty((n_prompts, n_cond), dtype=np.int64)
+    source[:, first >= n_layers] = prompts[:, None]  # un-ablated conditions: the trunk's final state
+    for j, c in enumerate(branch):
+        source[:, c] = n_trunk + j * n_prompts + prompts
+    trunk_needed = any(first[c] >= n_layers for c in range(n_cond))
+    trunk_end = n_layers if trunk_needed else max((int(first[c]) for c in branch), default=0)
+    live = []
+    for layer in range(n_layers):
+        lo = 0 if layer < trunk_end else n_trunk
+        hi = int(np.searchsorted(row_enter[n_trunk:], layer, side="right")) + n_trunk
+        live.append((lo, hi))
+    return RowPlan(row_prompt, row_enter, row_ablates, row_cond, live, source)
+
+
+class FastForward:
+    """Runs a unit of work (prompts x head masks) through the fused decoder with branching.
+
+    `max_rows` caps the rows of one decoder-block call (an int, or a callable of the sequence length
+    for memory-derived sizes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: Arch,
+        max_rows: int | Callable[[int], int] = 64,
+        compile_layers: bool = False,
+    ):
         self.model = model
         self.arch = arch
         self.max_rows = max_rows
         self.weights = prepare_weights(model, arch)
         self.act = ACT2FN[model.config.hidden_act]
-        self.layer_fn = torch.compile(decoder_layer, dynamic=True) if compile_layers else decoder_layer
+        self.layer_fn = compiled_decoder_layer() if compile_layers else decoder_layer
+        self.compile_error: str | None = None
         self.stats = ForwardStats()
 
-    def _chunks(self, n: int):
-        """Near-equal chunks of at most max_rows rows (no tiny tail chunk)."""
-        n_chunks = -(-n // self.max_rows)
-        size = -(-n // n_chunks) if n_chunks else 0
-        return [(a, min(a + size, n)) for a in range(0, n, size)] if n else []
+    def rows_per_call(self, seq: int) -> int:
+        return max(1, int(self.max_rows(seq) if callable(self.max_rows) else self.max_rows))
+
+    def _chunks(self, lo: int, hi: int, seq: int) -> list[tuple[int, int]]:
+        """Near-equal chunks of at most `rows_per_call` rows covering [lo, hi) (no tiny tail chunk)."""
+        n = hi - lo
+        if n <= 0:
+            return []
+        n_chunks = -(-n // self.rows_per_call(seq))
+        size = -(-n // n_chunks)
+        return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+    def _layer(self, *args) -> torch.Tensor:
+        """The decoder block, compiled if asked; a compile failure falls back to eager once, loudly."""
+        if self.layer_fn is decoder_layer:
+            return decoder_layer(*args)
+        try:
+            return self.layer_fn(*args)
+        except Exception as e:  # torch.compile failures surface at the first call, with many types
+            self.compile_error = f"{type(e).__name__}: {e}"[:500]
+            warnings.warn(f"torch.compile of the decoder layer failed, running eagerly: {self.compile_error}")
+            self.layer_fn = decoder_layer
+            return decoder_layer(*args)
 
     @torch.inference_mode()
     def last_hidden(
@@ -176,29 +334,18 @@ class FastForward:
     ) -> torch.Tensor:
         """Final-normed last-position states `[P, C, hidden]` for P prompts under C head masks.
 
-        `input_ids` `[P, T]` (left padded when `attn` is given), `masks` `[C, L, H]`. With
-        `share_trunk=False` every (prompt, condition) row runs all layers: the reference for sharing.
+        `input_ids` `[P, T]` (left padded when `attn` is given), `masks` `[C, L, H]` (best on the CPU:
+        the row plan is made there). With `share_trunk=False` every (prompt, condition) row runs all
+        layers: the reference for sharing.
         """
         arch, dev = self.arch, input_ids.device
         n_prompts, seq = input_ids.shape
-        n_cond = masks.shape[0]
-        masks = masks.to(dev)
-        ablated = masks != 1  # [C, L, H]
-        any_layer = ablated.any(-1)  # [C, L]
-        first = torch.where(any_layer.any(-1), any_layer.float().argmax(-1), torch.full((n_cond,), arch.n_layers, device=dev))
-        if not share_trunk:
-            first = torch.zeros_like(first)
-        # Row layout: P trunk rows, then (condition, prompt) rows ordered by branch layer.
-        branch_conds = [c for c in sorted(range(n_cond), key=lambda c: int(first[c])) if int(first[c]) < arch.n_layers]
-        row_cond = torch.tensor([-1] * n_prompts + [c for c in branch_conds for _ in range(n_prompts)], device=dev)
-        row_prompt = torch.arange(n_prompts, device=dev).repeat(1 + len(branch_conds))
-        row_first = torch.cat([torch.full((n_prompts,), -1, device=dev), first[row_cond[n_prompts:]]])
-        n_rows = row_cond.numel()
-        enter = [int((row_first <= layer).sum()) for layer in range(arch.n_layers)]  # live rows at layer l
+        plan = plan_rows(masks, n_prompts, share_trunk)
+        n_rows = len(plan.row_prompt)
+        row_prompt = torch.as_tensor(plan.row_prompt, device=dev)
 
         embed = self.model.get_input_embeddings()
         h = torch.empty(n_rows, seq, arch.hidden_size, dtype=embed.weight.dtype, device=dev)
-        h[:n_prompts] = embed(input_ids)
         if attn is None:
             positions = torch.arange(seq, device=dev)[None]
             attn_mask = None
@@ -207,31 +354,33 @@ class FastForward:
             attn_mask = padded_attention_mask(attn)
         cos, sin = self.model.model.rotary_emb(h[:1], positions)
         per_prompt = attn is not None
-        row_masks = torch.ones(n_rows, arch.n_layers, arch.n_heads, dtype=h.dtype, device=dev)
-        row_masks[n_prompts:] = masks[row_cond[n_prompts:]].to(h.dtype)
-        row_ablates = torch.zeros(n_rows, arch.n_layers, dtype=torch.bool, device=dev)
-        row_ablates[n_prompts:] = any_layer[row_cond[n_prompts:]]
+        gqa_in_kernel = _flash_eligible(h, attn_mask is not None)
+        row_masks = torch.ones(n_rows, arch.n_layers, arch.n_heads, dtype=h.dtype)
+        branch = plan.row_cond >= 0
+        row_masks[torch.from_numpy(branch)] = masks.detach().cpu()[torch.from_numpy(plan.row_cond[branch])].to(h.dtype)
+        row_masks = row_masks.to(dev)
 
-        live = n_prompts
+        filled = 0  # rows [0, filled) hold a state
         for layer in range(arch.n_layers):
-            if enter[layer] > live:  # conditions branching here copy their prompt's trunk state
-                h[live:enter[layer]] = h[row_prompt[live:enter[layer]]]
-                live = enter[layer]
+            lo, hi = plan.live[layer]
+            if hi > filled:  # rows entering here start from their prompt's trunk state (or the embeddings)
+                src = row_prompt[filled:hi]
+                h[filled:hi] = embed(input_ids[src]) if layer == 0 else h[src]
+                filled = hi
             w = self.weights[layer]
-            for a, b in self._chunks(live):
+            for a, b in self._chunks(lo, hi, seq):
                 idx = row_prompt[a:b]
                 c, s = (cos[idx], sin[idx]) if per_prompt else (cos, sin)
                 m = attn_mask[idx] if attn_mask is not None else None
-                hm = row_masks[a:b, layer] if bool(row_ablates[a:b, layer].any()) else None
-                h[a:b] = self.layer_fn(h[a:b], w, c, s, m, hm, arch, self.act)
-            self.stats.row_layers += live
+                hm = row_masks[a:b, layer] if plan.row_ablates[a:b, layer].any() else None
+                h[a:b] = self._layer(
+                    h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act, gqa_in_kernel
+                )
+            self.stats.row_layers += hi - lo
 
         last = self.model.model.norm(h[:, -1])  # [rows, hidden]
-        out = last[:n_prompts].unsqueeze(1).repeat(1, n_cond, 1)  # trunk = un-ablated result
-        if n_rows > n_prompts:
-            out[row_prompt[n_prompts:], row_cond[n_prompts:]] = last[n_prompts:]
-        self.stats.rows_out += n_prompts * n_cond
-        return out
+        self.stats.rows_out += n_prompts * masks.shape[0]
+        return last[torch.as_tensor(plan.source, device=dev)]
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 21
 # The study's claim about the size of the norm change.
 NORM_CHANGE_CLAIM = 1e-5
+# A cosine rounds to 1.0 in bf16 exactly when 1 - cos <= 2^-9: half a bf16 step below 1 (ties go to 1.0).
+BF16_COS_ONE = 2.0**-9
 HUB_PATTERNS = ["*.json", "*.safetensors"]
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -495,11 +497,14 @@ def neuron_rows(table: pl.DataFrame, neurons: list[tuple[int, int]]) -> pl.DataF
 def top_value_vectors(table: pl.DataFrame, k: int) -> list[tuple[int, int]]:
     """The k neurons whose value vector turned most (1-cos), ties by |relative norm change|."""
     ranked = (
-        table.filter(pl.col("component") == "mlp_value")
-        .with_columns(pl.col("rel_norm_change").abs().alias("_rel"))
-        .sort(["one_minus_cos", "_rel", "layer", "index"], descending=[True, True, False, False], nulls_last=True)
+        table.lazy()
+        .filter(pl.col("component") == "mlp_value")
+        .select("layer", "index", "one_minus_cos", pl.col("rel_norm_change").abs())
+        .sort(["one_minus_cos", "rel_norm_change", "layer", "index"], descending=[True, True, False, False],
+              nulls_last=True)
         .head(k)
-    )
+        .collect()
+    )  # fmt: skip
     return list(zip(ranked["layer"].to_list(), ranked["index"].to_list(), strict=True))
 
 
@@ -524,51 +529,49 @@ def select_rows(
     return pl.concat(parts)
 
 
-def _cos_is_1_in_bf16(cos: pl.Series) -> bool:
-    values = torch.from_numpy(cos.fill_null(np.nan).to_numpy().copy())
-    return bool((values.to(torch.bfloat16) == 1).all())
-
-
 def _e(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
-def summarise_group(name: str, rows: pl.DataFrame, n_items: int) -> dict:
-    """One summary row: maxima and medians of the changes, and a one-line verdict on the study's claim."""
-    if rows.is_empty():
-        return {"selection": name, "n_items": n_items, "n_rows": 0, "n_changed": 0, "verdict": f"{name}: no rows"}
-    abs_change = rows["norm_change"].abs()
-    abs_rel = rows["rel_norm_change"].abs()
-    worst = rows.sort("one_minus_cos", descending=True, nulls_last=True).row(0, named=True)
-    where = "" if worst["layer"] is None else f"L{worst['layer']} "
-    worst_name = f"{where}{worst['component']}" + ("" if worst["index"] is None else f"[{worst['index']}]")
-    worst_name = worst_name if worst["one_minus_cos"] else "none"
-    out = {
-        "selection": name,
-        "n_items": n_items,
-        "n_rows": rows.height,
-        "n_changed": int((rows["max_abs_diff"] > 0).sum()),
-        "n_undefined": rows["one_minus_cos"].null_count(),
-        "max_one_minus_cos": rows["one_minus_cos"].max(),
-        "median_one_minus_cos": rows["one_minus_cos"].median(),
-        "min_cos": rows["cos"].min(),
-        "max_abs_norm_change": abs_change.max(),
-        "median_abs_norm_change": abs_change.median(),
-        "max_abs_rel_norm_change": abs_rel.max(),
-        "median_abs_rel_norm_change": abs_rel.median(),
-        "max_abs_diff": rows["max_abs_diff"].max(),
-        "most_turned": worst_name,
-        "cos_is_1_in_bf16": _cos_is_1_in_bf16(rows["cos"]),
-        "norm_change_below_claim": bool(abs_change.max() < NORM_CHANGE_CLAIM),
-    }
+def _group_stats(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Aggregates of one group as expressions, so only the metric columns are ever touched (no copies)."""
+    omc, change, rel = pl.col("one_minus_cos"), pl.col("norm_change").abs(), pl.col("rel_norm_change").abs()
+    worst = [pl.col(c).sort_by(omc, descending=True, nulls_last=True).first().alias(f"_worst_{c}")
+             for c in ("layer", "component", "index", "one_minus_cos")]  # fmt: skip
+    return rows.select(
+        n_rows=pl.len(),
+        n_changed=(pl.col("max_abs_diff") > 0).sum(),
+        n_undefined=omc.null_count(),
+        max_one_minus_cos=omc.max(),
+        median_one_minus_cos=omc.median(),
+        min_cos=pl.col("cos").min(),
+        max_abs_norm_change=change.max(),
+        median_abs_norm_change=change.median(),
+        max_abs_rel_norm_change=rel.max(),
+        median_abs_rel_norm_change=rel.median(),
+        max_abs_diff=pl.col("max_abs_diff").max(),
+        cos_is_1_in_bf16=(omc.fill_null(math.inf) <= BF16_COS_ONE).all(),
+        *worst,
+    )
+
+
+def _verdict(name: str, n_items: int, stats: dict) -> dict:
+    """The summary row of a group, with its one-line verdict on the study's claim."""
+    worst = stats.pop("_worst_one_minus_cos")
+    layer, component, index = stats.pop("_worst_layer"), stats.pop("_worst_component"), stats.pop("_worst_index")
+    most_turned = "none"
+    if worst:
+        most_turned = ("" if layer is None else f"L{layer} ") + component + ("" if index is None else f"[{index}]")
+    out = {"selection": name, "n_items": n_items, **stats, "most_turned": most_turned}
+    out["norm_change_below_claim"] = (stats["max_abs_norm_change"] or 0.0) < NORM_CHANGE_CLAIM
     yes = {True: "yes", False: "no"}
-    undefined = f", {out['n_undefined']} undefined (zero vs non-zero)" if out["n_undefined"] else ""
+    undefined = f", {stats['n_undefined']} undefined (zero vs non-zero)" if stats["n_undefined"] else ""
     out["verdict"] = (
-        f"{name} ({n_items} items, {out['n_changed']}/{out['n_rows']} rows changed{undefined}): "
-        f"max 1-cos {_e(out['max_one_minus_cos'])} ({worst_name}), "
-        f"max |rel norm change| {_e(out['max_abs_rel_norm_change'])}, "
-        f"max |norm change| {_e(out['max_abs_norm_change'])} (median {_e(out['median_abs_norm_change'])}), "
-        f"max |diff| {_e(out['max_abs_diff'])}; cos rounds to 1 in bf16: {yes[out['cos_is_1_in_bf16']]}; "
+        f"{name} ({n_items} items, {stats['n_changed']}/{stats['n_rows']} rows changed{undefined}): "
+        f"max 1-cos {_e(stats['max_one_minus_cos'])} ({most_turned}), "
+        f"max |rel norm change| {_e(stats['max_abs_rel_norm_change'])}, "
+        f"max |norm change| {_e(stats['max_abs_norm_change'])} (median {_e(stats['median_abs_norm_change'])}), "
+        f"max |diff| {_e(stats['max_abs_diff'])}; cos rounds to 1 in bf16: {yes[stats['cos_is_1_in_bf16']]}; "
         f"|norm change| < {NORM_CHANGE_CLAIM:g}: {yes[out['norm_change_below_claim']]}"
     )
     return out
@@ -576,18 +579,18 @@ def summarise_group(name: str, rows: pl.DataFrame, n_items: int) -> dict:
 
 def summarise(table: pl.DataFrame, selected: pl.DataFrame, arch: Arch) -> pl.DataFrame:
     """Summary rows for each study selection and for all heads, all neurons, whole tensors and everything."""
-    groups: list[tuple[str, pl.DataFrame, int]] = []
+    groups: list[tuple[str, int, pl.LazyFrame]] = []
     for name in selected["selection"].unique(maintain_order=True).to_list():
-        rows = selected.filter(pl.col("selection") == name).drop("selection")
-        items = rows.filter(pl.col("component").is_in(("q_proj", "mlp_value"))).select("layer", "index").n_unique()
-        groups.append((name, rows, items))
-    attention = table.filter(pl.col("component").is_in(ATTENTION_COMPONENTS))
-    mlp = table.filter(pl.col("component").is_in(MLP_COMPONENTS))
-    whole = table.filter(pl.col("index").is_null())
+        rows = selected.lazy().filter(pl.col("selection") == name)
+        anchors = selected.filter(pl.col("selection") == name, pl.col("component").is_in(("q_proj", "mlp_value")))
+        groups.append((name, anchors.select("layer", "index").n_unique(), rows))
+    lazy = table.lazy()
+    n_whole = table["index"].null_count()
     groups += [
-        ("all_heads", attention, arch.n_layers * arch.n_heads),
-        ("all_neurons", mlp, arch.n_layers * arch.intermediate_size),
-        ("whole_tensors", whole, whole.height),
-        ("all", table, table.height),
+        ("all_heads", arch.n_layers * arch.n_heads, lazy.filter(pl.col("component").is_in(ATTENTION_COMPONENTS))),
+        ("all_neurons", arch.n_layers * arch.intermediate_size, lazy.filter(pl.col("component").is_in(MLP_COMPONENTS))),
+        ("whole_tensors", n_whole, lazy.filter(pl.col("index").is_null())),
+        ("all", table.height, lazy),
     ]
-    return pl.DataFrame([summarise_group(*g) for g in groups], infer_schema_length=None)
+    stats = pl.collect_all([_group_stats(rows) for _, _, rows in groups])
+    return pl.DataFrame([_verdict(name, n, s.row(0, named=True)) for (name, n, _), s in zip(groups, stats, strict=True)])

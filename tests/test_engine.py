@@ -1,0 +1,317 @@
+"""The fast engine (`verif.engine.Scorer` over `verif.forward.FastForward`) against the plain path.
+
+The plain path is the model's own forward with `HookedAblation` pre-hooks (`score_plain`), run one
+prompt and one condition at a time: no padding, no batching, no shared trunk. Every option of the
+fast path (trunk sharing, length bucketing, chunk and unit sizes, the padded path, torch.compile)
+must reproduce it; these are the exactness claims behind the throughput work.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from verif.ablate import HookedAblation, head_masks
+from verif.engine import EngineOptions, Scorer, plan_units
+from verif.heads import parse_heads, random_head_sets
+from verif.model import load_model
+from verif.score import resolve_yes_no, score_plain
+from verif.testmodel import build_seed_shaped_model
+
+SMOL_SET = "L0 H3, L5 H0, L5 H8, L12 H4, L17 H1, L17 H2, L17 H5, L29 H8"
+FIELDS = ("p_yes", "p_no", "p_yes_norm", "log_odds")
+
+
+# float32: p_yes_norm to 1e-5 absolute, log-odds to 1e-5 relative plus 5e-5 absolute, raw
+# probabilities to 1e-4 relative. Why the absolute part: on the seed-shaped model (random weights,
+# residual stream |h| ~ 170) the plain float32 path itself is ~5e-5 away from its own float64 result
+# in log-odds, so two float32 paths that sum in different orders differ by that much. The float64
+# cases below hold the fast path to 1e-9: there it matches the plain path to ~1e-15.
+TOL32 = dict(norm=1e-5, lo_rtol=1e-5, lo_atol=5e-5, p_rtol=1e-4)
+TOL64 = dict(norm=1e-10, lo_rtol=1e-9, lo_atol=1e-10, p_rtol=1e-9)
+
+
+class EngineCase:
+    def __init__(self, name, loaded, token_ids, head_sets, tol):
+        self.name = name
+        self.loaded = loaded
+        self.arch = loaded.arch
+        self.ids = resolve_yes_no(loaded.tokenizer)
+        self.token_ids = token_ids
+        self.head_sets = head_sets
+        self.tol = tol
+        self.reference = plain_reference(loaded, self.ids, token_ids, head_sets)
+        self._default = None
+
+    @property
+    def default(self):
+        """The fast path with default options (computed once)."""
+        if self._default is None:
+            self._default = _scores(self)
+        return self._default
+
+
+def plain_reference(loaded, ids, token_ids, head_sets) -> dict[str, np.ndarray]:
+    """score_plain, one prompt and one condition per forward: `[n_prompts, n_conditions]` arrays."""
+    model, arch, pad = loaded.model, loaded.arch, loaded.tokenizer.pad_token_id
+    masks = head_masks(head_sets, arch)
+    out = {f: np.zeros((len(token_ids), len(head_sets))) for f in FIELDS}
+    with HookedAblation(model, arch) as hooks:
+        for i, toks in enumerate(token_ids):
+            for j in range(len(head_sets)):
+                s = score_plain(model, hooks, [toks], masks[j:j + 1], ids, pad)
+                for f in FIELDS:
+                    out[f][i, j] = getattr(s, f)[0]
+    return out
+
+
+def _prompt_tokens(tok, prompts, max_len):
+    """Four prompts of lengths n, n-6, n-6, n-14 (n <= max_len): mixed lengths and a same-length pair."""
+    enc = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    n = min(max_len, *(len(e) for e in enc))
+    return [enc[0][:n], enc[2][:n - 6], enc[3][:n - 6], enc[1][:n - 14]]
+
+
+@pytest.fixture(scope="module")
+def seed_model64(seed_model):
+    """The seed-shaped model in float64 (a copy): exactness of the fast path without float32 noise."""
+    return dataclasses.replace(seed_model, model=copy.deepcopy(seed_model.model).double())
+
+
+@pytest.fixture(scope="module", params=["seed", "seed64", "smollm2"])
+def case(request, short_prompts):
+    if request.param in ("seed", "seed64"):
+        loaded = request.getfixturevalue("seed_model" if request.param == "seed" else "seed_model64")
+        study = request.getfixturevalue("study_heads")
+        arch = loaded.arch
+        sets = [[], study, *random_head_sets(3, len(study), arch.n_layers, arch.n_heads, seed=11, exclude=study),
+                [(35, 0)], [(35, 15)], [(0, 5)], [(17, h) for h in range(arch.n_heads)]]
+        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 60)
+    else:
+        loaded = request.getfixturevalue("smollm2")
+        arch = loaded.arch
+        target = parse_heads(SMOL_SET)
+        sets = [[], target, random_head_sets(1, len(target), arch.n_layers, arch.n_heads, seed=5, exclude=target)[0],
+                [(29, 8)], [(0, 0)]]
+        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 40)
+    lengths = [len(t) for t in toks]
+    assert len(set(lengths)) == 3 and max(Counter(lengths).values()) == 2, lengths
+    tol = TOL64 if request.param == "seed64" else TOL32
+    return EngineCase(request.param, loaded, toks, [list(s) for s in sets], tol)
+
+
+def _scores(case, **opts):
+    scorer = Scorer(case.loaded, case.ids, EngineOptions(**opts))
+    return scorer.score_tokens(case.token_ids, case.head_sets)
+
+
+def assert_scores_close(got, want, what="", tol=TOL32):
+    """Compare score tables (ScoreTable or dict of arrays) field by field at the given tolerances."""
+    get = (lambda f: getattr(got, f)) if not isinstance(got, dict) else got.__getitem__
+    wnt = (lambda f: getattr(want, f)) if not isinstance(want, dict) else want.__getitem__
+    np.testing.assert_allclose(get("p_yes_norm"), wnt("p_yes_norm"), atol=tol["norm"], rtol=0, err_msg=what)
+    np.testing.assert_allclose(get("log_odds"), wnt("log_odds"), rtol=tol["lo_rtol"], atol=tol["lo_atol"], err_msg=what)
+    np.testing.assert_allclose(get("p_yes"), wnt("p_yes"), rtol=tol["p_rtol"], atol=0, err_msg=what)
+    np.testing.assert_allclose(get("p_no"), wnt("p_no"), rtol=tol["p_rtol"], atol=0, err_msg=what)
+
+
+def _first_layers(head_sets, n_layers):
+    return [min((layer for layer, _ in hs), default=n_layers) for hs in head_sets]
+
+
+def test_reference_is_not_vacuous(case):
+    ref = case.reference
+    assert np.isfinite(ref["log_odds"]).all()
+    # conditions move the answer, prompts differ
+    assert (np.abs(ref["log_odds"][:, 1:] - ref["log_odds"][:, :1]).max(axis=0) > 1e-4).all()
+    assert np.ptp(ref["log_odds"][:, 0]) > 1e-3
+
+
+def test_fast_equals_plain(case):
+    got = case.default
+    assert got.p_yes_norm.shape == (len(case.token_ids), len(case.head_sets))
+    assert got.nonfinite == 0
+    assert_scores_close(got, case.reference, "fast vs plain", case.tol)
+    # trunk L per prompt + (L - first ablated layer) per prompt and condition
+    n_layers = case.arch.n_layers
+    expected = len(case.token_ids) * (n_layers + sum(n_layers - f for f in _first_layers(case.head_sets, n_layers)))
+    assert got.row_layers == expected
+
+
+VARIANTS = [
+    dict(share_trunk=False),
+    dict(bucket_by_length=False),
+    dict(max_rows=3),
+    dict(max_rows=7),
+    dict(max_rows=64),
+    dict(max_unit_rows=20),
+    dict(max_rows=3, max_unit_rows=20),
+    dict(max_rows=7, max_unit_rows=2048),
+    dict(max_rows=64, max_unit_rows=20),
+    dict(max_rows=7, max_unit_rows=5),  # fewer unit rows than conditions: conditions split over units
+    dict(share_trunk=False, bucket_by_length=False, max_rows=7, max_unit_rows=20),
+]
+
+
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options_do_not_change_results(case, opts):
+    got = _scores(case, **opts)
+    assert_scores_close(got, case.default, f"{opts} vs default", case.tol)
+    assert_scores_close(got, case.reference, f"{opts} vs plain", case.tol)
+
+
+def test_share_trunk_saves_work(case):
+    shared = case.default
+    full = _scores(case, share_trunk=False)
+    n, c, n_layers = len(case.token_ids), len(case.head_sets), case.arch.n_layers
+    assert full.row_layers == n * (1 + c) * n_layers
+    assert shared.row_layers < full.row_layers
+
+
+def _spy_padding(scorer):
+    """Record, per forward unit, whether it ran the padded path (attention mask given)."""
+    calls = []
+    inner = scorer.forward.last_hidden
+
+    def spy(input_ids, attn, masks, share_trunk=True):
+        calls.append((input_ids.shape[0], attn is not None))
+        return inner(input_ids, attn, masks, share_trunk)
+
+    scorer.forward.last_hidden = spy
+    return calls
+
+
+def test_mixed_length_unit_equals_same_length_units(case):
+    opts = EngineOptions(max_rows=64)
+    units = plan_units([len(t) for t in case.token_ids], len(case.head_sets), opts)
+    assert any(len({len(case.token_ids[i]) for i in u.prompts}) > 1 for u in units), "no padded unit planned"
+    scorer = Scorer(case.loaded, case.ids, opts)
+    calls = _spy_padding(scorer)
+    mixed = scorer.score_tokens(case.token_ids, case.head_sets)
+    assert any(padded for _, padded in calls)
+    # Each prompt alone: one unit of one length, no padding at all.
+    calls.clear()
+    alone = [scorer.score_tokens([t], case.head_sets) for t in case.token_ids]
+    assert calls and not any(padded for _, padded in calls)
+    stacked = {f: np.concatenate([getattr(a, f) for a in alone]) for f in FIELDS}
+    assert_scores_close(mixed, stacked, "padded unit vs prompts alone", case.tol)
+    assert_scores_close(mixed, case.reference, "padded unit vs plain", case.tol)
+    # The two same-length prompts together: a same-length unit of two prompts (causal path).
+    lengths = [len(t) for t in case.token_ids]
+    pair = [i for i, n in enumerate(lengths) if lengths.count(n) == 2]
+    calls.clear()
+    together = scorer.score_tokens([case.token_ids[i] for i in pair], case.head_sets)
+    assert calls == [(2, False)]
+    assert_scores_close(together, {f: getattr(mixed, f)[pair] for f in FIELDS}, "pair vs padded", case.tol)
+    assert_scores_close(together, {f: case.reference[f][pair] for f in FIELDS}, "pair vs plain", case.tol)
+
+
+def test_score_prompts_tokenizes_without_special_tokens(seed_model, short_prompts):
+    ids = resolve_yes_no(seed_model.tokenizer)
+    scorer = Scorer(seed_model, ids)
+    prompts = list(short_prompts[:2])
+    toks = [seed_model.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    assert scorer.tokenize(prompts) == toks
+    a = scorer.score_prompts(prompts, [[], [(3, 13)]])
+    b = scorer.score_tokens(toks, [[], [(3, 13)]])
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_single_head_sweep_row_layers(seed_model, short_prompts):
+    """All 576 single heads + baseline on 2 prompts: sharing does <= 0.6x the layer work, same results."""
+    arch = seed_model.arch
+    n_layers = arch.n_layers
+    ids = resolve_yes_no(seed_model.tokenizer)
+    tok = seed_model.tokenizer
+    toks = [tok.encode(p, add_special_tokens=False)[:24] for p in short_prompts[:2]]
+    sets = [[]] + [[(layer, head)] for layer in range(n_layers) for head in range(arch.n_heads)]
+    shared = Scorer(seed_model, ids, EngineOptions(share_trunk=True)).score_tokens(toks, sets)
+    full = Scorer(seed_model, ids, EngineOptions(share_trunk=False)).score_tokens(toks, sets)
+    per_prompt = n_layers + sum(n_layers - f for f in _first_layers(sets, n_layers))
+    assert per_prompt == 36 + 16 * sum(range(1, 37))
+    assert shared.row_layers == 2 * per_prompt == 21384
+    assert full.row_layers == 2 * (1 + len(sets)) * n_layers == 41616
+    assert shared.row_layers <= 0.6 * full.row_layers
+    assert_scores_close(shared, full, "shared vs full trunk")
+    # Spot checks against the plain path: baseline, first, middle and last layer heads.
+    cols = [0, 1, 1 + 17 * 16 + 14, 1 + 35 * 16 + 15]
+    ref = plain_reference(seed_model, ids, toks, [sets[c] for c in cols])
+    assert_scores_close({f: getattr(shared, f)[:, cols] for f in FIELDS}, ref, "single heads vs plain")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def test_plan_units_cover_each_pair_once_and_respect_limits():
+    rng = random.Random(0)
+    for trial in range(400):
+        n_prompts = rng.randint(1, 30)
+        lengths = [rng.choice([17, 30, 31, 45, 120]) for _ in range(n_prompts)]
+        n_cond = rng.randint(1, 60)
+        opts = EngineOptions(
+            max_rows=rng.choice([1, 3, 7, 64]),
+            max_unit_rows=rng.choice([2, 5, 20, 64, 2048]),
+            bucket_by_length=rng.random() < 0.5,
+        )
+        units = plan_units(lengths, n_cond, opts)
+        seen = Counter((p, c) for u in units for p in u.prompts for c in u.conditions)
+        assert set(seen) == {(p, c) for p in range(n_prompts) for c in range(n_cond)}, (trial, opts)
+        assert set(seen.values()) == {1}, (trial, opts)
+        for u in units:
+            assert u.prompts and u.conditions
+            assert len(u.prompts) * (len(u.conditions) + 1) <= opts.max_unit_rows, (trial, opts, u)
+            if opts.bucket_by_length:
+                unit_lengths = [lengths[i] for i in u.prompts]
+                assert unit_lengths == sorted(unit_lengths)
+                # a unit changes length only once it already fills a forward chunk
+                for j in range(1, len(u.prompts)):
+                    if unit_lengths[j] != unit_lengths[j - 1]:
+                        assert j * (len(u.conditions) + 1) < opts.max_rows, (trial, opts, u)
+
+
+def test_plan_units_same_length_and_big_units():
+    opts = EngineOptions()
+    units = plan_units([40] * 10, 30, opts)
+    assert len(units) == 1 and units[0].prompts == list(range(10)) and units[0].conditions == list(range(30))
+    # one prompt per unit when a prompt's rows nearly fill a unit
+    units = plan_units([40] * 3, 2047, opts)
+    assert [u.prompts for u in units] == [[0], [1], [2]]
+    # bucketing separates lengths once a unit fills a forward chunk
+    units = plan_units([50, 40, 50, 40], 63, opts)
+    assert [sorted(u.prompts) for u in units] == [[1, 3], [0, 2]]
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = build_seed_shaped_model(tmp_path_factory.mktemp("tiny_seed"), seed=1, n_layers=2)
+    return load_model(str(folder), dtype="float32", device="cpu")
+
+
+def test_compiled_equals_uncompiled(tiny_model, short_prompts):
+    tok = tiny_model.tokenizer
+    ids = resolve_yes_no(tok)
+    toks = [tok.encode(p, add_special_tokens=False) for p in short_prompts[:3]]
+    toks.append(toks[0][:len(toks[2])])  # a same-length pair next to mixed lengths
+    sets = [[], [(0, 3)], [(1, 0), (1, 15)], [(0, 1), (1, 2)], [(1, h) for h in range(16)]]
+    plain = plain_reference(tiny_model, ids, toks, sets)
+    eager = Scorer(tiny_model, ids, EngineOptions(compile=False)).score_tokens(toks, sets)
+    start = time.perf_counter()
+    compiled_scorer = Scorer(tiny_model, ids, EngineOptions(compile=True, max_rows=7))
+    compiled = compiled_scorer.score_tokens(toks, sets)
+    again = compiled_scorer.score_tokens(toks[:2], sets)  # new shapes after compilation
+    elapsed = time.perf_counter() - start
+    print(f"compiled path: {elapsed:.1f} s including compilation")
+    assert_scores_close(eager, plain, "eager vs plain")
+    assert_scores_close(compiled, eager, "compiled vs eager")
+    assert_scores_close(again, {f: getattr(eager, f)[:2] for f in FIELDS}, "compiled again vs eager")
