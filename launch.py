@@ -29,6 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _weight_diff(args: argparse.Namespace, config) -> int:
+    """The weight-diff job alone; target heads come from the config only when one names them."""
+    if not (args.base and args.tuned):
+        print("error: --weight-diff needs --base and --tuned", file=sys.stderr)
+        return 2
+    from jobs.weight_diff import main_weight_diff
+    from verif.heads import parse_heads
+
+    overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}", "name=weight-diff"]
+    try:
+        cfg = config.load_config(args.config, overrides, args.out or "runs/weight_diff")
+        named = args.config or any(o.startswith("ablation.target_heads=") for o in args.overrides)
+        heads = parse_heads(cfg["ablation"]["target_heads"] or []) if named else None
+    except (config.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main_weight_diff(cfg, heads or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jobs import config
@@ -37,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config.reference_markdown())
         return 0
     if args.weight_diff:
-        if not (args.base and args.tuned):
-            print("error: --weight-diff needs --base and --tuned", file=sys.stderr)
-            return 2
-        from jobs.weight_diff import main_weight_diff
-
-        return main_weight_diff(args.base, args.tuned, args.out or "runs/weight_diff")
+        return _weight_diff(args, config)
     from jobs.sweep import SweepError, SweepInterrupted, prepare, run_sweep
 
     try:

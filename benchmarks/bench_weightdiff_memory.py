@@ -3,8 +3,8 @@
 Writes synthetic Qwen2-layout checkpoints (one safetensors shard per layer plus an index, like a real
 sharded release) with several layer counts and wide layers (a small vocabulary, so layer tensors and not
 the embedding are the largest), then runs `run_weight_diff` on each pair in a fresh subprocess and reads
-the peak RSS it reached above its RSS just before the diff (`ru_maxrss`; file pages of the memory-mapped
-shards count too). The child first runs a tiny warm-up diff so one-time costs (allocator pools, polars
+the peak RSS it reached above its RSS just before the diff (VmHWM, reset first; file pages of the
+memory-mapped shards count too). The child first runs a tiny warm-up diff so one-time costs (allocator pools, polars
 and parquet code paths) are not charged to the measurement.
 
     .venv/bin/python benchmarks/bench_weightdiff_memory.py [--layers 4 16] [--out benchmarks/results/...json]
@@ -32,8 +32,18 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> None:
+    """Start a fresh high-water mark (Linux >= 4.0). ru_maxrss cannot be used: Linux carries it over an
+    exec from the parent, so a child's ru_maxrss is at least the benchmark parent's RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS since the last reset (VmHWM)."""
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    return int(kib) * 1024
 
 
 def write_checkpoint(
@@ -64,7 +74,8 @@ def write_checkpoint(
     }  # fmt: skip
     torch_dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
     gen = torch.Generator().manual_seed(seed)
-    shards = {"model-globals.safetensors": {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}}
+    globals_ = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shards = {"model-globals.safetensors": globals_}
     for i in range(n_layers):
         shards[f"model-layer{i:03d}.safetensors"] = {f"model.layers.{i}.{k}": v for k, v in shapes.items()}
     weight_map, total = {}, 0
@@ -89,12 +100,18 @@ def _largest_tensor_bytes(folder: Path) -> int:
     return max(t.nbytes for t in open_checkpoint(str(folder), "base").tensors.values())
 
 
-def measure(base: Path, tuned: Path, warm_base: Path, warm_tuned: Path, out: Path) -> dict:
+def measure(base: Path, tuned: Path, warm_base: Path, warm_tuned: Path, out: Path, threads: int) -> dict:
     """Run inside a fresh process: warm up, then the diff; peak RSS above the RSS just before it."""
+    import torch
+
     from jobs.weight_diff import run_weight_diff
+
+    if threads:
+        torch.set_num_threads(threads)
 
     run_weight_diff(str(warm_base), str(warm_tuned), out / "warmup", top_k=5)
     before = _rss_bytes()
+    _reset_peak_rss()
     t0 = time.perf_counter()
     result = run_weight_diff(str(base), str(tuned), out / "diff", top_k=50)
     seconds = time.perf_counter() - t0
@@ -115,7 +132,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             base, tuned = work / f"L{n_layers}" / "base", work / f"L{n_layers}" / "tuned"
             model_bytes = write_checkpoint(base, n_layers, seed=3, **widths)
             write_checkpoint(tuned, n_layers, seed=4, base=base, **widths)
-            cmd = [sys.executable, __file__, "--measure", str(base), str(tuned), str(work / "warm"), str(work / "out")]
+            cmd = [sys.executable, __file__, "--measure", str(base), str(tuned), str(work / "warm"), str(work / "out"),
+                   "--threads", str(args.threads)]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"measurement failed:\n{done.stderr[-4000:]}")
@@ -126,7 +144,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "layers": n_layers, "model_bytes": model_bytes, "largest_pair_bytes": pair,
                 "largest_pair_f64_bytes": pair // itemsize * 8,
                 "peak_extra_bytes": got["peak_rss"] - got["rss_before"], "seconds": got["seconds"],
-                "rows": got["rows"], **widths,
+                "rows": got["rows"], "threads": args.threads, **widths,
             })  # fmt: skip
             shutil.rmtree(work / f"L{n_layers}")
     finally:
@@ -145,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the measured process (0: default)")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     parser.add_argument("--measure", nargs=4, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         base, tuned, warm, out = args.measure
-        print(json.dumps(measure(base, tuned, warm / "base", warm / "tuned", out)))
+        print(json.dumps(measure(base, tuned, warm / "base", warm / "tuned", out, args.threads)))
         return
     rows = run(args)
     print(f"{'layers':>6} {'model MiB':>10} {'largest pair MiB':>17} {'(f64) MiB':>10} {'peak extra MiB':>15} {'s':>7}")

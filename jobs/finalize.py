@@ -52,7 +52,7 @@ def compute_tables(plan, out: OutDir) -> dict[str, pl.DataFrame]:
     return tables
 
 
-def finalize(plan, out: OutDir, manifest: dict, report) -> None:
+def finalize(plan, out: OutDir, report) -> None:
     """Summary, figures, optional weight diff and the W&B run; fills the report's paths."""
     from jobs.tracking import log_sweep
 
@@ -69,11 +69,11 @@ def finalize(plan, out: OutDir, manifest: dict, report) -> None:
     if wd["base"] and wd["tuned"]:
         from jobs.weight_diff import run_weight_diff
 
-        target = [c for c in plan.conditions if c.kind == "target"]
-        result = run_weight_diff(wd["base"], wd["tuned"], out.root, target_heads=list(target[0].heads) if target else None,
+        target = next((c.heads for c in plan.conditions if c.kind == "target"), None)
+        result = run_weight_diff(wd["base"], wd["tuned"], out.root, target_heads=list(target) if target else None,
                                  top_k=wd["top_k"])
-        weight_diff = pl.read_parquet(out.root / "weight_diff.parquet")
-        tables["weight_diff_selection"] = result.selection if hasattr(result, "selection") else None
+        weight_diff = result.table
+        tables["weight_diff_selection"] = result.selection
     report.wandb_dir = log_sweep(cfg, out, tables, report.figures, weight_diff, report)
 
 

@@ -101,6 +101,20 @@ def _check_tokens(sources: list[ModelSource], cfg: dict) -> None:
             raise SweepError(f"{e} (model {src.spec!r})") from e
 
 
+def _check_weight_diff(cfg: dict) -> None:
+    """A configured weight diff is checked (names, shapes, architectures: headers only) up front."""
+    wd = cfg["weight_diff"]
+    if bool(wd["base"]) != bool(wd["tuned"]):
+        raise SweepError("weight_diff: set both base and tuned, or neither")
+    if wd["base"]:
+        from verif.weightdiff import plan_diff
+
+        try:
+            plan_diff(wd["base"], wd["tuned"])
+        except (OSError, ValueError) as e:
+            raise SweepError(f"weight_diff: {e}") from e
+
+
 def plan_shards(cfg: dict, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
     """Cut (model x prompts x conditions) into shards with stable ids."""
     per_p = cfg["shards"]["prompts_per_shard"]
@@ -140,6 +154,7 @@ def prepare(cfg: dict) -> SweepPlan:
     except ValueError as e:
         raise SweepError(str(e)) from e
     _check_tokens(sources, cfg)
+    _check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, conditions, shards)
 
@@ -301,7 +316,8 @@ def run_sweep(cfg: dict, resume: bool = False) -> SweepReport:
     skipped = len(out.done_shards() & {s.id for s in plan.shards})
     rows, shards_run, startup, retried = run_shards(plan, out, manifest)
     report = SweepReport(out, rows, shards_run, skipped, 0.0, startup, retried)
-    finalize(plan, out, manifest, report)
+    report.seconds = time.perf_counter() - start
+    finalize(plan, out, report)
     report.seconds = time.perf_counter() - start
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "rows_written": rows}

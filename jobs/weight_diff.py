@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from verif.weightdiff import (
     check_selection,
     diff_checkpoints,
     diff_pairs,
+    open_checkpoint,
     plan_diff,
     select_rows,
     summarise,
@@ -61,6 +63,7 @@ def _diff_ray(plan: DiffPlan, workers: int) -> pl.DataFrame:
     """One Ray task per layer (plus one for the non-layer tensors), at most `workers` in flight.
 
     Uses the running Ray if there is one (a sweep's cluster), else starts a local one and stops it after.
+    Tasks get file paths, so on a multi-node cluster the checkpoints must lie on storage every node sees.
     Largest units go first so the embedding does not end up alone at the tail.
     """
     import ray
@@ -73,7 +76,7 @@ def _diff_ray(plan: DiffPlan, workers: int) -> pl.DataFrame:
         remote = ray.remote(num_cpus=1)(diff_pairs)
         queue = sorted(range(len(plan.units)), key=lambda i: -_unit_bytes(plan.units[i]))
         results: list[pl.DataFrame | None] = [None] * len(plan.units)
-        pending: dict = {}
+        pending: dict[ray.ObjectRef, int] = {}
         while queue or pending:
             while queue and len(pending) < workers:
                 i = queue.pop(0)
@@ -146,3 +149,31 @@ def run_weight_diff(
 def _dtypes(plan: DiffPlan, role: str) -> list[str]:
     checkpoint = plan.base if role == "base" else plan.tuned
     return sorted({t.dtype for t in checkpoint.tensors.values()})
+
+
+def main_weight_diff(cfg: dict, target_heads: list[tuple[int, int]] | None = None) -> int:
+    """`launch.py --weight-diff`: run, log to W&B, print the verdicts; exit status 2 on a refused input.
+
+    Without explicit `target_heads`, the study's 29 heads are the target whenever the model has room
+    for them (36 x 16 heads, as Qwen2.5-3B); otherwise only the whole-model groups and the top value
+    vectors are summarised.
+    """
+    from jobs.storage import OutDir
+    from jobs.tracking import log_weight_diff
+    from verif.heads import STUDY_HEADS_TEXT, parse_heads
+
+    wd, out = cfg["weight_diff"], cfg["out"]
+    try:
+        if target_heads is None:
+            arch = open_checkpoint(wd["base"], "base").arch
+            heads = parse_heads(STUDY_HEADS_TEXT)
+            target_heads = heads if all(la < arch.n_layers and h < arch.n_heads for la, h in heads) else None
+        result = run_weight_diff(wd["base"], wd["tuned"], out, target_heads=target_heads, top_k=wd["top_k"])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(result.verdicts))
+    print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
+    run = log_weight_diff(cfg, OutDir(out), result.table, result.selection)
+    print(f"W&B run: {run or 'disabled'}")
+    return 0

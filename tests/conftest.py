@@ -7,12 +7,20 @@ at fused views of equal values, which is allowed: it changes no number).
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from verif.heads import STUDY_HEADS_TEXT, parse_heads
 from verif.model import LoadedModel, load_model
 from verif.testmodel import build_seed_shaped_model
 from verif.tokenizer import qwen25_tokenizer
+
+# One intra-op thread unless told otherwise: the test models are small (per-op overhead dominates)
+# and on a shared 2-core machine two OpenMP threads competing with other processes made the same
+# forwards 10-40x slower than one thread (measured). VERIF_TEST_THREADS=N overrides.
+torch.set_num_threads(int(os.environ.get("VERIF_TEST_THREADS", "1")))
 
 # Short verification prompts (about 30-60 tokens) of different token lengths: long enough for
 # attention to matter, short enough that SmolLM2 runs them quickly on a CPU.

@@ -29,12 +29,15 @@ SMOL_SET = "L0 H3, L5 H0, L5 H8, L12 H4, L17 H1, L17 H2, L17 H5, L29 H8"
 FIELDS = ("p_yes", "p_no", "p_yes_norm", "log_odds")
 
 
-# float32: p_yes_norm to 1e-5 absolute, log-odds to 1e-5 relative plus 5e-5 absolute, raw
-# probabilities to 1e-4 relative. Why the absolute part: on the seed-shaped model (random weights,
-# residual stream |h| ~ 170) the plain float32 path itself is ~5e-5 away from its own float64 result
-# in log-odds, so two float32 paths that sum in different orders differ by that much. The float64
-# cases below hold the fast path to 1e-9: there it matches the plain path to ~1e-15.
-TOL32 = dict(norm=1e-5, lo_rtol=1e-5, lo_atol=5e-5, p_rtol=1e-4)
+# Tolerances. SmolLM2 (real weights, float32): p_yes_norm to 1e-5 absolute, log-odds to 1e-5
+# relative (+1e-5 absolute near 0), raw probabilities to 5e-5 relative. The float32 seed-shaped model
+# (random weights, residual stream |h| ~ 170) is noisier: its plain float32 path alone is ~5e-5 away
+# from its own float64 result in log-odds (measured), so two float32 paths summing in different orders
+# differ by up to ~1e-4 in log-odds and ~1.2e-5 in p_yes_norm. Exactness is therefore proven on the
+# float64 copy of the seed model ("seed64"), where the fast path must match the plain path to 1e-9
+# (it matches to ~1e-15).
+TOL32 = dict(norm=1e-5, lo_rtol=1e-5, lo_atol=1e-5, p_rtol=5e-5)
+TOL32_SEED = dict(norm=3e-5, lo_rtol=1e-5, lo_atol=1e-4, p_rtol=1e-4)
 TOL64 = dict(norm=1e-10, lo_rtol=1e-9, lo_atol=1e-10, p_rtol=1e-9)
 
 
@@ -103,7 +106,7 @@ def case(request, short_prompts):
         toks = _prompt_tokens(loaded.tokenizer, short_prompts, 40)
     lengths = [len(t) for t in toks]
     assert len(set(lengths)) == 3 and max(Counter(lengths).values()) == 2, lengths
-    tol = TOL64 if request.param == "seed64" else TOL32
+    tol = {"seed": TOL32_SEED, "seed64": TOL64, "smollm2": TOL32}[request.param]
     return EngineCase(request.param, loaded, toks, [list(s) for s in sets], tol)
 
 
@@ -240,11 +243,11 @@ def test_single_head_sweep_row_layers(seed_model, short_prompts):
     assert shared.row_layers == 2 * per_prompt == 21384
     assert full.row_layers == 2 * (1 + len(sets)) * n_layers == 41616
     assert shared.row_layers <= 0.6 * full.row_layers
-    assert_scores_close(shared, full, "shared vs full trunk")
+    assert_scores_close(shared, full, "shared vs full trunk", TOL32_SEED)
     # Spot checks against the plain path: baseline, first, middle and last layer heads.
     cols = [0, 1, 1 + 17 * 16 + 14, 1 + 35 * 16 + 15]
     ref = plain_reference(seed_model, ids, toks, [sets[c] for c in cols])
-    assert_scores_close({f: getattr(shared, f)[:, cols] for f in FIELDS}, ref, "single heads vs plain")
+    assert_scores_close({f: getattr(shared, f)[:, cols] for f in FIELDS}, ref, "single heads vs plain", TOL32_SEED)
 
 
 # ---------------------------------------------------------------- planning

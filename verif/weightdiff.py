@@ -5,19 +5,24 @@ below 1e-5" against Qwen2.5-3B. Computed in bf16 a cosine rounds to 1 for almost
 tensor pair is converted to float64 as it is read, and `1 - cos` and the norm change are computed from the
 difference vector d = tuned - base (no cancellation), so changes far below bf16 resolution stay visible.
 
-Memory: each tensor is opened on its own from its memory-mapped safetensors shard and read in row chunks
-of at most `CHUNK_ELEMENTS` elements; per-vector sums are accumulated across chunks. Peak memory is one
-tensor pair's mapped file pages plus a fixed float64 working set, whatever the model size. Names, shapes
-and configs of both checkpoints are checked from the headers (no tensor data) before any work starts.
+Memory: every tensor pair is opened on its own (`safe_open`, memory-mapped) and read in row chunks into
+three float64 buffers of `CHUNK_ELEMENTS`; per-vector sums accumulate across chunks. Peak memory is those
+buffers plus one chunk of each file, whatever the model size (benchmarks/bench_weightdiff_memory.py); only
+the result table grows, by about 200 bytes per row. Names, shapes and configs of both checkpoints are
+checked from the headers (no tensor data) before any work starts.
 
-How tensors are cut into vectors (one output row each):
-  q_proj / k_proj / v_proj weight: the head_dim rows of one query head (q) or key/value head (k, v);
+One output row per vector (columns in `SCHEMA`):
+  q_proj / k_proj / v_proj weight: the head_dim rows of one query head (q) or key/value head (k, v; the
+    query heads that read it are in `shared_by`, HF's repeat_kv grouping);
   q/k/v biases: their own components (`q_bias`, ...), the head_dim entries of one head. They are kept apart
-    from the weight rows because they live on a different scale; merging them would let the larger part
-    hide a change in the smaller one;
+    from the weight rows because they live on another scale; merged, the larger part would hide a change
+    in the smaller one;
   o_proj weight: the head_dim columns that read one head's output (what zero-ablation removes);
   mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j;
-  anything else (embeddings, norms, lm_head, per-layer norms): the whole tensor as one vector.
+  anything else (embeddings, final and per-layer norms, an untied lm_head): the whole tensor, index null.
+A tied model has no lm_head.weight: its embeddings are compared once. If only one checkpoint stores
+lm_head.weight and the other ties, the stored one is compared with the tied model's embeddings (row
+`lm_head.weight`). Where one vector is zero and the other not, cos / 1-cos / rel_norm_change are null.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -278,13 +282,6 @@ def _layer_split(suffix: str, arch: Arch) -> tuple[Split, tuple[int, ...]] | Non
     return table.get(suffix)
 
 
-_ORDER = [
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
-    "mlp.down_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.weight",
-]  # fmt: skip
-
-
 def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     """Open both checkpoints and check config, names, shapes and layout; raises before any data is read."""
     base = open_checkpoint(base_spec, "base")
@@ -317,7 +314,8 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
             if shape != expected:
                 layout_errors.append(f"{bn} is {list(shape)}, config.json implies {list(expected)}")
                 continue
-        tensor = bn if bn == tn else f"{bn} (base) vs {tn} (tuned, tied)"
+        tied = {EMBED: ", tied", LM_HEAD: ""}
+        tensor = bn if bn == tn else f"{bn} (base{tied[bn]}) vs {tn} (tuned{tied[tn]})"
         units[0 if layer is None else layer + 1].append(
             PairTask(layer, tensor, bn, tn, base.tensors[bn].file, tuned.tensors[tn].file, shape, split,
                      arch.n_heads, arch.n_kv_heads, base.tensors[bn].nbytes + tuned.tensors[tn].nbytes)
@@ -331,12 +329,11 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     missing_layers = [i for i in range(arch.n_layers) if not units[i + 1]]
     if missing_layers:
         raise ValueError(f"num_hidden_layers={arch.n_layers} but no tensors for layers {missing_layers[:8]}")
-    rank = {s: i for i, s in enumerate(_ORDER)}
-    ordered = tuple(
-        tuple(sorted(u, key=lambda p: (rank.get(p.base_name.split(".", 3)[-1], len(rank)), p.base_name)))
-        for u in units
-    )
-    return DiffPlan(base, tuned, ordered)
+    rank = {c: i for i, c in enumerate(ATTENTION_COMPONENTS + MLP_COMPONENTS)}
+    def order(p: PairTask) -> tuple[int, str]:
+        return rank.get(p.split.component, len(rank)), p.base_name
+
+    return DiffPlan(base, tuned, tuple(tuple(sorted(u, key=order)) for u in units))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,7 +426,7 @@ def diff_pair(task: PairTask) -> pl.DataFrame:
     group = task.n_heads // task.n_kv_heads
     shared_by = [list(range(k * group, (k + 1) * group)) for k in range(n)] if kv_side else [None] * n
     numel = (math.prod(task.shape) if task.shape else 1) // n
-    frame = pl.DataFrame(
+    return pl.DataFrame(
         {
             "layer": [task.layer] * n,
             "component": [task.split.component] * n,
@@ -442,7 +439,6 @@ def diff_pair(task: PairTask) -> pl.DataFrame:
         schema=SCHEMA,
         nan_to_null=True,
     )
-    return frame
 
 
 def diff_pairs(tasks: tuple[PairTask, ...]) -> pl.DataFrame:
@@ -464,11 +460,15 @@ def check_selection(
     arch: Arch, target_heads: list[tuple[int, int]] | None, value_vectors: list[tuple[int, int]] | None
 ) -> None:
     """Refuse heads / neurons outside the model before any work starts."""
-    bad = [f"head L{l} H{h}" for l, h in target_heads or [] if not (0 <= l < arch.n_layers and 0 <= h < arch.n_heads)]
+    bad = [
+        f"head L{layer} H{h}"
+        for layer, h in target_heads or []
+        if not (0 <= layer < arch.n_layers and 0 <= h < arch.n_heads)
+    ]
     bad += [
-        f"value vector L{l} N{j}"
-        for l, j in value_vectors or []
-        if not (0 <= l < arch.n_layers and 0 <= j < arch.intermediate_size)
+        f"value vector L{layer} N{j}"
+        for layer, j in value_vectors or []
+        if not (0 <= layer < arch.n_layers and 0 <= j < arch.intermediate_size)
     ]
     if bad:
         raise ValueError(
@@ -484,13 +484,14 @@ def _keys(rows: list[tuple[int, str, int]]) -> pl.DataFrame:
 def head_rows(table: pl.DataFrame, heads: list[tuple[int, int]], arch: Arch) -> pl.DataFrame:
     """A head's rows: its q rows, q bias and o_proj columns, and the k/v rows (and biases) it reads."""
     group = arch.n_heads // arch.n_kv_heads
-    keys = [(l, c, h) for l, h in heads for c in _QUERY_SIDE] + [(l, c, h // group) for l, h in heads for c in _KV_SIDE]
+    keys = [(layer, c, h) for layer, h in heads for c in _QUERY_SIDE]
+    keys += [(layer, c, h // group) for layer, h in heads for c in _KV_SIDE]
     return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
 
 
 def neuron_rows(table: pl.DataFrame, neurons: list[tuple[int, int]]) -> pl.DataFrame:
     """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows."""
-    keys = [(l, c, j) for l, j in neurons for c in MLP_COMPONENTS]
+    keys = [(layer, c, j) for layer, j in neurons for c in MLP_COMPONENTS]
     return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
 
 
@@ -584,13 +585,13 @@ def summarise(table: pl.DataFrame, selected: pl.DataFrame, arch: Arch) -> pl.Dat
         rows = selected.lazy().filter(pl.col("selection") == name)
         anchors = selected.filter(pl.col("selection") == name, pl.col("component").is_in(("q_proj", "mlp_value")))
         groups.append((name, anchors.select("layer", "index").n_unique(), rows))
-    lazy = table.lazy()
-    n_whole = table["index"].null_count()
+    lazy, component = table.lazy(), pl.col("component")
     groups += [
-        ("all_heads", arch.n_layers * arch.n_heads, lazy.filter(pl.col("component").is_in(ATTENTION_COMPONENTS))),
-        ("all_neurons", arch.n_layers * arch.intermediate_size, lazy.filter(pl.col("component").is_in(MLP_COMPONENTS))),
-        ("whole_tensors", n_whole, lazy.filter(pl.col("index").is_null())),
+        ("all_heads", arch.n_layers * arch.n_heads, lazy.filter(component.is_in(ATTENTION_COMPONENTS))),
+        ("all_neurons", arch.n_layers * arch.intermediate_size, lazy.filter(component.is_in(MLP_COMPONENTS))),
+        ("whole_tensors", table["index"].null_count(), lazy.filter(pl.col("index").is_null())),
         ("all", table.height, lazy),
     ]
     stats = pl.collect_all([_group_stats(rows) for _, _, rows in groups])
-    return pl.DataFrame([_verdict(name, n, s.row(0, named=True)) for (name, n, _), s in zip(groups, stats, strict=True)])
+    summary = [_verdict(name, n, s.row(0, named=True)) for (name, n, _), s in zip(groups, stats, strict=True)]
+    return pl.DataFrame(summary)
