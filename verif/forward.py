@@ -17,14 +17,17 @@ weights are built once per model and the model's own parameters become views int
 memory is duplicated.
 
 GPU notes. The whole row plan (which rows are live, which chunk ablates at which layer) is computed
-on the CPU before the first kernel, so the layer loop never waits for the GPU. Units of one prompt
-length need no attention mask: attention then runs `is_causal` with grouped-query heads read in place,
-which selects the flash kernel in bf16/fp16. Padded units repeat k/v to full heads instead, so the
-masked call can use the memory-efficient kernel (SDPA's grouped-query mode is flash-only and would
-fall back to the slow math kernel). `compile_layers` compiles the decoder block once per process with
-dynamic row/length dimensions (every unit has its own row count and length, so static shapes would
-recompile for each one); if compiling fails the block runs eagerly and the error is kept in
-`FastForward.compile_error`.
+on the CPU before the first kernel and copied over without a stream sync, so the host never waits
+for the GPU until results are read. Units of one prompt length need no attention mask: attention then runs
+`is_causal` with grouped-query heads read in place, which selects the flash kernel in bf16/fp16.
+Padded units repeat k/v to full heads instead, so the masked call can use the memory-efficient
+kernel (SDPA's grouped-query mode is flash-only and would fall back to the slow math kernel); this
+is the choice transformers makes too (`use_gqa_in_sdpa`), so both paths run the same kernels.
+`compile_layers` compiles the decoder block once per process with dynamic row and length dimensions
+(every unit has its own, so static shapes would recompile for each one and soon exhaust dynamo's
+recompile limit); if compiling fails the block runs eagerly and the error is kept in
+`FastForward.compile_error`. The last block can run for the last position only
+(`last_position_only`), the one position anything downstream reads.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
@@ -134,6 +138,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of `[rows, T, heads, d]` with `[rows or 1, T, d]` tables (transformers' arithmetic)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool, gqa_in_kernel: bool
+) -> torch.Tensor:
+    """SDPA on `[rows, T, heads, d]` inputs; returns `[rows, Tq, heads * d]`.
+
+    `gqa_in_kernel` lets SDPA read the shared k/v heads in place (flash kernel only); otherwise k/v
+    are repeated to one per query head first, as transformers does when it passes a mask.
+    """
+    rows, seq_q, nh, d = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    grouped = k.shape[1] != nh
+    if grouped and not gqa_in_kernel:
+        k = k.repeat_interleave(nh // k.shape[1], dim=1)
+        v = v.repeat_interleave(nh // v.shape[1], dim=1)
+    a = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None, scale=d**-0.5,
+        enable_gqa=grouped and gqa_in_kernel,
+    )
+    return a.transpose(1, 2).reshape(rows, seq_q, nh * d)
+
+
+def _block_output(
+    h: torch.Tensor, a: torch.Tensor, w: LayerWeights, head_mask: torch.Tensor | None, head_dim: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Head ablation, o_proj and residual, then the gated MLP and residual (`[rows, (T,) width]`)."""
+    if head_mask is not None:
+        a = apply_head_mask(a, head_mask, head_dim)
+    h = h + F.linear(a, w.o_w)
+    x = rms_norm(h, w.ln2, w.ln2_eps)
+    gate, up = F.linear(x, w.gate_up_w).chunk(2, dim=-1)
+    return h + F.linear(act(gate) * up, w.down_w)
+
+
 def decoder_layer(
     h: torch.Tensor,
     w: LayerWeights,
@@ -149,34 +193,51 @@ def decoder_layer(
 ) -> torch.Tensor:
     """One pre-norm decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads.
 
-    `cos`/`sin` are `[rows or 1, T, head_dim]`. `gqa_in_kernel` lets SDPA read the shared k/v heads
-    in place (flash kernel only); otherwise k/v are repeated to one per query head first.
+    `cos`/`sin` are `[rows or 1, T, head_dim]`; `attn_mask` `[rows, 1, T, T]` or None (causal).
     """
     rows, seq, _ = h.shape
     nh, nkv, d = n_heads, n_kv_heads, head_dim
     x = rms_norm(h, w.ln1, w.ln1_eps)
     qkv = F.linear(x, w.qkv_w, w.qkv_b)
-    # Rotary on q and k together (same per-element arithmetic as transformers, one pass).
-    qk = qkv[..., : (nh + nkv) * d].view(rows, seq, nh + nkv, d)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    qk = qk * cos + _rotate_half(qk) * sin
-    q = qk[:, :, :nh].transpose(1, 2)
-    k = qk[:, :, nh:].transpose(1, 2)
-    v = qkv[..., (nh + nkv) * d:].view(rows, seq, nkv, d).transpose(1, 2)
-    if nh != nkv and not gqa_in_kernel:
-        k = k.repeat_interleave(nh // nkv, dim=1)
-        v = v.repeat_interleave(nh // nkv, dim=1)
-    a = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=d**-0.5,
-        enable_gqa=nh != nkv and gqa_in_kernel,
-    )
-    a = a.transpose(1, 2).reshape(rows, seq, nh * d)
+    qk = _rope(qkv[..., : (nh + nkv) * d].view(rows, seq, nh + nkv, d), cos, sin)  # q and k in one pass
+    v = qkv[..., (nh + nkv) * d:].view(rows, seq, nkv, d)
+    a = _attend(qk[:, :, :nh], qk[:, :, nh:], v, attn_mask, True, gqa_in_kernel)
+    return _block_output(h, a, w, head_mask, d, act)
+
+
+def last_position_layer(
+    h: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    head_mask: torch.Tensor | None,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    gqa_in_kernel: bool,
+) -> torch.Tensor:
+    """The last decoder block, for the last position only: `[rows, T, hidden]` -> `[rows, hidden]`.
+
+    Nothing after the last block reads another position, so only its keys and values are needed at
+    every position; the query, o_proj and MLP run on one position per row (~1/36 of a 36-layer
+    model's work saved). The arithmetic is the same (equal to ~1e-15 in float64), but GEMMs with
+    fewer rows may sum in another order, so in float32 results move by rounding (~1e-5 in log-odds).
+    """
+    rows, seq, _ = h.shape
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
+    x = rms_norm(h, w.ln1, w.ln1_eps)
+    kv = F.linear(x, w.qkv_w[nh * d:], None if w.qkv_b is None else w.qkv_b[nh * d:])
+    q = F.linear(x[:, -1], w.qkv_w[: nh * d], None if w.qkv_b is None else w.qkv_b[: nh * d])
+    q = _rope(q.view(rows, 1, nh, d), cos[:, -1:], sin[:, -1:])
+    k = _rope(kv[..., : nkv * d].view(rows, seq, nkv, d), cos, sin)
+    v = kv[..., nkv * d:].view(rows, seq, nkv, d)
+    mask = attn_mask[:, :, -1:] if attn_mask is not None else None
+    a = _attend(q, k, v, mask, False, gqa_in_kernel)
     if head_mask is not None:
         a = apply_head_mask(a, head_mask, d)
-    h = h + F.linear(a, w.o_w)
-    x = rms_norm(h, w.ln2, w.ln2_eps)
-    gate, up = F.linear(x, w.gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(act(gate) * up, w.down_w)
+    return _block_output(h[:, -1], a[:, 0], w, None, d, act)
 
 
 def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
@@ -188,9 +249,22 @@ def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
     return (causal & keys) | diag
 
 
-def _flash_eligible(h: torch.Tensor, masked: bool) -> bool:
-    """Whether SDPA can take grouped k/v heads in the kernel: flash only (CUDA, half types, no mask)."""
-    return h.is_cuda and not masked and h.dtype in (torch.float16, torch.bfloat16)
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP activation as a plain function: `F.silu` for SiLU models, so compiled code guards on one
+    object for every engine (transformers' `ACT2FN` makes a new module per lookup)."""
+    return F.silu if name in ("silu", "swish") else ACT2FN[name]
+
+
+def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host to device copy that does not wait for the GPU.
+
+    A plain `.to("cuda")` from pageable memory synchronises the stream: the queue would drain at
+    every unit and the GPU would idle while the host plans the next one. A pinned copy is queued.
+    """
+    t = torch.as_tensor(t)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -200,13 +274,10 @@ def compiled_decoder_layer() -> Callable:
     """`decoder_layer` under torch.compile, one per process (dynamo caches per function).
 
     Row count and length are dynamic (every unit has its own), everything else is specialised:
-    architecture ints, eps, which of mask / head mask / in-kernel GQA are in use. Those variants
-    (about 4 graphs per model) plus one per model architecture fit a raised recompile limit, so a
-    process that builds several engines never silently falls back to eager.
+    architecture ints, eps, attention mask or not (2 graphs per model). The raised recompile limit
+    leaves room for several models in one process, so it never silently falls back to eager.
     """
     if "layer" not in _COMPILED:
-        import torch._dynamo
-
         limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
         _COMPILED["layer"] = torch.compile(decoder_layer, dynamic=None)
@@ -232,15 +303,10 @@ class RowPlan:
     """
 
     row_prompt: np.ndarray  # [rows] prompt index of each row
-    row_enter: np.ndarray  # [rows] first layer the row is evaluated at
-    row_ablates: np.ndarray  # [rows, L] whether the row ablates any head at layer l
     row_cond: np.ndarray  # [rows] condition of a branch row, -1 for a trunk row
+    row_ablates: np.ndarray  # [rows, L] whether the row ablates any head at layer l
     live: list[tuple[int, int]]
     source: np.ndarray  # [P, C]
-
-    @property
-    def row_layers(self) -> int:
-        return sum(hi - lo for lo, hi in self.live)
 
 
 def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan:
@@ -274,41 +340,40 @@ def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan
         lo = 0 if layer < trunk_end else n_trunk
         hi = int(np.searchsorted(row_enter[n_trunk:], layer, side="right")) + n_trunk
         live.append((lo, hi))
-    return RowPlan(row_prompt, row_enter, row_ablates, row_cond, live, source)
+    return RowPlan(row_prompt, row_cond, row_ablates, live, source)
 
 
 class FastForward:
     """Runs a unit of work (prompts x head masks) through the fused decoder with branching.
 
-    `max_rows` caps the rows of one decoder-block call (an int, or a callable of the sequence length
-    for memory-derived sizes).
+    `max_rows` caps the rows of one decoder-block call; `last_position_only` runs the last block for
+    the last position only (`last_position_layer`).
     """
 
     def __init__(
         self,
         model: nn.Module,
         arch: Arch,
-        max_rows: int | Callable[[int], int] = 64,
+        max_rows: int = 64,
         compile_layers: bool = False,
+        last_position_only: bool = False,
     ):
         self.model = model
         self.arch = arch
         self.max_rows = max_rows
+        self.last_position_only = last_position_only
         self.weights = prepare_weights(model, arch)
-        self.act = ACT2FN[model.config.hidden_act]
+        self.act = activation(model.config.hidden_act)
         self.layer_fn = compiled_decoder_layer() if compile_layers else decoder_layer
         self.compile_error: str | None = None
         self.stats = ForwardStats()
 
-    def rows_per_call(self, seq: int) -> int:
-        return max(1, int(self.max_rows(seq) if callable(self.max_rows) else self.max_rows))
-
-    def _chunks(self, lo: int, hi: int, seq: int) -> list[tuple[int, int]]:
-        """Near-equal chunks of at most `rows_per_call` rows covering [lo, hi) (no tiny tail chunk)."""
+    def _chunks(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Near-equal chunks of at most `max_rows` rows covering [lo, hi) (no tiny tail chunk)."""
         n = hi - lo
         if n <= 0:
             return []
-        n_chunks = -(-n // self.rows_per_call(seq))
+        n_chunks = -(-n // self.max_rows)
         size = -(-n // n_chunks)
         return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
 
@@ -316,6 +381,10 @@ class FastForward:
         """The decoder block, compiled if asked; a compile failure falls back to eager once, loudly."""
         if self.layer_fn is decoder_layer:
             return decoder_layer(*args)
+        h, _, cos, sin, attn_mask, head_mask = args[:6]
+        for t, dims in ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (attn_mask, (0, 2, 3)), (head_mask, (0,))):
+            for dim in dims if t is not None else ():
+                torch._dynamo.maybe_mark_dynamic(t, dim)  # compile for any rows/length at once
         try:
             return self.layer_fn(*args)
         except Exception as e:  # torch.compile failures surface at the first call, with many types
@@ -342,7 +411,7 @@ class FastForward:
         n_prompts, seq = input_ids.shape
         plan = plan_rows(masks, n_prompts, share_trunk)
         n_rows = len(plan.row_prompt)
-        row_prompt = torch.as_tensor(plan.row_prompt, device=dev)
+        row_prompt = to_device(plan.row_prompt, dev)
 
         embed = self.model.get_input_embeddings()
         h = torch.empty(n_rows, seq, arch.hidden_size, dtype=embed.weight.dtype, device=dev)
@@ -354,12 +423,13 @@ class FastForward:
             attn_mask = padded_attention_mask(attn)
         cos, sin = self.model.model.rotary_emb(h[:1], positions)
         per_prompt = attn is not None
-        gqa_in_kernel = _flash_eligible(h, attn_mask is not None)
+        gqa_in_kernel = attn_mask is None  # as transformers decides (`use_gqa_in_sdpa`)
         row_masks = torch.ones(n_rows, arch.n_layers, arch.n_heads, dtype=h.dtype)
         branch = plan.row_cond >= 0
         row_masks[torch.from_numpy(branch)] = masks.detach().cpu()[torch.from_numpy(plan.row_cond[branch])].to(h.dtype)
-        row_masks = row_masks.to(dev)
+        row_masks = to_device(row_masks, dev)
 
+        compiled = self.layer_fn is not decoder_layer
         filled = 0  # rows [0, filled) hold a state
         for layer in range(arch.n_layers):
             lo, hi = plan.live[layer]
@@ -368,19 +438,25 @@ class FastForward:
                 h[filled:hi] = embed(input_ids[src]) if layer == 0 else h[src]
                 filled = hi
             w = self.weights[layer]
-            for a, b in self._chunks(lo, hi, seq):
+            final = self.last_position_only and layer == arch.n_layers - 1
+            for a, b in self._chunks(lo, hi):
                 idx = row_prompt[a:b]
                 c, s = (cos[idx], sin[idx]) if per_prompt else (cos, sin)
                 m = attn_mask[idx] if attn_mask is not None else None
-                hm = row_masks[a:b, layer] if plan.row_ablates[a:b, layer].any() else None
-                h[a:b] = self._layer(
-                    h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act, gqa_in_kernel
-                )
+                # Eager: skip the multiply where no row ablates. Compiled: always pass the mask (the
+                # multiply fuses into a copy that runs anyway), so half as many graphs get compiled.
+                ablates = compiled or plan.row_ablates[a:b, layer].any()
+                hm = row_masks[a:b, layer] if ablates else None
+                args = (h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act, gqa_in_kernel)
+                if final:  # eager: 1/36 of the work, not worth a compiled graph of its own
+                    h[a:b, -1] = last_position_layer(*args)
+                else:
+                    h[a:b] = self._layer(*args)
             self.stats.row_layers += hi - lo
 
         last = self.model.model.norm(h[:, -1])  # [rows, hidden]
         self.stats.rows_out += n_prompts * masks.shape[0]
-        return last[torch.as_tensor(plan.source, device=dev)]
+        return last[to_device(plan.source, dev)]
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

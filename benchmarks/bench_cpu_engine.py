@@ -1,0 +1,202 @@
+"""The engine against the usual ways of running this experiment, on a CPU, in one run.
+
+For each model and real verification prompts (`verif.prompts.render_prompt` over `verif.countdown`
+attempts) it times, under baseline + target + control sets:
+
+* SmolLM2-135M (packaged, real weights) with the default sweep's conditions (configs/default.yaml:
+  a target in layers 20-27, layer-matched controls);
+* the seed-shaped test model (the study's 36 x 16 heads at tiny width) with the study's conditions
+  (its 29 heads, random 29-head controls, which mostly ablate a head in the first layers);
+
+the three ways:
+
+* notebook: one prompt and one condition per forward, full-vocab logits at every position, o_proj
+  hooks (`verif.score.score_plain(..., full_logits=True)`, batch 1), as the study's notebook did;
+* nnsight: one trace per condition over a batch of prompts, zeroing each ablated head's slice of the
+  o_proj input inside the trace and reading the last position of the LM head's output, as a
+  typical nnsight user would;
+* engine: `verif.engine.Scorer` with default options (shared trunk, last-token logits).
+
+Reported as scored (prompt x condition) rows per second and speed-up ratios, plus the largest
+difference of p_yes_norm between nnsight / the notebook loop and the engine (must be ~0).
+
+    python benchmarks/bench_cpu_engine.py                          # default: < 3 min on 2 cores
+    python benchmarks/bench_cpu_engine.py --n-prompts 16 --n-random 6 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+import benchlib
+from verif.ablate import HookedAblation, head_masks
+from verif.engine import EngineOptions, Scorer
+from verif.heads import HeadSet
+from verif.model import LoadedModel, load_model
+from verif.score import YesNoIds, left_pad, resolve_yes_no, score_plain, scores_from_log_probs, yes_no_log_probs
+from verif.testmodel import build_seed_shaped_model
+
+MODELS = ("smollm2", "seed")
+
+
+def notebook_loop(loaded: LoadedModel, ids: YesNoIds, tokens, head_sets: Sequence[HeadSet]) -> np.ndarray:
+    """One forward per (prompt, condition), full logits, hooks: `[n, c]` p_yes_norm."""
+    masks = head_masks(head_sets, loaded.arch)
+    pad = loaded.tokenizer.pad_token_id
+    out = np.zeros((len(tokens), len(head_sets)))
+    with HookedAblation(loaded.model, loaded.arch) as hooks:
+        for i, toks in enumerate(tokens):
+            for j in range(len(head_sets)):
+                out[i, j] = score_plain(loaded.model, hooks, [toks], masks[j:j + 1], ids, pad, full_logits=True).p_yes_norm[0]
+    return out
+
+
+def nnsight_traces(nn_model, loaded: LoadedModel, ids: YesNoIds, tokens, head_sets, batch: int) -> np.ndarray:
+    """One nnsight trace per (condition, batch of prompts): zero the o_proj input slice of every ablated
+    head, save the LM head's last position. Inputs are left padded with real position ids."""
+    d, pad = loaded.arch.head_dim, loaded.tokenizer.pad_token_id
+    out = np.zeros((len(tokens), len(head_sets)))
+    for j, heads in enumerate(head_sets):
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in sorted(heads):
+            by_layer.setdefault(layer, []).append(head)
+        for a in range(0, len(tokens), batch):
+            input_ids, attn, positions = left_pad(tokens[a:a + batch], pad)
+            with torch.inference_mode():
+                with nn_model.trace({"input_ids": input_ids, "attention_mask": attn, "position_ids": positions}):
+                    for layer, layer_heads in by_layer.items():
+                        x = nn_model.model.layers[layer].self_attn.o_proj.input
+                        for head in layer_heads:
+                            x[:, :, head * d:(head + 1) * d] = 0
+                    logits = nn_model.lm_head.output[:, -1].save()
+            log_yes, log_no = yes_no_log_probs(logits, ids)
+            out[a:a + batch, j] = scores_from_log_probs(log_yes.numpy(), log_no.numpy()).p_yes_norm
+    return out
+
+
+def default_sweep_head_sets(n_layers: int, n_heads: int, n_random: int) -> tuple[list[HeadSet], str]:
+    """The default sweep's conditions (configs/default.yaml): its demonstration target in layers
+    20-27 and layer-matched controls, so every condition shares layers 0-19 with the baseline."""
+    from jobs.config import load_config
+    from verif.conditions import build_conditions
+    from verif.heads import parse_heads
+
+    ab = load_config()["ablation"]
+    target = parse_heads(ab["target_heads"])
+    conditions = build_conditions(n_layers, n_heads, target, n_random, ab["seed"], ab["exclude_target"], ab["match_layers"])
+    return [c.heads for c in conditions], f"configs/default.yaml target ({len(target)} heads), layer-matched controls"
+
+
+def load(name: str, tmp: str) -> LoadedModel:
+    if name == "smollm2":
+        return load_model("packaged:smollm2-135m", dtype="float32", device="cpu")
+    return load_model(str(build_seed_shaped_model(tmp)), dtype="float32", device="cpu")
+
+
+def bench_model(name: str, args: argparse.Namespace, tmp: str) -> dict:
+    from nnsight import LanguageModel
+
+    t0 = time.perf_counter()
+    loaded = load(name, tmp)
+    load_s = time.perf_counter() - t0
+    arch = loaded.arch
+    ids = resolve_yes_no(loaded.tokenizer)
+    tokens = [loaded.tokenizer.encode(p, add_special_tokens=False) for p in benchlib.study_prompts(args.n_prompts)]
+    if name == "smollm2":
+        head_sets, conditions = default_sweep_head_sets(arch.n_layers, arch.n_heads, args.n_random)
+    else:
+        head_sets, _ = benchlib.study_head_sets(arch.n_layers, arch.n_heads, args.n_random)
+        conditions = "the study's 29 heads, random 29-head controls"
+    n_rows = len(tokens) * len(head_sets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LanguageModel's deprecation notice: it is still the documented way
+        nn_model = LanguageModel(loaded.model, tokenizer=loaded.tokenizer)
+    scorer = Scorer(loaded, ids, EngineOptions())
+    batch = args.nnsight_batch or len(tokens)
+    results: dict[str, np.ndarray] = {}
+    variants = {
+        "notebook": lambda toks, hs: notebook_loop(loaded, ids, toks, hs),
+        "nnsight": lambda toks, hs: nnsight_traces(nn_model, loaded, ids, toks, hs, batch),
+        "engine": lambda toks, hs: engine_scores(toks, hs),
+    }
+    row_layers: list[int] = []
+
+    def engine_scores(toks, hs) -> np.ndarray:
+        table = scorer.score_tokens(toks, hs)
+        row_layers.append(table.row_layers)
+        return table.p_yes_norm
+
+    for fn in variants.values():  # first calls pay one-off costs (nnsight's tracing setup, allocator)
+        fn([t[-16:] for t in tokens[:2]], head_sets[:2])
+    wall = benchlib.best_of_rounds(
+        {k: (lambda k=k, fn=fn: results.__setitem__(k, fn(tokens, head_sets))) for k, fn in variants.items()},
+        args.rounds,
+    )
+    rate = {k: n_rows / v for k, v in wall.items()}
+    lengths = [len(t) for t in tokens]
+    return {
+        "model": f"{'SmolLM2-135M' if name == 'smollm2' else 'seed-shaped test model'}: {arch.family} {arch.n_layers}x{arch.n_heads} heads, hidden {arch.hidden_size}, float32",
+        "load_s": load_s,
+        "n_prompts": len(tokens),
+        "tokens_mean": float(np.mean(lengths)),
+        "tokens_min_max": [min(lengths), max(lengths)],
+        "n_conditions": len(head_sets),
+        "conditions": f"baseline + {conditions}",
+        "rows": n_rows,
+        "nnsight_batch": batch,
+        "wall_s": wall,
+        "rows_per_s": rate,
+        # layer work of the engine against one full forward per row (the trunk serves the baseline)
+        "engine_row_layers_per_row": row_layers[-1] / (n_rows * arch.n_layers),
+        "speedup_engine_vs": {k: rate["engine"] / rate[k] for k in ("notebook", "nnsight")},
+        "max_abs_diff_p_yes_norm_vs_engine": {
+            k: float(np.abs(results[k] - results["engine"]).max()) for k in ("notebook", "nnsight")
+        },
+        # the conditions do move the answer (so equal results are not two unablated runs agreeing)
+        "max_abs_effect_vs_baseline": {k: float(np.abs(v[:, 1:] - v[:, :1]).max()) for k, v in results.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma separated: smollm2, seed")
+    p.add_argument("--n-prompts", type=int, default=4)
+    p.add_argument("--n-random", type=int, default=2, help="random control sets (conditions = 2 + this)")
+    p.add_argument("--nnsight-batch", type=int, default=0, help="prompts per nnsight trace (0: all)")
+    p.add_argument("--rounds", type=int, default=1, help="timing rounds, variants interleaved (best of)")
+    p.add_argument("--threads", type=int, default=1, help=benchlib.THREADS_HELP)
+    p.add_argument("--out", help="JSON file or folder (default benchmarks/results/cpu_engine.json)")
+    args = p.parse_args(argv)
+    benchlib.set_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    t0 = time.perf_counter()
+    result = {"benchmark": "cpu_engine", "machine": benchlib.machine_info(), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            result["models"][name] = r = bench_model(name, args, tmp)
+            print(f"{name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+    result["elapsed_s"] = time.perf_counter() - t0
+    for name, r in result["models"].items():
+        benchlib.print_table(
+            f"{r['model']}: {r['n_prompts']} prompts ({r['tokens_mean']:.0f} tokens) x {r['n_conditions']} conditions",
+            ["variant", "rows/s", "engine speed-up", "max |diff| p_yes_norm vs engine"],
+            [[k, r["rows_per_s"][k], r["speedup_engine_vs"].get(k, 1.0), r["max_abs_diff_p_yes_norm_vs_engine"].get(k, 0.0)]
+             for k in ("notebook", "nnsight", "engine")],
+        )
+    benchlib.write_json(result, args.out, "cpu_engine")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

