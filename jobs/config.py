@@ -66,6 +66,12 @@ def _workers(v: int | str) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _rows(v: int | str) -> str | None:
+    if isinstance(v, str):
+        return None if v == "auto" else "must be a whole number >= 1 or 'auto'"
+    return None if v >= 1 else "must be >= 1"
+
+
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -102,10 +108,12 @@ SCHEMA: dict[str, Any] = {
         "sweeps": Field((list,), [], "Extra sweeps: layer (each layer whole), single_head (each head alone).", _sweeps),
     },
     "engine": {
-        "max_rows": Field((int,), 64, "Rows (prompt x condition) per forward chunk.", _at_least(1)),
+        "max_rows": Field((int, str), 64, "Rows (prompt x condition) per forward chunk; auto = from free GPU memory.",
+                          _rows),
         "max_unit_rows": Field((int,), 2048, "Rows held at once while conditions branch off a shared trunk.", _at_least(2)),
         "share_trunk": Field((bool,), True, "Compute layers below a condition's first ablated layer once per prompt."),
-        "compile": Field((bool,), False, "torch.compile the decoder layer (GPU)."),
+        "compile": Field((bool,), False, "torch.compile the decoder layer (on a GPU; see README, Speed)."),
+        "last_position_only": Field((bool,), False, "Run the last decoder block for the last position only."),
     },
     "shards": {
         "prompts_per_shard": Field((int,), 16, "Prompts per shard (a shard = prompts x condition group).", _at_least(1)),

@@ -167,6 +167,7 @@ def test_tinyzero_config_runs_on_seed_shaped_model(seed_model_dir, tmp_path):
     overrides = [
         f"model.path={seed_model_dir}", "model.device=cpu", "model.dtype=float32", "ray.address=",
         "ray.workers=0", "prompts.n=4", "ablation.random_controls=2", "wandb.mode=disabled", "stats.n_boot=50",
+        "engine.compile=false",
     ]
     cfg = load_config(REPO / "configs" / "tinyzero_qwen2.5_3b.yaml", overrides, str(tmp_path))
     plan = prepare(cfg)
