@@ -8,6 +8,7 @@ returns, so an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -171,7 +172,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
     """Create the folder, or on --resume check it was started with the same result-defining config."""
     cfg = plan.cfg
     if out.manifest.exists():
-        old = __import__("json").loads(out.manifest.read_text())
+        old = json.loads(out.manifest.read_text())
         if not resume:
             raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
         diffs = config_mod.config_differences(old["config"], cfg)

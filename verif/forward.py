@@ -124,7 +124,8 @@ def prepare_weights(model: nn.Module, arch: Arch) -> list[LayerWeights]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers computes it: normalised in float32, cast back, then times the weight.
+    """RMSNorm as transformers computes it: normalised in float32, cast back, then times the weight
+    (float64 inputs stay float64, where transformers would round through float32).
 
     `F.rms_norm` without a weight computes exactly `(x32 * rsqrt(mean(x32^2) + eps)).to(dtype)` in
     one fused kernel where torch has one; the weight is applied afterwards, in the input dtype, as
