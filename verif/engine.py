@@ -11,7 +11,7 @@ Nothing here imports Ray, W&B or polars: the GPU benchmark drives this class dir
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -83,10 +83,7 @@ class ScoreTable:
     p_yes_norm: np.ndarray
     log_odds: np.ndarray
     row_layers: int = 0
-    nonfinite: int = field(init=False)
-
-    def __post_init__(self):
-        self.nonfinite = int((~np.isfinite(np.stack([self.p_yes, self.p_no, self.log_odds]))).any(0).sum())
+    nonfinite: int = 0  # rows with a NaN or infinite value (YesNoScores.nonfinite)
 
 
 def plan_units(lengths: Sequence[int], n_conditions: int, opts: EngineOptions) -> list[Unit]:
@@ -210,7 +207,8 @@ class Scorer:
                 log_no[rows] = all_no[start:start + y.numel()].reshape(shape)
                 start += y.numel()
         s: YesNoScores = scores_from_log_probs(log_yes, log_no)
-        return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before)
+        return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before,
+                          int(s.nonfinite.sum()))
 
     def score_prompts(self, prompts: Sequence[str], head_sets: Sequence[Sequence[Head]]) -> ScoreTable:
         return self.score_tokens(self.tokenize(prompts), head_sets)

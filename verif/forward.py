@@ -290,7 +290,6 @@ class ForwardStats:
     """Work done, in (row x layer) evaluations: what sharing the trunk saves is visible here."""
 
     row_layers: int = 0
-    rows_out: int = 0
 
 
 @dataclass
@@ -456,7 +455,6 @@ class FastForward:
             self.stats.row_layers += hi - lo
 
         last = self.model.model.norm(h[:, -1])  # [rows, hidden]
-        self.stats.rows_out += n_prompts * masks.shape[0]
         return last[to_device(plan.source, dev)]
 
     @torch.inference_mode()
