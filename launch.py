@@ -35,7 +35,7 @@ def _weight_diff(args: argparse.Namespace, config) -> int:
         print("error: --weight-diff needs --base and --tuned", file=sys.stderr)
         return 2
     from jobs.weight_diff import main_weight_diff
-    from verif.heads import parse_heads
+    from verif.design.heads import parse_heads
 
     overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}", "name=weight-diff"]
     try:

@@ -1,6 +1,6 @@
 """The engine against the usual ways of running this experiment, on a CPU, in one run.
 
-For each model and real verification prompts (`verif.prompts.render_prompt` over `verif.countdown`
+For each model and real verification prompts (`verif.task.prompts.render_prompt` over `verif.task.countdown`
 attempts) it times, under baseline + target + control sets:
 
 * SmolLM2-135M (packaged, real weights) with the default sweep's conditions (configs/default.yaml:
@@ -11,11 +11,11 @@ attempts) it times, under baseline + target + control sets:
 the three ways:
 
 * notebook: one prompt and one condition per forward, full-vocab logits at every position, o_proj
-  hooks (`verif.score.score_plain(..., full_logits=True)`, batch 1), as the study's notebook did;
+  hooks (`verif.model.score.score_plain(..., full_logits=True)`, batch 1), as the study's notebook did;
 * nnsight: one trace per condition over a batch of prompts, zeroing each ablated head's slice of the
   o_proj input inside the trace and reading the last position of the LM head's output, as a
   typical nnsight user would;
-* engine: `verif.engine.Scorer` with default options (shared trunk, last-token logits).
+* engine: `verif.model.engine.Scorer` with default options (shared trunk, last-token logits).
 
 Reported as scored (prompt x condition) rows per second and speed-up ratios, plus the largest
 difference of p_yes_norm between nnsight / the notebook loop and the engine (must be ~0).
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 import benchlib
-from verif.ablate import HookedAblation, head_masks
-from verif.engine import EngineOptions, Scorer
-from verif.heads import HeadSet
-from verif.model import LoadedModel, load_model
-from verif.score import YesNoIds, left_pad, resolve_yes_no, score_plain, scores_from_log_probs, yes_no_log_probs
-from verif.testmodel import build_seed_shaped_model
+from verif.model.ablation import HookedAblation, head_masks
+from verif.model.engine import EngineOptions, Scorer
+from verif.design.heads import HeadSet
+from verif.model.loading import LoadedModel, load_model
+from verif.model.score import YesNoIds, left_pad, resolve_yes_no, score_plain, scores_from_log_probs, yes_no_log_probs
+from tests.support.models import build_seed_shaped_model
 
 MODELS = ("smollm2", "seed")
 
@@ -86,8 +86,8 @@ def default_sweep_head_sets(n_layers: int, n_heads: int, n_random: int) -> tuple
     """The default sweep's conditions (configs/default.yaml): its demonstration target in layers
     20-27 and layer-matched controls, so every condition shares layers 0-19 with the baseline."""
     from jobs.config import load_config
-    from verif.conditions import build_conditions
-    from verif.heads import parse_heads
+    from verif.design.conditions import build_conditions
+    from verif.design.heads import parse_heads
 
     ab = load_config()["ablation"]
     target = parse_heads(ab["target_heads"])

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 import benchlib
-from verif.conditions import build_conditions
-from verif.engine import EngineOptions, Scorer
-from verif.model import load_model
-from verif.score import resolve_yes_no
-from verif.testmodel import build_seed_shaped_model
+from verif.design.conditions import build_conditions
+from verif.model.engine import EngineOptions, Scorer
+from verif.model.loading import load_model
+from verif.model.score import resolve_yes_no
+from tests.support.models import build_seed_shaped_model
 
 ROW_LAYER_RATIO_MAX = 0.6
 RESULT_DIFF_MAX = 1e-5

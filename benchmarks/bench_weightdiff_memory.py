@@ -95,7 +95,7 @@ def write_checkpoint(
 
 
 def _largest_tensor_bytes(folder: Path) -> int:
-    from verif.weightdiff import open_checkpoint
+    from verif.analysis.weightdiff import open_checkpoint
 
     return max(t.nbytes for t in open_checkpoint(str(folder), "base").tensors.values())
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _chunk_elements() -> int:
-    from verif.weightdiff import CHUNK_ELEMENTS
+    from verif.analysis.weightdiff import CHUNK_ELEMENTS
 
     return CHUNK_ELEMENTS
 

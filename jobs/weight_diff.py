@@ -1,7 +1,7 @@
 """The weight-diff job: compare a fine-tune with its base and write the tables the study's claim is checked on.
 
 `run_weight_diff` is the entry point for `launch.py --weight-diff` and for a sweep config's `weight_diff:`
-section. The arithmetic lives in `verif.weightdiff`; this module only plans, spreads the per-layer work
+section. The arithmetic lives in `verif.analysis.weightdiff`; this module only plans, spreads the per-layer work
 over Ray workers when asked (each worker opens the files itself: it is sent paths, never tensors) and
 writes the outputs:
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-from verif.weightdiff import (
+from verif.analysis.weightdiff import (
     DiffPlan,
     PairTask,
     check_selection,
@@ -160,7 +160,7 @@ def main_weight_diff(cfg: dict, target_heads: list[tuple[int, int]] | None = Non
     """
     from jobs.storage import OutDir
     from jobs.tracking import log_weight_diff
-    from verif.heads import STUDY_HEADS_TEXT, parse_heads
+    from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
 
     wd, out = cfg["weight_diff"], cfg["out"]
     try:

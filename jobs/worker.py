@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from verif.engine import EngineOptions, Scorer
-from verif.heads import Head
-from verif.model import load_model
-from verif.score import resolve_yes_no
+from verif.model.engine import EngineOptions, Scorer
+from verif.design.heads import Head
+from verif.model.loading import load_model
+from verif.model.score import resolve_yes_no
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from verif.heads import STUDY_HEADS_TEXT, parse_heads
-from verif.model import LoadedModel, load_model
-from verif.testmodel import build_seed_shaped_model
-from verif.tokenizer import qwen25_tokenizer
+from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
+from verif.model.loading import LoadedModel, load_model
+from tests.support.models import build_seed_shaped_model
+from tests.support.tokenizer import qwen25_tokenizer
 
 # One intra-op thread unless told otherwise: the test models are small (per-op overhead dominates)
 # and on a shared 2-core machine two OpenMP threads competing with other processes made the same
@@ -55,7 +55,7 @@ def smollm2() -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    """The offline Qwen2.5 tokenizer (`verif.tokenizer.qwen25_tokenizer`), built once (~5 s)."""
+    """The offline Qwen2.5 tokenizer (`tests.support.tokenizer.qwen25_tokenizer`), built once (~5 s)."""
     return qwen25_tokenizer()
 
 

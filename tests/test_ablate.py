@@ -14,9 +14,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from verif.ablate import HookedAblation, apply_head_mask, head_masks
-from verif.heads import parse_heads, validate_heads
-from verif.model import decoder_layers
+from verif.model.ablation import HookedAblation, apply_head_mask, head_masks
+from verif.design.heads import parse_heads, validate_heads
+from verif.model.loading import decoder_layers
 
 # A valid head set of SmolLM2 (30 x 9) over several layers, several heads in layers 5 and 17.
 SMOL_HEADS_TEXT = "L0 H3, L5 H0, L5 H8, L12 H4, L17 H1, L17 H2, L17 H5, L29 H8"

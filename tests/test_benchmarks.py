@@ -78,7 +78,7 @@ def test_gpu_benchmark_data_is_small_and_real():
     assert data["yes_ids"] == [7414, 9454, 9834, 9693] and data["no_ids"] == [2308, 2753, 902, 2152]
     assert len(data["tokens"]) == 1024
     # every prompt ends with the template's "... Therefore, the final answer is"
-    from verif.tokenizer import qwen25_tokenizer
+    from tests.support.tokenizer import qwen25_tokenizer
 
     tail = qwen25_tokenizer().encode(" Therefore, the final answer is", add_special_tokens=False)
     assert all(t[-len(tail):] == tail for t in data["tokens"])

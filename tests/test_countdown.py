@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from verif.countdown import (
+from verif.task.countdown import (
     ERROR_KINDS,
     Attempt,
     Problem,

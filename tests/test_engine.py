@@ -1,4 +1,4 @@
-"""The fast engine (`verif.engine.Scorer` over `verif.forward.FastForward`) against the plain path.
+"""The fast engine (`verif.model.engine.Scorer` over `verif.model.forward.FastForward`) against the plain path.
 
 The plain path is the model's own forward with `HookedAblation` pre-hooks (`score_plain`), run one
 prompt and one condition at a time: no padding, no batching, no shared trunk. Every option of the
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from verif.ablate import HookedAblation, head_masks
-from verif.engine import EngineOptions, Scorer, plan_units
-from verif.forward import decoder_layer
-from verif.heads import parse_heads, random_head_sets
-from verif.model import load_model
-from verif.score import resolve_yes_no, score_plain
-from verif.testmodel import build_seed_shaped_model
+from verif.model.ablation import HookedAblation, head_masks
+from verif.model.engine import EngineOptions, Scorer, plan_units
+from verif.model.forward import decoder_layer
+from verif.design.heads import parse_heads, random_head_sets
+from verif.model.loading import load_model
+from verif.model.score import resolve_yes_no, score_plain
+from tests.support.models import build_seed_shaped_model
 
 SMOL_SET = "L0 H3, L5 H0, L5 H8, L12 H4, L17 H1, L17 H2, L17 H5, L29 H8"
 FIELDS = ("p_yes", "p_no", "p_yes_norm", "log_odds")
@@ -315,7 +315,7 @@ def test_rms_norm_matches_transformers():
     """The fast path's RMSNorm is bitwise transformers' in the dtypes models run in."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    from verif.forward import rms_norm
+    from verif.model.forward import rms_norm
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

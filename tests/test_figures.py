@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from verif import figures, stats
+from verif.analysis import figures, stats
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 N_LAYERS, N_HEADS = 6, 4

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from verif.heads import (
+from verif.design.heads import (
     STUDY_HEADS_TEXT,
     canonical,
     format_heads,

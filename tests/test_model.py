@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from verif.model import (
+from verif.model.loading import (
     LoadedModel,
     ModelSource,
     Arch,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from verif import prompts
-from verif.prompts import format_numbers, render_prompt
+from verif.task import prompts
+from verif.task.prompts import format_numbers, render_prompt
 
 STUDY_EXAMPLE = """A conversation between User and Assistant.
 The User is given a set of numbers [79 17 60] to create an equation that equals 36.

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from verif.ablate import HookedAblation, head_masks
-from verif.score import (
+from verif.model.ablation import HookedAblation, head_masks
+from verif.model.score import (
     YesNoIds,
     left_pad,
     resolve_yes_no,

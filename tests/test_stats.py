@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from verif import stats
+from verif.analysis import stats
 
 ERROR_KINDS = ("arithmetic_slip", "false_claim", "wrong_target")
 

@@ -22,7 +22,7 @@ from jobs import tracking
 from jobs.config import load_config
 from jobs.finalize import per_prompt_table
 from jobs.storage import OutDir, write_json_atomic
-from verif import stats
+from verif.analysis import stats
 
 MODELS = ("m1", "org/m2")  # a hub-style name with a slash must survive as one key segment
 N_RANDOM = 38  # enough conditions that the summary record spans several 32 KiB log blocks

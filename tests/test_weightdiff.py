@@ -25,8 +25,8 @@ from polars.testing import assert_frame_equal
 from safetensors.torch import load_file, save_file
 
 from jobs.weight_diff import run_weight_diff
-from verif.testmodel import seed_shaped_config
-from verif.weightdiff import BF16_COS_ONE, MLP_COMPONENTS, diff_checkpoints, plan_diff, select_rows, summarise
+from tests.support.models import seed_shaped_config
+from verif.analysis.weightdiff import BF16_COS_ONE, MLP_COMPONENTS, diff_checkpoints, plan_diff, select_rows, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 HD = 8  # head_dim of the seed-shaped model

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from verif.heads import Head
-from verif.model import Arch, o_projs
+from verif.design.heads import Head
+from verif.model.loading import Arch, o_projs
 
 
 def head_masks(head_sets: Sequence[Sequence[Head]], arch: Arch, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -41,7 +41,7 @@ class HookedAblation:
     """Per-row head ablation on an unmodified transformers model, through `o_proj` pre-hooks.
 
     This is the plain path: the model's own forward, hooks that edit one tensor. The fast engine
-    (`verif.forward`) is checked against it. Use as a context manager and set `.masks` (or None)
+    (`verif.model.forward`) is checked against it. Use as a context manager and set `.masks` (or None)
     before each forward.
     """
 

@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 if TYPE_CHECKING:
-    from verif.model import Arch
+    from verif.model.loading import Arch
 
 # Elements per float64 chunk (16 MiB per array); a handful of such arrays is the whole working set.
 CHUNK_ELEMENTS = 1 << 21
@@ -193,7 +193,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     # Imported here so that Ray workers, which only run `diff_pairs`, never pay for importing transformers.
     from transformers import AutoConfig
 
-    from verif.model import arch_from_config, resolve_source
+    from verif.model.loading import arch_from_config, resolve_source
 
     try:
         source = resolve_source(spec)

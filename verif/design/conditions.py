@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from verif.heads import Head, HeadSet, canonical, format_heads, random_head_sets
+from verif.design.heads import Head, HeadSet, canonical, format_heads, random_head_sets
 
 KINDS = ("baseline", "target", "random", "layer", "single_head")
 SWEEPS = ("layer", "single_head")

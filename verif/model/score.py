@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from verif.ablate import HookedAblation
+from verif.model.ablation import HookedAblation
 
 DEFAULT_YES = (" Yes", "Yes", " yes", "yes")
 DEFAULT_NO = (" No", "No", " no", "no")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verif.tokenizer import qwen25_tokenizer
+from tests.support.tokenizer import qwen25_tokenizer
 
 QWEN25_VOCAB = 151936
 

@@ -1,7 +1,7 @@
 """The scorer a worker owns: tokenises prompts, plans units of work, returns Yes/No scores.
 
 A unit is a group of prompts scored under a group of conditions in one branching pass
-(`verif.forward.FastForward`). Prompts are sorted by token length and grouped so that a unit holds one
+(`verif.model.forward.FastForward`). Prompts are sorted by token length and grouped so that a unit holds one
 length wherever the rows allow it: no padding, so attention runs causal-only, and prompts that must
 share a unit with others of different lengths are left padded with correct position ids.
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from verif.ablate import head_masks
-from verif.forward import FastForward, to_device
-from verif.heads import Head
-from verif.model import Arch, LoadedModel
-from verif.score import YesNoIds, YesNoScores, left_pad, scores_from_log_probs
+from verif.model.ablation import head_masks
+from verif.model.forward import FastForward, to_device
+from verif.design.heads import Head
+from verif.model.loading import Arch, LoadedModel
+from verif.model.score import YesNoIds, YesNoScores, left_pad, scores_from_log_probs
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Scorer:
         return 0
 
     def _yes_no_log_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`verif.score.yes_no_log_probs` with the token ids kept on the device (indexing with a
+        """`verif.model.score.yes_no_log_probs` with the token ids kept on the device (indexing with a
         Python list would copy them over, and wait for the GPU, at every call)."""
         logp = torch.log_softmax(logits.double(), dim=-1)
         return (

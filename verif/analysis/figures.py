@@ -27,7 +27,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from verif import stats
+from verif.analysis import stats
 
 __all__ = [
     "METRIC_LABELS",

@@ -12,7 +12,7 @@ A sweep scores every prompt under many conditions. Two facts make that cheaper t
 The arithmetic mirrors the transformers implementation of the Qwen2 / Llama decoder (RMSNorm in
 float32 with the weight applied after the cast, rotary embeddings from the model's own `rotary_emb`,
 SDPA attention) and is tested against the model's own forward with hook ablation
-(`verif.score.score_plain`). q/k/v and gate/up projections run as one matmul each: the fused
+(`verif.model.score.score_plain`). q/k/v and gate/up projections run as one matmul each: the fused
 weights are built once per model and the model's own parameters become views into them, so no
 memory is duplicated.
 
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from verif.ablate import apply_head_mask
-from verif.model import Arch, decoder_layers
+from verif.model.ablation import apply_head_mask
+from verif.model.loading import Arch, decoder_layers
 
 
 @dataclass

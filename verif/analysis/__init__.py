@@ -1,0 +1,1 @@
+"""The analysis: statistics, figures and weight comparisons over what the model side produced."""

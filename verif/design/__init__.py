@@ -1,0 +1,1 @@
+"""The experimental design: which components to ablate (target sets, random controls, sweeps)."""

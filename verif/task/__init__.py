@@ -1,0 +1,1 @@
+"""The task: Countdown problems, solution attempts, and the verification prompt built from them."""
