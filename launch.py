@@ -1,9 +1,13 @@
-"""verif-sweep command line: run a sweep, a weight diff, or check a configuration.
+"""verif-sweep command line: run a sweep, a weight diff, re-log a run, or check a configuration.
 
     python launch.py --sweep [--config FILE] [--set dotted.key=value ...] [--out DIR] [--resume]
     python launch.py --check [--config FILE] [--set ...]      validate everything, load no weights
-    python launch.py --weight-diff --base A --tuned B [--out DIR]
+    python launch.py --weight-diff --base A --tuned B [--config FILE] [--set ...] [--out DIR]
+    python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
     python launch.py --config-reference                        print the configuration reference
+
+The jobs are imported only once the configuration is valid: they pull in torch, transformers and
+Ray (seconds), and a typo in a key should cost a fraction of one.
 """
 
 from __future__ import annotations
@@ -11,13 +15,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import config
+from jobs.errors import InputError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description="verif-sweep: head-ablation verification studies")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sweep", action="store_true", help="run the sweep described by the config")
     mode.add_argument("--check", action="store_true", help="validate config, models, heads and prompts; run nothing")
-    mode.add_argument("--weight-diff", action="store_true", help="compare a fine-tune's weights with its base")
+    mode.add_argument("--weight-diff", action="store_true",
+                      help="compare a fine-tune's weights with its base; the heads summarised as one group are "
+                           "weight_diff.heads (target = ablation.target_heads of the config, study, none, or a "
+                           "head list); without --config no config file is read")
+    mode.add_argument("--relog", metavar="OUT", help="log a finished sweep folder to W&B again (from its files)")
     mode.add_argument("--config-reference", action="store_true", help="print the configuration reference (Markdown)")
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,57 +37,64 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out, skipping finished shards")
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
+    p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
     return p
 
 
-def _weight_diff(args: argparse.Namespace, config) -> int:
-    """The weight-diff job alone; target heads come from the config only when one names them."""
-    if not (args.base and args.tuned):
-        print("error: --weight-diff needs --base and --tuned", file=sys.stderr)
-        return 2
-    from jobs.weight_diff import main_weight_diff
-    from verif.design.heads import parse_heads
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
-    overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}", "name=weight-diff"]
+
+def _weight_diff(args: argparse.Namespace) -> int:
+    """The weight-diff job alone: the config file only when --config names one (see --help)."""
+    if not (args.base and args.tuned):
+        return _fail("--weight-diff needs --base and --tuned")
+    overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}"]
+    cfg = config.load_config(args.config, ["name=weight-diff", *overrides], args.out or "runs/weight_diff",
+                             file_default=False)
+    from jobs.weight_diff import weight_diff_job
+
+    result, run = weight_diff_job(cfg)
+    print("\n".join(result.verdicts))
+    print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
+    print(f"W&B run: {run or 'disabled'}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    cfg = config.load_config(args.config, args.overrides, args.out)
+    from jobs.sweep import SweepInterrupted, prepare, run_sweep
+
+    if args.check:
+        plan = prepare(cfg)
+        print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
+              f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
+        return 0
     try:
-        cfg = config.load_config(args.config, overrides, args.out or "runs/weight_diff")
-        named = args.config or any(o.startswith("ablation.target_heads=") for o in args.overrides)
-        heads = parse_heads(cfg["ablation"]["target_heads"] or []) if named else None
-    except (config.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return main_weight_diff(cfg, heads or None)
+        report = run_sweep(cfg, resume=args.resume)
+    except SweepInterrupted as e:
+        print(f"interrupted: {e}; continue with --resume --out {cfg.out}", file=sys.stderr)
+        return 3
+    print("\n".join(report.lines()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from jobs import config
-
     if args.config_reference:
         print(config.reference_markdown())
         return 0
-    if args.weight_diff:
-        return _weight_diff(args, config)
-    from jobs.sweep import SweepError, SweepInterrupted, prepare, run_sweep
-
     try:
-        cfg = config.load_config(args.config, args.overrides, args.out)
-        if args.check:
-            plan = prepare(cfg)
-            print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
-                  f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
-            return 0
-        report = run_sweep(cfg, resume=args.resume)
-    except (config.ConfigError, SweepError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SweepInterrupted as e:
-        print(f"interrupted: {e}; continue with --resume --out {cfg['out']}", file=sys.stderr)
-        return 3
-    from jobs.finalize import summary_lines
+        if args.relog:
+            from jobs.tracking import relog
 
-    print("\n".join(summary_lines(report)))
-    return 0
+            return 0 if relog(args.relog, args.mode) else 1
+        if args.weight_diff:
+            return _weight_diff(args)
+        return _sweep(args)
+    except InputError as e:
+        return _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -89,9 +89,9 @@ def default_sweep_head_sets(n_layers: int, n_heads: int, n_random: int) -> tuple
     from verif.design.conditions import build_conditions
     from verif.design.heads import parse_heads
 
-    ab = load_config()["ablation"]
-    target = parse_heads(ab["target_heads"])
-    conditions = build_conditions(n_layers, n_heads, target, n_random, ab["seed"], ab["exclude_target"], ab["match_layers"])
+    ab = load_config().ablation
+    target = parse_heads(ab.target_heads)
+    conditions = build_conditions(n_layers, n_heads, target, n_random, ab.seed, ab.exclude_target, ab.match_layers)
     return [c.heads for c in conditions], f"configs/default.yaml target ({len(target)} heads), layer-matched controls"
 
 

@@ -1,50 +1,46 @@
-"""Sweep configuration: a YAML file plus `--set` overrides, validated before any model is loaded.
+"""Configuration: a YAML file plus `--set` overrides, validated into typed sections before anything loads.
 
-The schema below is the single source of truth: defaults, allowed types and values, and the one-line
-description used for the README's configuration reference (`python launch.py --config-reference`).
-An unknown key, a wrong type or an invalid value is an error naming the dotted key path.
+Each section is a frozen dataclass; a field's annotation is its allowed types, its default is the
+default, and its `metadata` holds the one-line documentation (the README's configuration reference,
+`python launch.py --config-reference`) and an optional value check. Sections owned by the science
+side (`EngineOptions`) are used as they are, so defaults and checks live once. An unknown key, a wrong
+type or an invalid value is a `ConfigError` naming the dotted key path.
+
+This module imports no torch, transformers or Ray: a bad configuration is reported in well under a
+second.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jobs.errors import InputError
+from verif.design.conditions import SWEEPS
+from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, with the key path in the message."""
 
 
-@dataclass(frozen=True)
-class Field:
-    """One leaf of the schema."""
-
-    types: tuple[type, ...]
-    default: Any
-    doc: str
-    check: Callable[[Any], str | None] | None = None  # returns an error text, or None if valid
-
-
-def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
+def _one_of(*allowed: Any):
     return lambda v: None if v in allowed else f"must be one of {', '.join(repr(a) for a in allowed)}"
 
 
-def _at_least(low: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be >= {low}"
-
-
-def _model_paths(v: Any) -> str | None:
+def _model_paths(v: str | list) -> str | None:
     items = v if isinstance(v, list) else [v]
     if not items or not all(isinstance(i, str) and i for i in items):
         return "must be a model string or a non-empty list of them"
@@ -52,8 +48,8 @@ def _model_paths(v: Any) -> str | None:
 
 
 def _sweeps(v: list) -> str | None:
-    bad = [s for s in v if s not in ("layer", "single_head")]
-    return f"unknown sweep {bad[0]!r}; valid: 'layer', 'single_head'" if bad else None
+    bad = [s for s in v if s not in SWEEPS]
+    return f"unknown sweep {bad[0]!r}; valid: {', '.join(repr(s) for s in SWEEPS)}" if bad else None
 
 
 def _str_list(v: list) -> str | None:
@@ -66,134 +62,201 @@ def _workers(v: int | str) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
-def _rows(v: int | str) -> str | None:
-    if isinstance(v, str):
-        return None if v == "auto" else "must be a whole number >= 1 or 'auto'"
-    return None if v >= 1 else "must be >= 1"
-
-
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
-NONE = type(None)
-SCHEMA: dict[str, Any] = {
-    "name": Field((str,), "sweep", "Sweep name: W&B group and run name prefix."),
-    "out": Field((str, NONE), None, "Output folder (default runs/<name>); `--out` overrides it."),
-    "model": {
-        "path": Field((str, list), "packaged:smollm2-135m",
-                      "Hub id, local model folder, .gguf file or packaged:<name>; a list runs every model.",
-                      _model_paths),
-        "dtype": Field((str,), "auto", "auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.",
-                       _one_of("auto", "float32", "bfloat16", "float16")),
-        "device": Field((str,), "auto", "auto, cpu, cuda (inside a worker: its assigned GPU).",
-                        _one_of("auto", "cpu", "cuda")),
-    },
-    "prompts": {
-        "n": Field((int,), 64, "Number of generated Countdown attempts.", _at_least(1)),
-        "seed": Field((int,), 0, "Seed of problem and attempt generation."),
-        "p_correct": Field((int, float), 0.5, "Fraction of generated attempts that are correct.", _ratio),
-        "file": Field((str, NONE), None, "JSONL of attempts (numbers, target, attempt) used instead of generating."),
-    },
-    "scoring": {
-        "yes": Field((list,), [" Yes", "Yes", " yes", "yes"], "Yes variants (each one token).", _str_list),
-        "no": Field((list,), [" No", "No", " no", "no"], "No variants (each one token).", _str_list),
-    },
-    "ablation": {
-        "target_heads": Field((str, list, NONE), None, "Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...]."),
-        "random_controls": Field((int,), 10, "Number of random head sets of the target's size.", _at_least(0)),
-        "seed": Field((int,), 0, "Seed of the random control sets."),
-        "exclude_target": Field((bool,), True, "Keep target heads out of the control sets."),
-        "match_layers": Field((bool,), False, "Draw controls with the target's per-layer head counts."),
-        "sweeps": Field((list,), [], "Extra sweeps: layer (each layer whole), single_head (each head alone).", _sweeps),
-    },
-    "engine": {
-        "max_rows": Field((int, str), 64, "Rows (prompt x condition) per forward chunk; auto = from free GPU memory.",
-                          _rows),
-        "max_unit_rows": Field((int,), 2048, "Rows held at once while conditions branch off a shared trunk.", _at_least(2)),
-        "share_trunk": Field((bool,), True, "Compute layers below a condition's first ablated layer once per prompt."),
-        "compile": Field((bool,), False, "torch.compile the decoder layer (on a GPU; see README, Speed)."),
-        "last_position_only": Field((bool,), False, "Run the last decoder block for the last position only."),
-    },
-    "shards": {
-        "prompts_per_shard": Field((int,), 16, "Prompts per shard (a shard = prompts x condition group).", _at_least(1)),
-        "conditions_per_shard": Field((int,), 0, "Conditions per shard; 0 = all conditions in every shard.", _at_least(0)),
-        "max_attempts": Field((int,), 3, "Tries per shard before the sweep fails (workers that die are replaced).", _at_least(1)),
-    },
-    "ray": {
-        "address": Field((str,), "", "Empty: start a local Ray; 'auto' or ray://host:port: join a cluster."),
-        "workers": Field((int, str), 2, "Scoring actors; 0 = score in this process without Ray; "
-                         "auto = one per GPU of the cluster (gpus_per_worker each).", _workers),
-        "gpus_per_worker": Field((int, float), 0, "GPUs per actor (1 on a GPU cluster).", _at_least(0)),
-        "cpus_per_worker": Field((int, float), 1, "CPUs per actor (also its torch threads).", _at_least(0)),
-    },
-    "stats": {
-        "n_boot": Field((int,), 2000, "Bootstrap resamples for confidence intervals.", _at_least(10)),
-        "seed": Field((int,), 0, "Bootstrap seed."),
-    },
-    "wandb": {
-        "mode": Field((str,), "offline", "offline (files in OUT/wandb), online, disabled.",
-                      _one_of("offline", "online", "disabled")),
-        "project": Field((str,), "verif-sweep", "W&B project."),
-        "entity": Field((str, NONE), None, "W&B entity (team or user); default: your default entity."),
-    },
-    "weight_diff": {
-        "base": Field((str, NONE), None, "Base checkpoint for the weight-diff job (hub id or safetensors folder)."),
-        "tuned": Field((str, NONE), None, "Fine-tuned checkpoint compared with base."),
-        "top_k": Field((int,), 50, "Value vectors summarised separately, by largest change.", _at_least(0)),
-    },
-    "testing": {
-        "crash_worker_once": Field((bool,), False, "Test only: the first shard kills its worker process once."),
-        "stop_after_shards": Field((int,), 0, "Test only: the driver stops after this many new shards (0 = never).",
-                                   _at_least(0)),
-    },
-}
+def listing(text: str, default: list, check=None) -> Any:
+    """A list-valued field (a fresh copy of the default per config)."""
+    return field(default_factory=lambda: list(default), metadata={"doc": text, "check": check})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | list = doc("Hub id, local model folder, .gguf file or packaged:<name>; a list runs every model.",
+                           "packaged:smollm2-135m", _model_paths)
+    dtype: str = doc("auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.", "auto", _one_of(*DTYPES))
+    device: str = doc("auto, cpu, cuda (inside a worker: its assigned GPU).", "auto", _one_of(*DEVICES))
+
+    @property
+    def paths(self) -> list[str]:
+        return self.path if isinstance(self.path, list) else [self.path]
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    n: int = doc("Number of generated Countdown attempts.", 64, at_least(1))
+    seed: int = doc("Seed of problem and attempt generation.", 0)
+    p_correct: float = doc("Fraction of generated attempts that are correct.", 0.5, _ratio)
+    file: str | None = doc("JSONL of attempts (numbers, target, attempt) used instead of generating.", None)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    yes: list = listing("Yes variants (each one token).", list(DEFAULT_YES), _str_list)
+    no: list = listing("No variants (each one token).", list(DEFAULT_NO), _str_list)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None)
+    random_controls: int = doc("Number of random head sets of the target's size.", 10, at_least(0))
+    seed: int = doc("Seed of the random control sets.", 0)
+    exclude_target: bool = doc("Keep target heads out of the control sets.", True)
+    match_layers: bool = doc("Draw controls with the target's per-layer head counts.", False)
+    sweeps: list = listing("Extra sweeps: layer (each layer whole), single_head (each head alone).", [], _sweeps)
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    prompts_per_shard: int = doc("Prompts per shard (a shard = prompts x condition group).", 16, at_least(1))
+    conditions_per_shard: int = doc("Conditions per shard; 0 = all conditions in every shard.", 0, at_least(0))
+    max_attempts: int = doc("Tries per shard before the sweep fails (workers that die are replaced).", 3,
+                            at_least(1))
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = doc("Empty: start a local Ray; 'auto' or ray://host:port: join a cluster.", "")
+    workers: int | str = doc("Scoring actors; 0 = score in this process without Ray; "
+                             "auto = one per GPU of the cluster (gpus_per_worker each).", 2, _workers)
+    gpus_per_worker: float = doc("GPUs per actor (1 on a GPU cluster).", 0, at_least(0))
+    cpus_per_worker: float = doc("CPUs per actor (also its torch threads).", 1, at_least(0))
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    n_boot: int = doc("Bootstrap resamples for confidence intervals.", 2000, at_least(10))
+    seed: int = doc("Bootstrap seed.", 0)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = doc("offline (files in OUT/wandb), online, disabled.", "offline", _one_of("offline", "online", "disabled"))
+    project: str = doc("W&B project.", "verif-sweep")
+    entity: str | None = doc("W&B entity (team or user); default: your default entity.", None)
+
+
+@dataclass(frozen=True)
+class WeightDiffConfig:
+    base: str | None = doc("Base checkpoint for the weight-diff job (hub id or safetensors folder).", None)
+    tuned: str | None = doc("Fine-tuned checkpoint compared with base.", None)
+    heads: str | list = doc("Heads summarised as one group: target (ablation.target_heads; none when unset), "
+                            "study (the study's 29), none, or a head list.", "target")
+    top_k: int = doc("Value vectors summarised separately, by largest change.", 50, at_least(0))
+
+
+@dataclass(frozen=True)
+class TestingConfig:
+    crash_worker_once: bool = doc("Test only: the first shard kills its worker process once.", False)
+    stop_after_shards: int = doc("Test only: the driver stops after this many new shards (0 = never).", 0,
+                                 at_least(0))
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole job configuration (sweep, weight diff); `to_dict()` is what manifests and W&B keep."""
+
+    name: str = doc("Sweep name: W&B group and run name prefix.", "sweep")
+    out: str | None = doc("Output folder (default runs/<name>); `--out` overrides it.", None)
+    model: ModelConfig = section(ModelConfig)
+    prompts: PromptsConfig = section(PromptsConfig)
+    scoring: ScoringConfig = section(ScoringConfig)
+    ablation: AblationConfig = section(AblationConfig)
+    engine: EngineOptions = section(EngineOptions)
+    shards: ShardsConfig = section(ShardsConfig)
+    ray: RayConfig = section(RayConfig)
+    stats: StatsConfig = section(StatsConfig)
+    wandb: WandbConfig = section(WandbConfig)
+    weight_diff: WeightDiffConfig = section(WeightDiffConfig)
+    testing: TestingConfig = section(TestingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
 
 # Keys that do not change any number in the results: allowed to differ on --resume.
 RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "testing", "stats")
 
 
-def _defaults(schema: dict) -> dict:
-    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+# --------------------------------------------------------------------------------------------
+# building and validating
+# --------------------------------------------------------------------------------------------
 
 
-def _unknown(key: str, path: str, schema: dict) -> ConfigError:
-    close = difflib.get_close_matches(key, list(schema), n=1)
-    hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(schema)}"
+def _is_section(f: dataclasses.Field) -> bool:
+    return isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _allowed_types(cls: type, name: str) -> tuple[type, ...]:
+    """Runtime classes of a field's annotation (`int | str` -> (int, str), `list` -> (list,))."""
+    hint = typing.get_type_hints(cls)[name]
+    parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(p) or p for p in parts)
+
+
+def _type_error(value: Any, allowed: tuple[type, ...]) -> str | None:
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False  # YAML `yes` must not pass as the integer 1
+    else:
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+    if ok:
+        return None
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    return f"expected {names}, got {type(value).__name__} {value!r}"
+
+
+def _unknown(key: str, path: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(known)}"
     return ConfigError(f"{path}{key}: unknown key{hint}")
 
 
-def _merge(base: dict, over: dict, schema: dict, path: str = "") -> dict:
+def _merge(base: dict, over: dict, cls: type, path: str = "") -> dict:
+    """`over` merged into `base` (both plain dicts shaped like `cls`); unknown keys are refused."""
+    known = _fields(cls)
     for key, value in over.items():
-        if key not in schema:
-            raise _unknown(key, path, schema)
-        node = schema[key]
-        if isinstance(node, dict):
+        if key not in known:
+            raise _unknown(str(key), path, list(known))
+        f = known[key]
+        if _is_section(f):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}{key}: must be a mapping with keys {', '.join(node)}")
-            _merge(base[key], value, node, f"{path}{key}.")
+                raise ConfigError(f"{path}{key}: must be a mapping with keys {', '.join(_fields(f.default_factory))}")
+            _merge(base[key], value, f.default_factory, f"{path}{key}.")
         else:
             base[key] = value
     return base
 
 
-def _check(cfg: dict, schema: dict, path: str = "") -> None:
-    for key, node in schema.items():
-        value = cfg[key]
-        if isinstance(node, dict):
-            _check(value, node, f"{path}{key}.")
+def _build(cls: type, values: dict, path: str = "") -> Any:
+    """The dataclass `cls` from a plain dict, every leaf type- and value-checked."""
+    kwargs = {}
+    for name, f in _fields(cls).items():
+        value = values[name]
+        if _is_section(f):
+            kwargs[name] = _build(f.default_factory, value, f"{path}{name}.")
             continue
-        if isinstance(value, bool) and bool not in node.types:
-            ok = False  # YAML `yes` must not pass as the integer 1
-        else:
-            ok = isinstance(value, node.types) or (float in node.types and isinstance(value, int))
-        if not ok:
-            names = " or ".join("null" if t is NONE else t.__name__ for t in node.types)
-            raise ConfigError(f"{path}{key}: expected {names}, got {type(value).__name__} {value!r}")
-        if node.check is not None and value is not None:
-            err = node.check(value)
+        err = _type_error(value, _allowed_types(cls, name))
+        check = f.metadata.get("check")
+        if err is None and check is not None and value is not None:
+            err = check(value)
             if err:
-                raise ConfigError(f"{path}{key}: {err} (got {value!r})")
+                err = f"{err} (got {value!r})"
+        if err:
+            raise ConfigError(f"{path}{name}: {err}")
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def parse_override(item: str) -> dict:
@@ -208,9 +271,7 @@ def parse_override(item: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), out: str | None = None) -> dict:
-    """Defaults <- YAML file <- `--set` overrides <- `--out`; validated; returned as a plain dict."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {str(path)!r}: no such file")
     try:
@@ -219,25 +280,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), out: 
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    cfg = _merge(_defaults(SCHEMA), loaded, SCHEMA)
+    return loaded
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """Defaults <- `values` <- `--set` overrides, validated (also reads a manifest's saved config)."""
+    merged = _merge(Config().to_dict(), values, Config)
     for item in overrides:
-        cfg = _merge(cfg, parse_override(item), SCHEMA)
-    if out is not None:
-        cfg["out"] = out
-    _check(cfg, SCHEMA)
-    if cfg["out"] is None:
-        cfg["out"] = str(Path("runs") / cfg["name"])
-    return cfg
+        merged = _merge(merged, parse_override(item), Config)
+    cfg = _build(Config, merged)
+    return cfg if cfg.out is not None else cfg.replace(out=str(Path("runs") / cfg.name))
 
 
-def model_paths(cfg: dict) -> list[str]:
-    paths = cfg["model"]["path"]
-    return paths if isinstance(paths, list) else [paths]
+def load_config(path: str | Path | None = None, overrides: list[str] = (), out: str | None = None,
+                file_default: bool = True) -> Config:
+    """Defaults <- YAML file <- `--set` overrides <- `--out`, validated.
+
+    Without `path` the file is configs/default.yaml, or none at all when `file_default` is False.
+    """
+    values = _read_yaml(Path(path) if path else DEFAULT_CONFIG) if (path or file_default) else {}
+    cfg = config_from_dict(values, overrides)
+    return cfg if out is None else cfg.replace(out=out)
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------
+# comparing and describing
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in cfg.items():
+    for key, value in values.items():
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
@@ -245,30 +318,32 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def result_defining(cfg: dict) -> dict[str, Any]:
+def result_defining(cfg: Config | dict) -> dict[str, Any]:
     """The flattened keys that determine the numbers in the results (compared on --resume)."""
+    values = cfg.to_dict() if isinstance(cfg, Config) else cfg
     return {
-        k: v for k, v in _flatten(cfg).items()
+        k: v for k, v in _flatten(values).items()
         if not any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL)
     }
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
+def config_differences(old: Config | dict, new: Config | dict) -> list[str]:
     """Human-readable differences between the result-defining parts of two configs."""
     a, b = result_defining(old), result_defining(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def config_hash(cfg: dict) -> str:
+def config_hash(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(result_defining(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def reference_markdown(schema: dict = SCHEMA, prefix: str = "") -> str:
-    """The configuration reference table (README) generated from the schema."""
+def reference_markdown(cls: type = Config, prefix: str = "") -> str:
+    """The configuration reference table (README) generated from the sections."""
     lines = [] if prefix else ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, node in schema.items():
-        if isinstance(node, dict):
-            lines.append(reference_markdown(node, f"{prefix}{key}."))
+    defaults = cls()
+    for name, f in _fields(cls).items():
+        if _is_section(f):
+            lines.append(reference_markdown(f.default_factory, f"{prefix}{name}."))
         else:
-            lines.append(f"| `{prefix}{key}` | `{json.dumps(node.default)}` | {node.doc} |")
+            lines.append(f"| `{prefix}{name}` | `{json.dumps(getattr(defaults, name))}` | {f.metadata['doc']} |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The output folder: atomic parquet writes and the manifest.
+"""The output folder: its paths, atomic file writes and the manifest.
 
 Every file is written under a temporary name and renamed into place, so a crash at any moment leaves
 either the whole file or none of it, and `--resume` can trust whatever shard files exist.
@@ -28,7 +28,7 @@ VERSIONED_PACKAGES = ("verif-sweep", "torch", "transformers", "accelerate", "ray
 
 
 class OutDir:
-    """Paths of one sweep's output folder (see the README's output layout)."""
+    """Paths of one job's output folder (see the README's output layout)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -37,9 +37,19 @@ class OutDir:
     conditions = property(lambda self: self.root / "conditions.parquet")
     results = property(lambda self: self.root / "results")
     summary = property(lambda self: self.root / "summary.parquet")
+    stats = property(lambda self: self.root / "stats")
     manifest = property(lambda self: self.root / "manifest.json")
     figures = property(lambda self: self.root / "figures")
     wandb = property(lambda self: self.root / "wandb")
+    # The weight-diff job's outputs (written by jobs.weight_diff, logged by jobs.tracking).
+    weight_diff = property(lambda self: self.root / "weight_diff.parquet")
+    weight_diff_selection = property(lambda self: self.root / "weight_diff_selection.parquet")
+    weight_diff_selected_rows = property(lambda self: self.root / "weight_diff_selected_rows.parquet")
+    weight_diff_summary = property(lambda self: self.root / "weight_diff_summary.json")
+
+    @property
+    def weight_diff_files(self) -> tuple[Path, ...]:
+        return (self.weight_diff, self.weight_diff_selection, self.weight_diff_selected_rows, self.weight_diff_summary)
 
     def shard(self, shard_id: str) -> Path:
         return self.results / f"{shard_id}.parquet"
@@ -55,10 +65,14 @@ class OutDir:
         return pl.concat([pl.read_parquet(f) for f in files]).sort(["model", "condition", "prompt_id"])
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write to `path.tmp-<pid>`, fsync, then rename: readers never see a partial file."""
+    """Write to `.name.tmp-<pid>`, fsync, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     df.write_parquet(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -67,7 +81,7 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
 
 def write_json_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
 

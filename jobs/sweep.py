@@ -1,9 +1,10 @@
-"""The sweep driver: validate, plan shards, run them, write results, summarise, track.
+"""The sweep driver: validate, plan shards, run them, write results, then hand over to finalize.
 
 `prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
 file) before any weights are loaded. `run_sweep` then cuts the (model x prompts x conditions) work
 into shards, runs the ones not yet on disk, and writes each as one parquet file the moment it
-returns, so an interrupted sweep resumes where it stopped.
+returns, so an interrupted sweep resumes where it stopped. Once every shard is on disk and checked
+complete, `jobs.finalize` computes statistics, figures and the W&B run.
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from jobs import config as config_mod
+from jobs.config import Config
+from jobs.errors import InputError
 from jobs.executors import LocalExecutor, RayExecutor, init_ray
-from jobs.storage import OutDir, RESULT_SCHEMA, package_versions, write_json_atomic, write_parquet_atomic
+from jobs.finalize import Finalized, finalize
+from jobs.storage import RESULT_SCHEMA, OutDir, package_versions, write_json_atomic, write_parquet_atomic
+from jobs.weight_diff import check_weight_diff
 from jobs.worker import Shard, WorkerSpec
 from verif.design.conditions import Condition, build_conditions
-from verif.task.countdown import generate_problems, load_attempts_jsonl, make_attempts
 from verif.design.heads import parse_heads, validate_heads
 from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
-from verif.task.prompts import render_prompt
 from verif.model.score import resolve_yes_no
+from verif.task.countdown import generate_problems, load_attempts_jsonl, make_attempts
+from verif.task.prompts import render_prompt
 
 
-class SweepError(RuntimeError):
+class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
 
 
@@ -39,7 +44,7 @@ class SweepInterrupted(RuntimeError):
 
 @dataclass
 class SweepPlan:
-    cfg: dict
+    cfg: Config
     sources: list[ModelSource]
     arch: Arch
     prompts: pl.DataFrame
@@ -53,6 +58,8 @@ class SweepPlan:
 
 @dataclass
 class SweepReport:
+    """What a finished sweep did and where everything is (printed at the end, logged to W&B)."""
+
     out: OutDir
     rows_written: int
     shards_run: int
@@ -60,18 +67,45 @@ class SweepReport:
     seconds: float
     startup_seconds: float = 0.0
     retried: list[str] = field(default_factory=list)
-    summary: pl.DataFrame | None = None
-    figures: list[Path] = field(default_factory=list)
-    wandb_dir: str | None = None
+    finalized: Finalized | None = None
+
+    def bookkeeping(self) -> dict[str, float]:
+        """The job's own numbers, as W&B summary values."""
+        return {"rows_written": self.rows_written, "shards_run": self.shards_run,
+                "shards_skipped": self.shards_skipped, "startup_seconds": self.startup_seconds,
+                "n_retried": len(self.retried)}
+
+    def lines(self) -> list[str]:
+        """The end-of-run report: what was written and where to look."""
+        out = self.out
+        lines = [
+            f"rows written: {self.rows_written} in {self.shards_run} shards "
+            f"({self.shards_skipped} already on disk), {self.seconds:.1f} s "
+            f"(startup {self.startup_seconds:.1f} s)",
+        ]
+        if self.retried:
+            lines.append(f"shards retried after a worker died: {', '.join(self.retried)}")
+        fin = self.finalized
+        lines += [
+            f"results:  {out.results}/ (one parquet per shard)",
+            f"summary:  {out.summary}",
+            f"stats:    {out.stats}/",
+            f"figures:  {out.figures}/ ({len(fin.figures) if fin else 0} PNG)",
+            f"manifest: {out.manifest}",
+            f"W&B run:  {(fin and fin.wandb_dir) or 'disabled'}",
+        ]
+        if fin is not None:
+            lines.append(_headline(fin.summary))
+        return lines
 
 
-def build_prompts(cfg: dict) -> pl.DataFrame:
+def build_prompts(cfg: Config) -> pl.DataFrame:
     """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts."""
-    p = cfg["prompts"]
-    if p["file"]:
-        attempts = load_attempts_jsonl(p["file"])
+    p = cfg.prompts
+    if p.file:
+        attempts = load_attempts_jsonl(p.file)
     else:
-        attempts = make_attempts(generate_problems(p["n"], p["seed"]), seed=p["seed"], p_correct=p["p_correct"])
+        attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
     return pl.DataFrame(
         {
             "prompt_id": list(range(len(attempts))),
@@ -86,10 +120,8 @@ def build_prompts(cfg: dict) -> pl.DataFrame:
     )
 
 
-def _check_tokens(sources: list[ModelSource], cfg: dict) -> None:
+def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
     """Yes/No variants must be single tokens of every model's vocabulary (tokenizer only, no weights)."""
-    from transformers import AutoTokenizer
-
     for src in sources:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:
@@ -97,29 +129,15 @@ def _check_tokens(sources: list[ModelSource], cfg: dict) -> None:
         except OSError as e:
             raise SweepError(f"model.path {src.spec!r}: cannot load its tokenizer ({e})") from e
         try:
-            resolve_yes_no(tok, cfg["scoring"]["yes"], cfg["scoring"]["no"])
+            resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
         except ValueError as e:
             raise SweepError(f"{e} (model {src.spec!r})") from e
 
 
-def _check_weight_diff(cfg: dict) -> None:
-    """A configured weight diff is checked (names, shapes, architectures: headers only) up front."""
-    wd = cfg["weight_diff"]
-    if bool(wd["base"]) != bool(wd["tuned"]):
-        raise SweepError("weight_diff: set both base and tuned, or neither")
-    if wd["base"]:
-        from verif.analysis.weightdiff import plan_diff
-
-        try:
-            plan_diff(wd["base"], wd["tuned"])
-        except (OSError, ValueError) as e:
-            raise SweepError(f"weight_diff: {e}") from e
-
-
-def plan_shards(cfg: dict, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
+def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
     """Cut (model x prompts x conditions) into shards with stable ids."""
-    per_p = cfg["shards"]["prompts_per_shard"]
-    per_c = cfg["shards"]["conditions_per_shard"] or len(conditions)
+    per_p = cfg.shards.prompts_per_shard
+    per_c = cfg.shards.conditions_per_shard or len(conditions)
     ids = [c.id for c in conditions]
     shards = []
     for m, name in enumerate(names):
@@ -131,10 +149,10 @@ def plan_shards(cfg: dict, names: list[str], n_prompts: int, conditions: list[Co
     return shards
 
 
-def prepare(cfg: dict) -> SweepPlan:
+def prepare(cfg: Config) -> SweepPlan:
     """Every check that can fail, before any weights load; returns the full plan."""
     try:
-        sources = [resolve_source(p) for p in config_mod.model_paths(cfg)]
+        sources = [resolve_source(p) for p in cfg.model.paths]
         archs = [read_arch(s) for s in sources]
     except (OSError, ValueError) as e:
         raise SweepError(str(e)) from e
@@ -145,17 +163,17 @@ def prepare(cfg: dict) -> SweepPlan:
     if len(shapes) > 1:
         raise SweepError(f"model.path: models differ in layers x heads {sorted(shapes)}; one head set cannot fit all")
     arch = archs[0]
-    ab = cfg["ablation"]
+    ab = cfg.ablation
     try:
-        target = validate_heads(parse_heads(ab["target_heads"] or []), arch.n_layers, arch.n_heads,
+        target = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
                                 what=f"ablation.target_heads (model {sources[0].spec})")
-        conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab["random_controls"], ab["seed"],
-                                      ab["exclude_target"], ab["match_layers"], ab["sweeps"])
+        conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab.random_controls, ab.seed,
+                                      ab.exclude_target, ab.match_layers, ab.sweeps)
         prompts = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
     _check_tokens(sources, cfg)
-    _check_weight_diff(cfg)
+    check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, conditions, shards)
 
@@ -185,7 +203,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
     write_parquet_atomic(plan.prompts, out.prompts)
     write_parquet_atomic(_conditions_frame(plan.conditions), out.conditions)
     manifest = {
-        "config": cfg,
+        "config": cfg.to_dict(),
         "config_hash": config_mod.config_hash(cfg),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -204,36 +222,34 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def resolve_workers(cfg: dict) -> int:
+def resolve_workers(cfg: Config) -> int:
     """`ray.workers: auto` is one worker per GPU of the (already joined) cluster."""
-    r = cfg["ray"]
-    if r["workers"] != "auto":
-        return r["workers"]
+    r = cfg.ray
+    if r.workers != "auto":
+        return r.workers
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    if not r["gpus_per_worker"] or gpus < r["gpus_per_worker"]:
-        raise SweepError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r['gpus_per_worker']})")
-    return int(gpus // r["gpus_per_worker"])
+    if not r.gpus_per_worker or gpus < r.gpus_per_worker:
+        raise SweepError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r.gpus_per_worker})")
+    return int(gpus // r.gpus_per_worker)
 
 
-def _make_executor(cfg: dict, model: str, out: OutDir, n_workers: int):
-    r = cfg["ray"]
-    testing = cfg["testing"]
-    threads = max(1, int(r["cpus_per_worker"])) if n_workers else None
+def _make_executor(cfg: Config, model: str, out: OutDir, n_workers: int):
+    r = cfg.ray
     spec = WorkerSpec(
         model=model,
-        dtype=cfg["model"]["dtype"],
-        device=cfg["model"]["device"],
-        yes=tuple(cfg["scoring"]["yes"]),
-        no=tuple(cfg["scoring"]["no"]),
-        engine=dict(cfg["engine"]),
-        threads=threads,
-        crash_marker=str(out.root.resolve() / ".crash_marker") if testing["crash_worker_once"] else None,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        yes=tuple(cfg.scoring.yes),
+        no=tuple(cfg.scoring.no),
+        engine=cfg.engine,
+        threads=max(1, int(r.cpus_per_worker)) if n_workers else None,
+        crash_marker=str(out.root.resolve() / ".crash_marker") if cfg.testing.crash_worker_once else None,
     )
     if n_workers == 0:
         return LocalExecutor(spec)
-    return RayExecutor(spec, n_workers, r["cpus_per_worker"], r["gpus_per_worker"], cfg["shards"]["max_attempts"])
+    return RayExecutor(spec, n_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.shards.max_attempts)
 
 
 def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, float, list[str]]:
@@ -245,23 +261,23 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, 
         return 0, 0, 0.0, []
     prompts_text = plan.prompts["prompt"].to_list()
     heads_of = {c.id: c.heads for c in plan.conditions}
-    stop_after = cfg["testing"]["stop_after_shards"]
-    use_ray = cfg["ray"]["workers"] != 0
+    stop_after = cfg.testing.stop_after_shards
+    use_ray = cfg.ray.workers != 0
     startup = 0.0
     rows = shards_run = 0
     retried: list[str] = []
+    started_ray = False
     if use_ray:
         import ray
 
         t = time.perf_counter()
-        r = cfg["ray"]
-        wanted = r["workers"] if isinstance(r["workers"], int) else 1
-        init_ray(r["address"], worker_env(), wanted * r["cpus_per_worker"], str(config_mod.REPO_ROOT))
+        r = cfg.ray
+        wanted = r.workers if isinstance(r.workers, int) else 1
+        started_ray = init_ray(r.address, worker_env(), wanted * r.cpus_per_worker, str(config_mod.REPO_ROOT))
         startup += time.perf_counter() - t
     n_workers = resolve_workers(cfg) if use_ray else 0
     try:
         bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
-        t_rows = time.perf_counter()
         for model in plan.model_names:
             todo = [s for s in pending if s.model == model]
             if not todo:
@@ -289,11 +305,11 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, 
                     if stop_after and shards_run >= stop_after:
                         raise SweepInterrupted(f"stopped after {shards_run} shards (testing.stop_after_shards)")
             finally:
-                retried += getattr(executor, "retried", [])
+                retried += executor.retried
                 executor.close()
         bar.close()
     finally:
-        if use_ray:
+        if started_ray:
             ray.shutdown()
     return rows, shards_run, startup, retried
 
@@ -306,21 +322,40 @@ def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
 
 
-def run_sweep(cfg: dict, resume: bool = False) -> SweepReport:
-    """The whole job: plan, score, summarise, figures, tracking. Returns where everything is."""
-    from jobs.finalize import finalize
-
+def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
+    """The whole job: plan, score, check completeness, then finalize. Returns where everything is."""
     start = time.perf_counter()
     plan = prepare(cfg)
-    out = OutDir(cfg["out"])
+    out = OutDir(cfg.out)
     manifest = _open_out(plan, out, resume)
     skipped = len(out.done_shards() & {s.id for s in plan.shards})
     rows, shards_run, startup, retried = run_shards(plan, out, manifest)
-    report = SweepReport(out, rows, shards_run, skipped, 0.0, startup, retried)
-    report.seconds = time.perf_counter() - start
-    finalize(plan, out, report)
+    results = out.read_results()
+    check_complete(results, plan)
+    report = SweepReport(out, rows, shards_run, skipped, time.perf_counter() - start, startup, retried)
+    report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
     report.seconds = time.perf_counter() - start
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "rows_written": rows}
     write_json_atomic(manifest, out.manifest)
     return report
+
+
+def _pair(row: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return f"correct {fmt(row['mean_p_yes_norm_correct'])} / incorrect {fmt(row['mean_p_yes_norm_incorrect'])}"
+
+
+def _headline(summary: pl.DataFrame) -> str:
+    """One line per model: baseline vs target mean p_yes_norm on correct / incorrect attempts."""
+    parts = []
+    for model in summary["model"].unique(maintain_order=True).to_list():
+        rows = {r["condition"]: r for r in summary.filter(pl.col("model") == model).iter_rows(named=True)}
+        base, tgt = rows.get("baseline"), rows.get("target")
+        text = f"{model}: mean P(yes) baseline {_pair(base)}"
+        if tgt:
+            text += f"; target {_pair(tgt)}"
+        parts.append(text)
+    return "\n".join(parts)

@@ -2,14 +2,13 @@
 
 Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
 a result: if W&B fails (no network, bad key, full disk) a warning says where the results are and how to
-re-log them (`python -m jobs.tracking OUT`), and the sweep carries on.
+re-log them (`python launch.py --relog OUT`), and the sweep carries on.
 
 Offline runs (the default) live entirely under OUT/wandb: the W&B folders (`WANDB_DIR`, cache, data,
 config, artifact staging) are pointed there for the duration of the call, and the previous environment
 is restored afterwards, so nothing lands in the home folder (online mode keeps the user's
 WANDB_CONFIG_DIR, which holds the host set by `wandb login`; the key is read from ~/.netrc or
-WANDB_API_KEY). The run can be read back without a server
-with `read_run(run_dir)` (it parses the `.wandb` record log), or uploaded later with `wandb sync`.
+WANDB_API_KEY). An offline run is uploaded later with `wandb sync`.
 
 Keys:
   run.summary  "{model}/{condition}/{column}"          every numeric column of summary.parquet
@@ -28,26 +27,23 @@ Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table a
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
 import re
-import struct
 import sys
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
 
+from jobs.config import Config, config_from_dict
 from jobs.storage import OutDir
-
-if TYPE_CHECKING:
-    from jobs.sweep import SweepReport
+from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
 WEIGHT_DIFF_ARTIFACT_TYPE = "weight-diff-results"
@@ -59,8 +55,6 @@ TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", 
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
 LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind")
-WEIGHT_DIFF_FILES = ("weight_diff.parquet", "weight_diff_selection.parquet", "weight_diff_selected_rows.parquet",
-                     "weight_diff_summary.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,16 +216,16 @@ def _safe_name(name: str) -> str:
 
 
 def _relog_hint(out: OutDir) -> str:
-    return f"python -m jobs.tracking {out.root} [--mode offline|online]"
+    return f"python launch.py --relog {out.root} [--mode offline|online]"
 
 
-def _log_run(cfg: dict, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
+def _log_run(cfg: Config, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
     """Open one run (group = sweep name), let `fill` log into it, close it; never raises.
 
     Returns the offline run folder, the online URL, or None (disabled, or W&B failed).
     """
-    w = cfg["wandb"]
-    mode = w["mode"]
+    w = cfg.wandb
+    mode = w.mode
     if mode == "disabled":
         return None
     root = out.wandb.resolve()
@@ -243,8 +237,8 @@ def _log_run(cfg: dict, out: OutDir, job_type: str, fill: Callable[[Any], None])
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 run = wandb.init(
-                    project=w["project"], entity=w["entity"], group=cfg["name"], job_type=job_type,
-                    name=f"{cfg['name']}-{job_type}", config=cfg, dir=str(root), reinit="create_new",
+                    project=w.project, entity=w.entity, group=cfg.name, job_type=job_type,
+                    name=f"{cfg.name}-{job_type}", config=cfg.to_dict(), dir=str(root), reinit="create_new",
                     settings=_settings(mode),
                 )
                 fill(run)
@@ -270,18 +264,18 @@ def _log_run(cfg: dict, out: OutDir, job_type: str, fill: Callable[[Any], None])
 
 
 def log_sweep(
-    cfg: dict,
+    cfg: Config,
     out: OutDir,
     tables: dict[str, pl.DataFrame | None],
     figures: list[Path],
     weight_diff: pl.DataFrame | None,
-    report: SweepReport | None,
+    bookkeeping: dict[str, float] | None,
 ) -> str | None:
     """Log a finished sweep as one W&B run (job_type "sweep"); see the module docstring for the keys.
 
     `tables` are the frames of `jobs.finalize.compute_tables` (optionally `weight_diff_selection`),
-    `report` a `jobs.sweep.SweepReport` or None (re-log). Returns the offline run folder, the online
-    URL, or None when disabled or W&B failed (the failure is reported, never raised).
+    `bookkeeping` the sweep's own numbers (rows written, shards run, ...; None on a re-log). Returns the
+    offline run folder, the online URL, or None when disabled or W&B failed (reported, never raised).
     """
 
     def fill(run) -> None:
@@ -292,10 +286,7 @@ def log_sweep(
             metrics.update(tvc_metrics(tables["target_vs_controls"]))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
-        if report is not None:
-            for name in ("rows_written", "shards_run", "shards_skipped", "startup_seconds"):
-                metrics[f"sweep/{name}"] = getattr(report, name)
-            metrics["sweep/n_retried"] = len(report.retried)
+        metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})
         items: dict[str, Any] = {
             f"tables/{name}": to_wandb_table(_capped(tables[name]))
             for name in LOGGED_TABLES if tables.get(name) is not None
@@ -308,15 +299,14 @@ def log_sweep(
             items.update(wd_items)
         run.summary.update(metrics)
         run.log(items)
-        run.log_artifact(_results_artifact(cfg["name"], out))
+        run.log_artifact(_results_artifact(cfg.name, out))
 
     return _log_run(cfg, out, "sweep", fill)
 
 
-def log_weight_diff(cfg: dict, out: OutDir, weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> str | None:
+def log_weight_diff(cfg: Config, out: OutDir, weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> str | None:
     """Log a weight-diff-only job as one W&B run (job_type "weight_diff").
 
-    `cfg` needs `name` and the `wandb` section (e.g. `jobs.config.load_config(None, [...], out)`).
     Logs the selection table and its numbers, the top rows by 1 - cos, and the OUT/weight_diff*
     files as one artifact. Same return value and failure handling as `log_sweep`.
     """
@@ -327,10 +317,10 @@ def log_weight_diff(cfg: dict, out: OutDir, weight_diff: pl.DataFrame, selection
         metrics, items = weight_diff_logs(weight_diff, selection)
         run.summary.update(metrics)
         run.log(items)
-        art = wandb.Artifact(f"{_safe_name(cfg['name'])}-weight-diff", type=WEIGHT_DIFF_ARTIFACT_TYPE)
-        for name in WEIGHT_DIFF_FILES:
-            if (out.root / name).is_file():
-                art.add_file(str(out.root / name), name=name)
+        art = wandb.Artifact(f"{_safe_name(cfg.name)}-weight-diff", type=WEIGHT_DIFF_ARTIFACT_TYPE)
+        for path in out.weight_diff_files:
+            if path.is_file():
+                art.add_file(str(path), name=path.name)
         run.log_artifact(art)
 
     return _log_run(cfg, out, "weight_diff", fill)
@@ -351,109 +341,13 @@ def _results_artifact(name: str, out: OutDir):
     for path in (out.summary, out.prompts, out.conditions):
         if path.is_file():
             art.add_file(str(path), name=path.name)
-    for folder in (out.results, out.root / "stats"):
+    for folder in (out.results, out.stats):
         if folder.is_dir():
             art.add_dir(str(folder), name=folder.name)
-    for fname in WEIGHT_DIFF_FILES:
-        if (out.root / fname).is_file():
-            art.add_file(str(out.root / fname), name=fname)
+    for path in out.weight_diff_files:
+        if path.is_file():
+            art.add_file(str(path), name=path.name)
     return art
-
-
-# --------------------------------------------------------------------------------------------
-# reading a run back without a server
-# --------------------------------------------------------------------------------------------
-
-_BLOCK = 32768
-_HEADER = 7  # ident ":W&B" (4), magic 0xBEE1 (2), version (1); record headers are 7 bytes too
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def iter_records(path: str | Path) -> Iterator[Any]:
-    """The protobuf records of a `.wandb` file (LevelDB log format, W&B's 7-byte file header).
-
-    Blocks are 32 KiB counted from the start of the file; a record is crc32 (seeded with its type
-    byte), length, type and data, and long records are split FIRST/MIDDLE.../LAST across blocks.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
-        raise ValueError(f"{path}: not a W&B record log")
-    pos, parts = _HEADER, []
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:  # zero trailer at the end of a block
-            pos += left
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        if kind == 0 and length == 0:  # zero padding: no more records in this block
-            pos += left
-            continue
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
-        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            raise ValueError(f"{path}: checksum mismatch at byte {pos}")
-        pos += _HEADER + length
-        parts.append(chunk)
-        if kind in (_FULL, _LAST):
-            record = pb.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            yield record
-
-
-def _item_value(item: Any) -> Any:
-    """A history item's value: W&B writes either `value_json` or one typed field."""
-    if item.value_json:
-        return json.loads(item.value_json)
-    field = item.WhichOneof("value")
-    if field == "json":
-        return json.loads(item.json)
-    return getattr(item, field) if field and field != "none" else None
-
-
-def _put(target: dict, item: Any, value: Any) -> None:
-    """Store an item under its key; a nested key (one path element per level) makes nested dicts."""
-    keys = list(item.nested_key) or [item.key]
-    for k in keys[:-1]:
-        target = target.setdefault(k, {})
-    target[keys[-1]] = value
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """An offline run folder's contents: config, summary, history steps, artifacts, group, job type.
-
-    Summary updates are merged in order (later wins, removals drop keys); each history record is one
-    step as a dict; artifacts are {name, type, files} with the files in the artifact's manifest.
-    """
-    files = sorted(Path(run_dir).glob("*.wandb"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{run_dir}: expected one .wandb file, found {len(files)}")
-    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "artifacts": [], "group": None,
-                           "job_type": None}
-    for rec in iter_records(files[0]):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
-            for i in rec.run.config.update:
-                _put(run["config"], i, json.loads(i.value_json))
-        elif kind == "config":
-            for i in rec.config.update:
-                _put(run["config"], i, json.loads(i.value_json))
-        elif kind == "summary":
-            for i in rec.summary.update:
-                _put(run["summary"], i, json.loads(i.value_json))
-            for i in rec.summary.remove:
-                run["summary"].pop(i.key, None)
-        elif kind == "history":
-            step: dict[str, Any] = {}
-            for i in rec.history.item:
-                _put(step, i, _item_value(i))
-            run["history"].append(step)
-        elif kind == "artifact":
-            a = rec.artifact
-            run["artifacts"].append({"name": a.name, "type": a.type, "files": [e.path for e in a.manifest.contents]})
-    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,32 +357,18 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 
 def relog(out_root: str | Path, mode: str | None = None) -> str | None:
     """Log a finished sweep folder again from its files (after a W&B failure, or to go online)."""
-    from jobs.finalize import per_prompt_table
-
     out = OutDir(out_root)
-    cfg = json.loads(out.manifest.read_text())["config"]
+    cfg = config_from_dict(json.loads(out.manifest.read_text())["config"])
     if mode:
-        cfg["wandb"]["mode"] = mode
+        cfg = cfg.replace(wandb=dataclasses.replace(cfg.wandb, mode=mode))
     results, prompts = out.read_results(), pl.read_parquet(out.prompts)
     tables: dict[str, pl.DataFrame | None] = {
         "results": results, "prompts": prompts, "conditions": pl.read_parquet(out.conditions),
         "summary": pl.read_parquet(out.summary), "per_prompt": per_prompt_table(results, prompts),
     }
-    for path in sorted((out.root / "stats").glob("*.parquet")):
+    for path in sorted(out.stats.glob("*.parquet")):
         tables[path.stem] = pl.read_parquet(path)
-    wd_file, sel_file = out.root / WEIGHT_DIFF_FILES[0], out.root / WEIGHT_DIFF_FILES[1]
-    weight_diff = pl.read_parquet(wd_file) if wd_file.is_file() else None
-    tables["weight_diff_selection"] = pl.read_parquet(sel_file) if sel_file.is_file() else None
+    weight_diff = pl.read_parquet(out.weight_diff) if out.weight_diff.is_file() else None
+    sel = out.weight_diff_selection
+    tables["weight_diff_selection"] = pl.read_parquet(sel) if sel.is_file() else None
     return log_sweep(cfg, out, tables, sorted(out.figures.glob("*.png")), weight_diff, None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.tracking", description="Re-log a finished sweep folder to W&B.")
-    p.add_argument("out", help="the sweep's output folder (holds manifest.json and summary.parquet)")
-    p.add_argument("--mode", choices=("offline", "online"), help="override the config's wandb.mode")
-    args = p.parse_args(argv)
-    return 0 if relog(args.out, args.mode) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,46 +1,48 @@
 """The weight-diff job: compare a fine-tune with its base and write the tables the study's claim is checked on.
 
-`run_weight_diff` is the entry point for `launch.py --weight-diff` and for a sweep config's `weight_diff:`
-section. The arithmetic lives in `verif.analysis.weightdiff`; this module only plans, spreads the per-layer work
-over Ray workers when asked (each worker opens the files itself: it is sent paths, never tensors) and
-writes the outputs:
+Run alone (`launch.py --weight-diff`) or after a sweep whose config sets `weight_diff.base` and
+`weight_diff.tuned`. The arithmetic lives in `verif.analysis.weightdiff`; this module plans, spreads
+the per-layer work over Ray workers when asked (each worker opens the files itself: it is sent paths,
+never tensors), writes the outputs atomically and logs them:
 
-  OUT/weight_diff.parquet            one row per head / kv head / neuron vector / whole tensor
-  OUT/weight_diff_selection.parquet  one summary row per selection, with its one-line verdict
-  OUT/weight_diff_selected_rows.parquet  the rows of the target heads / value vectors / top-k neurons
-  OUT/weight_diff_summary.json       inputs, dtypes, timings and the verdict lines
+  OUT/weight_diff.parquet                one row per head / kv head / neuron vector / whole tensor
+  OUT/weight_diff_selection.parquet      one summary row per selection, with its one-line verdict
+  OUT/weight_diff_selected_rows.parquet  the rows of the selected heads / value vectors / top-k neurons
+  OUT/weight_diff_summary.json           inputs, dtypes, timings and the verdict lines
+
+Which heads are summarised as one group is `weight_diff.heads`, one rule for both entry points:
+`target` (default) takes `ablation.target_heads` of the same config (no head group when it is unset),
+`study` the study's 29 heads of Qwen2.5-3B, `none` no head group, anything else is a head list.
+A head outside the checkpoint is an error before any tensor is read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from jobs.config import Config
+from jobs.errors import InputError
+from jobs.executors import in_slots, init_ray
+from jobs.storage import OutDir, write_json_atomic, write_parquet_atomic
+from jobs.tracking import log_weight_diff
 from verif.analysis.weightdiff import (
     DiffPlan,
     PairTask,
     check_selection,
     diff_checkpoints,
     diff_pairs,
-    open_checkpoint,
     plan_diff,
     select_rows,
     summarise,
 )
+from verif.design.heads import STUDY_HEADS_TEXT, Head, parse_heads
 
 log = logging.getLogger(__name__)
-
-TABLE_FILE = "weight_diff.parquet"
-SELECTION_FILE = "weight_diff_selection.parquet"
-SELECTED_ROWS_FILE = "weight_diff_selected_rows.parquet"
-SUMMARY_FILE = "weight_diff_summary.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,35 @@ class WeightDiffResult:
     verdicts: tuple[str, ...]
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def configured_heads(cfg: Config) -> list[Head] | None:
+    """The heads `weight_diff.heads` names (see the module docstring); None for no head group."""
+    rule = cfg.weight_diff.heads
+    if rule == "none":
+        return None
+    if rule == "study":
+        return parse_heads(STUDY_HEADS_TEXT)
+    spec = cfg.ablation.target_heads if rule == "target" else rule
+    try:
+        heads = parse_heads(spec or [])
+    except ValueError as e:
+        key = "ablation.target_heads" if rule == "target" else "weight_diff.heads"
+        raise ValueError(f"{key}: {e}") from e
+    return heads or None
+
+
+def check_weight_diff(cfg: Config) -> None:
+    """A configured weight diff is checked up front (names, shapes, architectures, heads: headers only)."""
+    wd = cfg.weight_diff
+    if bool(wd.base) != bool(wd.tuned):
+        raise InputError("weight_diff: set both base and tuned, or neither")
+    if wd.base:
+        try:
+            plan = plan_diff(wd.base, wd.tuned)
+            check_selection(plan.arch, configured_heads(cfg), None)
+        except (OSError, ValueError) as e:
+            raise InputError(f"weight_diff: {e} (heads from weight_diff.heads={wd.heads!r})") from e
 
 
 def _unit_bytes(unit: tuple[PairTask, ...]) -> int:
@@ -68,22 +99,13 @@ def _diff_ray(plan: DiffPlan, workers: int) -> pl.DataFrame:
     """
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no auth token written to the home folder
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+    started = init_ray("", {}, workers)
     try:
         remote = ray.remote(num_cpus=1)(diff_pairs)
-        queue = sorted(range(len(plan.units)), key=lambda i: -_unit_bytes(plan.units[i]))
+        order = sorted(range(len(plan.units)), key=lambda i: -_unit_bytes(plan.units[i]))
         results: list[pl.DataFrame | None] = [None] * len(plan.units)
-        pending: dict[ray.ObjectRef, int] = {}
-        while queue or pending:
-            while queue and len(pending) < workers:
-                i = queue.pop(0)
-                pending[remote.remote(plan.units[i])] = i
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
+        for i, _, ref in in_slots(order, range(workers), lambda i, _slot: remote.remote(plan.units[i])):
+            results[i] = ray.get(ref)
     finally:
         if started:
             ray.shutdown()
@@ -94,7 +116,7 @@ def run_weight_diff(
     base: str,
     tuned: str,
     out: str | Path,
-    target_heads: list[tuple[int, int]] | None = None,
+    target_heads: list[Head] | None = None,
     value_vectors: list[tuple[int, int]] | None = None,
     top_k: int = 50,
     ray_workers: int = 0,
@@ -110,26 +132,21 @@ def run_weight_diff(
     t0 = time.perf_counter()
     plan = plan_diff(base, tuned)
     check_selection(plan.arch, target_heads, value_vectors)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    dirs = OutDir(out)
     log.info("weight diff %s vs %s: %d tensors", base, tuned, sum(len(u) for u in plan.units))
     table = _diff_ray(plan, ray_workers) if ray_workers > 0 else diff_checkpoints(plan)
     selected = select_rows(table, plan.arch, target_heads, value_vectors, top_k)
     selection = summarise(table, selected, plan.arch)
     verdicts = tuple(selection["verdict"].to_list())
-    files = {
-        "table": out / TABLE_FILE,
-        "selection": out / SELECTION_FILE,
-        "selected_rows": out / SELECTED_ROWS_FILE,
-        "summary": out / SUMMARY_FILE,
-    }
-    table.write_parquet(files["table"])
-    selection.write_parquet(files["selection"])
-    selected.write_parquet(files["selected_rows"])
+    files = {"table": dirs.weight_diff, "selection": dirs.weight_diff_selection,
+             "selected_rows": dirs.weight_diff_selected_rows, "summary": dirs.weight_diff_summary}
+    write_parquet_atomic(table, files["table"])
+    write_parquet_atomic(selection, files["selection"])
+    write_parquet_atomic(selected, files["selected_rows"])
     seconds = time.perf_counter() - t0
     summary = {
-        "base": {"spec": base, "folder": plan.base.folder, "dtypes": _dtypes(plan, "base")},
-        "tuned": {"spec": tuned, "folder": plan.tuned.folder, "dtypes": _dtypes(plan, "tuned")},
+        "base": {"spec": base, "folder": plan.base.folder, "dtypes": _dtypes(plan.base)},
+        "tuned": {"spec": tuned, "folder": plan.tuned.folder, "dtypes": _dtypes(plan.tuned)},
         "arch": vars(plan.arch),
         "target_heads": [list(h) for h in target_heads or []],
         "value_vectors": [list(v) for v in value_vectors or []],
@@ -140,40 +157,28 @@ def run_weight_diff(
         "verdicts": list(verdicts),
         "files": {k: str(v) for k, v in files.items()},
     }
-    files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(summary, files["summary"])
     for line in verdicts:
         log.info("%s", line)
     return WeightDiffResult(table, selection, selected, verdicts, files, seconds)
 
 
-def _dtypes(plan: DiffPlan, role: str) -> list[str]:
-    checkpoint = plan.base if role == "base" else plan.tuned
+def _dtypes(checkpoint) -> list[str]:
     return sorted({t.dtype for t in checkpoint.tensors.values()})
 
 
-def main_weight_diff(cfg: dict, target_heads: list[tuple[int, int]] | None = None) -> int:
-    """`launch.py --weight-diff`: run, log to W&B, print the verdicts; exit status 2 on a refused input.
+def run_configured_weight_diff(cfg: Config, out: OutDir) -> WeightDiffResult | None:
+    """The weight diff a config asks for (`weight_diff.base` and `.tuned`), or None when it asks for none."""
+    wd = cfg.weight_diff
+    if not (wd.base and wd.tuned):
+        return None
+    return run_weight_diff(wd.base, wd.tuned, out.root, target_heads=configured_heads(cfg), top_k=wd.top_k)
 
-    Without explicit `target_heads`, the study's 29 heads are the target whenever the model has room
-    for them (36 x 16 heads, as Qwen2.5-3B); otherwise only the whole-model groups and the top value
-    vectors are summarised.
-    """
-    from jobs.storage import OutDir
-    from jobs.tracking import log_weight_diff
-    from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
 
-    wd, out = cfg["weight_diff"], cfg["out"]
-    try:
-        if target_heads is None:
-            arch = open_checkpoint(wd["base"], "base").arch
-            heads = parse_heads(STUDY_HEADS_TEXT)
-            target_heads = heads if all(la < arch.n_layers and h < arch.n_heads for la, h in heads) else None
-        result = run_weight_diff(wd["base"], wd["tuned"], out, target_heads=target_heads, top_k=wd["top_k"])
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(result.verdicts))
-    print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
-    run = log_weight_diff(cfg, OutDir(out), result.table, result.selection)
-    print(f"W&B run: {run or 'disabled'}")
-    return 0
+def weight_diff_job(cfg: Config) -> tuple[WeightDiffResult, str | None]:
+    """`launch.py --weight-diff`: check, compare, write and log; returns the result and the W&B run."""
+    check_weight_diff(cfg)
+    out = OutDir(cfg.out)
+    result = run_configured_weight_diff(cfg, out)
+    return result, log_weight_diff(cfg, out, result.table, result.selection)
+

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from verif.model.engine import EngineOptions, Scorer
+from verif.model.engine import Scorer
 from verif.design.heads import Head
 from verif.model.loading import load_model
+from verif.model.options import EngineOptions
 from verif.model.score import resolve_yes_no
 
 
@@ -40,7 +41,7 @@ class WorkerSpec:
     device: str
     yes: tuple[str, ...]
     no: tuple[str, ...]
-    engine: dict
+    engine: EngineOptions
     threads: int | None = None
     crash_marker: str | None = None  # test only: die on the first shard while this file is absent
 
@@ -56,7 +57,7 @@ class ShardScorer:
         self.loaded = load_model(spec.model, spec.dtype, spec.device)
         self.load_seconds = time.perf_counter() - start
         ids = resolve_yes_no(self.loaded.tokenizer, spec.yes, spec.no)
-        self.scorer = Scorer(self.loaded, ids, EngineOptions(**spec.engine))
+        self.scorer = Scorer(self.loaded, ids, spec.engine)
 
     def ready(self) -> dict:
         """Cheap call the driver waits on, so model loading is not counted as scoring time."""

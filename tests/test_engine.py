@@ -270,12 +270,6 @@ def test_mixed_length_unit_equals_same_length_units(case):
     assert_scores_close(together, {f: case.reference[f][pair] for f in FIELDS}, "pair vs plain", case.tol)
 
 
-@pytest.mark.parametrize("bad", [0, -1, "big", 2.5])
-def test_invalid_max_rows_refused(seed_model, bad):
-    with pytest.raises(ValueError, match="max_rows"):
-        Scorer(seed_model, resolve_yes_no(seed_model.tokenizer), EngineOptions(max_rows=bad))
-
-
 def test_score_prompts_tokenizes_without_special_tokens(seed_model, short_prompts):
     ids = resolve_yes_no(seed_model.tokenizer)
     scorer = Scorer(seed_model, ids)

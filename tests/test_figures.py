@@ -124,24 +124,23 @@ def test_each_plot_function_directly(full, tmp_path):
     assert_png(p)
     assert_png(figures.plot_null_distribution(summary, m, "delta_correct", tmp_path / "null.png"))
     assert_png(figures.plot_head_heatmap(summary, conditions, m, N_LAYERS, N_HEADS, "delta_correct", tmp_path / "hm.png"))
-    assert_png(figures.plot_layer_bars(summary, conditions, m, N_LAYERS, "delta_incorrect", tmp_path / "lb.png"))
+    assert_png(figures.plot_layer_bars(summary, m, N_LAYERS, "delta_incorrect", tmp_path / "lb.png"))
     assert_png(figures.plot_p_yes_hist(results, prompts, m, path=tmp_path / "hist.png"))
     # nested output folders are created
     assert_png(figures.plot_null_distribution(summary, m, "delta_auroc", tmp_path / "a" / "b" / "null.png"))
 
 
-def test_heatmap_infers_grid_and_without_conditions_columns(full, tmp_path):
+def test_heatmap_infers_grid_without_sizes(full, tmp_path):
     results, prompts, conditions, summary = full
-    # no n_layers / n_heads: inferred from the sweep; conditions without layer/head: parsed from the ids
-    slim = conditions.select("condition", "kind")
-    p = figures.plot_head_heatmap(summary.drop("layer", "head"), slim, "tiny", path=tmp_path / "hm.png")
+    # no n_layers / n_heads: inferred from the layer and head columns of the sweep's conditions
+    p = figures.plot_head_heatmap(summary, conditions, "tiny", path=tmp_path / "hm.png")
     assert_png(p)
 
 
 def test_missing_sweeps_are_skipped(tmp_path):
     results, prompts, conditions, summary = build(layer_sweep=False, head_sweep=False, models=("m",))
     assert figures.plot_head_heatmap(summary, conditions, "m", N_LAYERS, N_HEADS, path=tmp_path / "hm.png") is None
-    assert figures.plot_layer_bars(summary, conditions, "m", N_LAYERS, path=tmp_path / "lb.png") is None
+    assert figures.plot_layer_bars(summary, "m", N_LAYERS, path=tmp_path / "lb.png") is None
     assert not (tmp_path / "hm.png").exists() and not (tmp_path / "lb.png").exists()
     paths = figures.make_figures(results, prompts, conditions, summary, tmp_path / "out", n_boot=100)
     names = {p.name for p in paths}

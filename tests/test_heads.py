@@ -11,7 +11,6 @@ from verif.design.heads import (
     STUDY_HEADS_TEXT,
     canonical,
     format_heads,
-    head_set_id,
     parse_heads,
     random_head_sets,
     validate_heads,
@@ -120,34 +119,6 @@ def test_format_heads_is_canonical_text():
     assert parse_heads(format_heads([(4, 5), (3, 13)])) == [(3, 13), (4, 5)]
     # numeric (not lexicographic) order: L10 after L4
     assert format_heads([(10, 0), (4, 1), (4, 12), (4, 2)]) == "L4 H1, L4 H2, L4 H12, L10 H0"
-
-
-def test_head_set_id_independent_of_order_and_spelling():
-    spellings = [
-        "L3 H13, L4 H5, L4 H0",
-        "4.0 3.13 4.5",
-        "L4H0\nL4 H5\nL3 H13",
-        [[4, 5], [4, 0], [3, 13]],
-        ["4.5", [3, 13], "L4 H0"],
-    ]
-    ids = {head_set_id(parse_heads(s)) for s in spellings}
-    assert len(ids) == 1
-    (hid,) = ids
-    assert len(hid) == 10 and all(c in "0123456789abcdef" for c in hid)
-
-
-def test_head_set_id_distinguishes_sets():
-    a = head_set_id([(3, 13), (4, 5)])
-    assert a != head_set_id([(3, 13)])
-    assert a != head_set_id([(3, 13), (4, 6)])
-    assert a != head_set_id([(13, 3), (5, 4)])
-    assert head_set_id([]) != a
-
-
-def test_head_set_id_is_stable_across_versions():
-    # Ids are join keys in stored results: changing how they are computed orphans old runs.
-    assert head_set_id(parse_heads(STUDY_HEADS_TEXT)) == "506e765502"
-    assert head_set_id([]) == "da39a3ee5e"
 
 
 def test_study_heads():

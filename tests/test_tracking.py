@@ -1,6 +1,6 @@
 """W&B tracking (jobs/tracking.py): every check reads the offline run's files back, without a server.
 
-The `.wandb` record log is parsed with `jobs.tracking.read_run` (LevelDB-style log of
+The `.wandb` record log is parsed with `tests.support.wandb_records.read_run` (LevelDB-style log of
 `wandb_internal_pb2.Record`, checksums verified) and tables from `files/media/table/**.table.json`,
 then compared with the frames that were logged, so a key, value or file that goes missing fails here.
 """
@@ -18,9 +18,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
+import launch
 from jobs import tracking
-from jobs.config import load_config
-from jobs.finalize import per_prompt_table
+from jobs.config import Config, load_config
+from tests.support.wandb_records import read_run
+from verif.analysis.tables import per_prompt_table
 from jobs.storage import OutDir, write_json_atomic
 from verif.analysis import stats
 
@@ -72,7 +74,7 @@ def _weight_diff() -> tuple[pl.DataFrame, pl.DataFrame]:
     return table, selection
 
 
-def _write_out(root: Path, mode: str = "offline") -> tuple[dict, OutDir, dict[str, pl.DataFrame], list[Path]]:
+def _write_out(root: Path, mode: str = "offline") -> tuple[Config, OutDir, dict[str, pl.DataFrame], list[Path]]:
     """A finished-looking sweep folder (the files the driver writes) and the frames finalize would pass."""
     cfg = load_config(None, overrides=["name=syn", f"wandb.mode={mode}"], out=str(root))
     out = OutDir(root)
@@ -100,7 +102,7 @@ def _write_out(root: Path, mode: str = "offline") -> tuple[dict, OutDir, dict[st
         path = out.figures / f"{name}.png"
         Image.new("RGB", (8 + i, 8), (i * 100, 0, 0)).save(path)
         figures.append(path)
-    write_json_atomic({"config": cfg}, out.manifest)
+    write_json_atomic({"config": cfg.to_dict()}, out.manifest)
     return cfg, out, tables, figures
 
 
@@ -157,16 +159,16 @@ def offline(tmp_path_factory):
     cfg, out, tables, figures = _write_out(root)
     wd, selection = _weight_diff()
     tables["weight_diff_selection"] = selection
-    report = SimpleNamespace(rows_written=640, shards_run=2, shards_skipped=1, startup_seconds=1.5, retried=["x"])
+    bookkeeping = {"rows_written": 640, "shards_run": 2, "shards_skipped": 1, "startup_seconds": 1.5, "n_retried": 1}
     with pytest.MonkeyPatch.context() as mp:
         _isolated_home(mp, home)
         env_before = _env()
-        run_dir = tracking.log_sweep(cfg, out, tables, figures, wd, report)
+        run_dir = tracking.log_sweep(cfg, out, tables, figures, wd, bookkeeping)
         env_after = _env()
     assert run_dir is not None
     run_dir = Path(run_dir)
     return SimpleNamespace(cfg=cfg, out=out, tables=tables, figures=figures, wd=wd, selection=selection,
-                           run_dir=run_dir, run=tracking.read_run(run_dir), home=home,
+                           run_dir=run_dir, run=read_run(run_dir), home=home,
                            env_before=env_before, env_after=env_after)
 
 
@@ -186,7 +188,7 @@ def test_record_log_spans_blocks(offline):
 def test_config_group_job_type(offline):
     run = offline.run
     assert run["group"] == "syn" and run["job_type"] == "sweep"
-    for key, value in offline.cfg.items():
+    for key, value in offline.cfg.to_dict().items():
         assert run["config"][key] == value, key
 
 
@@ -301,7 +303,7 @@ def test_failure_inside_run_warns_and_keeps_results(tmp_path, capsys):
     assert tracking.log_sweep(cfg, out, tables, figures, None, None) is None
     assert _env() == before
     err = capsys.readouterr().err
-    assert "W&B logging failed" in err and str(out.root) in err and "python -m jobs.tracking" in err
+    assert "W&B logging failed" in err and str(out.root) in err and "launch.py --relog" in err
     assert out.summary.is_file() and out.shard("m0-p000000-c000").is_file()
 
 
@@ -319,10 +321,11 @@ def test_online_without_network_warns(tmp_path, monkeypatch, capsys):
 
 
 def test_relog_from_files(tmp_path):
-    """`python -m jobs.tracking OUT` rebuilds the tables from disk and logs the same summary."""
+    """`launch.py --relog OUT` rebuilds the tables from disk and logs the same summary."""
     cfg, out, tables, _ = _write_out(tmp_path / "OUT", mode="disabled")
-    run_dir = tracking.relog(out.root, mode="offline")
-    run = tracking.read_run(run_dir)
+    assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
+    (run_dir,) = (out.wandb / "wandb").glob("offline-run-*")
+    run = read_run(run_dir)
     _assert_summary_logged(run["summary"], tables["summary"])
     assert [a["type"] for a in run["artifacts"]].count(tracking.ARTIFACT_TYPE) == 1
     assert "figures/m1__before_after" in run["history"][0]
@@ -333,7 +336,7 @@ def test_log_weight_diff(tmp_path):
     wd, selection = _weight_diff()
     wd.write_parquet(out.root / "weight_diff.parquet")
     selection.write_parquet(out.root / "weight_diff_selection.parquet")
-    run = tracking.read_run(tracking.log_weight_diff(cfg, out, wd, selection))
+    run = read_run(tracking.log_weight_diff(cfg, out, wd, selection))
     assert (run["group"], run["job_type"]) == ("syn", "weight_diff")
     assert run["summary"]["weight_diff/target_heads/max_one_minus_cos"] == 1e-7
     (art,) = [a for a in run["artifacts"] if a["type"] == tracking.WEIGHT_DIFF_ARTIFACT_TYPE]
@@ -349,10 +352,10 @@ def test_end_to_end_sweep_offline(seed_model_dir, tmp_path):
         "ablation.random_controls=3", "ray.workers=0", "wandb.mode=offline", "stats.n_boot=100",
     ], out=str(tmp_path / "OUT"))
     report = run_sweep(cfg)
-    assert report.wandb_dir is not None
-    run_dir = Path(report.wandb_dir)
+    assert report.finalized.wandb_dir is not None
+    run_dir = Path(report.finalized.wandb_dir)
     assert run_dir.parent == (tmp_path / "OUT" / "wandb" / "wandb").resolve()
-    run = tracking.read_run(run_dir)
+    run = read_run(run_dir)
     summary = pl.read_parquet(tmp_path / "OUT" / "summary.parquet")
     assert summary.height == 5  # baseline, target, 3 random sets
     _assert_summary_logged(run["summary"], summary)

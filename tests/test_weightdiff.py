@@ -355,10 +355,19 @@ def test_command_line_entry_prints_verdicts_or_the_error(tmp_path, tiny_dir, cap
     assert "all_heads (32 items, 0/" in printed and (tmp_path / "out" / "weight_diff.parquet").is_file()
     assert "target_heads" not in printed  # the study's heads do not fit a 2-layer model
     assert launch.main([*common, "--tuned", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2")]) == 2
-    assert "error: tuned checkpoint" in capsys.readouterr().err
+    assert "error: weight_diff: tuned checkpoint" in capsys.readouterr().err
     heads = ["--set", "ablation.target_heads=L1 H3"]
     assert launch.main([*common, "--tuned", str(tiny_dir), "--out", str(tmp_path / "out3"), *heads]) == 0
     assert "target_heads" in capsys.readouterr().out
+    # One rule: weight_diff.heads picks the group; `none` drops it, `study` must fit the checkpoint.
+    none = [*heads, "--set", "weight_diff.heads=none"]
+    assert launch.main([*common, "--tuned", str(tiny_dir), "--out", str(tmp_path / "out4"), *none]) == 0
+    assert "target_heads" not in capsys.readouterr().out
+    study = ["--set", "weight_diff.heads=study"]
+    assert launch.main([*common, "--tuned", str(tiny_dir), "--out", str(tmp_path / "out5"), *study]) == 2
+    err = capsys.readouterr().err
+    assert "head L3 H13" in err and "weight_diff.heads='study'" in err
+    assert not (tmp_path / "out5").exists()
 
 
 def test_selection_outside_the_model_is_refused_before_work(tmp_path, tiny_dir):

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from verif.analysis import stats
+from verif.design.heads import parse_heads
 
 __all__ = [
     "METRIC_LABELS",
@@ -93,14 +94,6 @@ def _n_prompts_from_summary(summary: pl.DataFrame, model: str) -> int | None:
     return int(r["n_correct"] + r["n_incorrect"] + r.get("n_nonfinite", 0))
 
 
-_HEAD_RE = re.compile(r"L(\d+)\s*H(\d+)")
-
-
-def _parse_heads(heads: str | None) -> list[tuple[int, int]]:
-    """'L3 H13, L4 H5' -> [(3, 13), (4, 5)]."""
-    return [(int(a), int(b)) for a, b in _HEAD_RE.findall(heads or "")]
-
-
 # --------------------------------------------------------------------------------------------
 # the study's figure
 # --------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def plot_before_after(
     much tighter than the overlap of the two level CIs suggests. Only prompts where both rows are
     finite are used (the count of dropped pairs is shown when non-zero).
     """
-    df = stats._labelled(results.filter(pl.col("model") == model), prompts)
+    df = stats.labelled(results.filter(pl.col("model") == model), prompts)
     if df.height == 0:
         raise ValueError(f"no results for model {model!r}")
     for c in (baseline, target):
@@ -163,7 +156,7 @@ def plot_before_after(
         for j, (vals, name, col, off) in enumerate(
             ((bv, "before (baseline)", _C_BASE, -width / 2), (av, f"after ablating {target}", _C_ABL, width / 2))
         ):
-            m, lo, hi = stats.bootstrap_mean_ci(vals, n_boot, stats._group_seed(seed, model, lab, j), 0.95)
+            m, lo, hi = stats.bootstrap_mean_ci(vals, n_boot, stats.group_seed(seed, model, lab, j), 0.95)
             means = np.array([m, 1.0 - m])
             los = np.array([lo, 1.0 - hi])
             his = np.array([hi, 1.0 - lo])
@@ -261,39 +254,17 @@ def plot_null_distribution(
 # --------------------------------------------------------------------------------------------
 
 
-def _sweep_rows(summary: pl.DataFrame, conditions: pl.DataFrame | None, model: str, kind: str) -> pl.DataFrame:
-    """Summary rows of one kind for a model, with layer/head taken from conditions (or the heads text)."""
-    sm = summary.filter((pl.col("model") == model) & (pl.col("kind") == kind))
-    if sm.height == 0:
-        return sm
-    meta_cols = [c for c in ("layer", "head", "heads") if conditions is not None and c in conditions.columns]
-    if meta_cols:
-        sm = sm.drop([c for c in ("layer", "head", "heads") if c in sm.columns]).join(
-            conditions.select(["condition"] + meta_cols).unique("condition"), on="condition", how="left"
-        )
-    for c in ("layer", "head", "heads"):
-        if c not in sm.columns:
-            sm = sm.with_columns(pl.lit(None, pl.Utf8 if c == "heads" else pl.Int64).alias(c))
-    # fill layer/head from the canonical heads text ("L17 H14") or the id ("head-L17H14") if absent
-    rows = []
-    for r in sm.iter_rows(named=True):
-        if r["layer"] is None or (kind == "single_head" and r["head"] is None):
-            parsed = _parse_heads(r["heads"]) or _parse_heads(r["condition"])
-            if parsed:
-                r["layer"] = r["layer"] if r["layer"] is not None else parsed[0][0]
-                r["head"] = r["head"] if r["head"] is not None else (parsed[0][1] if kind == "single_head" else None)
-            elif r["layer"] is None:
-                m = re.search(r"(\d+)$", r["condition"])
-                r["layer"] = int(m.group(1)) if m and kind == "layer" else None
-        rows.append(r)
-    return pl.DataFrame(rows, schema=sm.schema)
+def _sweep_rows(summary: pl.DataFrame, model: str, kind: str) -> pl.DataFrame:
+    """Summary rows of one sweep kind for a model (summary carries each condition's layer and head)."""
+    return summary.filter((pl.col("model") == model) & (pl.col("kind") == kind))
 
 
-def _target_heads(conditions: pl.DataFrame | None, target: str = "target") -> list[tuple[int, int]]:
-    if conditions is None or "heads" not in conditions.columns:
+def _target_heads(conditions: pl.DataFrame | None) -> list[tuple[int, int]]:
+    """The target set's heads, read from the `heads` column of conditions.parquet."""
+    if conditions is None:
         return []
-    t = conditions.filter((pl.col("condition") == target) | (pl.col("kind") == "target"))
-    return _parse_heads(t["heads"][0]) if t.height else []
+    t = conditions.filter(pl.col("kind") == "target")
+    return parse_heads(t["heads"][0]) if t.height else []
 
 
 def plot_head_heatmap(
@@ -312,7 +283,7 @@ def plot_head_heatmap(
     the chosen heads are the ones with individual effects. Returns None (no file) when the model
     has no single_head conditions. n_layers / n_heads default to the largest index seen + 1.
     """
-    sm = _sweep_rows(summary, conditions, model, "single_head").filter(
+    sm = _sweep_rows(summary, model, "single_head").filter(
         pl.col("layer").is_not_null() & pl.col("head").is_not_null()
     )
     if sm.height == 0:
@@ -355,7 +326,6 @@ def plot_head_heatmap(
 
 def plot_layer_bars(
     summary: pl.DataFrame,
-    conditions: pl.DataFrame | None,
     model: str,
     n_layers: int | None = None,
     metric: str = "delta_correct",
@@ -367,7 +337,7 @@ def plot_layer_bars(
     present (their sizes are in the legend: a whole layer is not the same size as the target set,
     so they are context, not a test). Returns None when the model has no layer conditions.
     """
-    sm = _sweep_rows(summary, conditions, model, "layer").filter(pl.col("layer").is_not_null()).sort("layer")
+    sm = _sweep_rows(summary, model, "layer").filter(pl.col("layer").is_not_null()).sort("layer")
     if sm.height == 0:
         return None
     layers = sm["layer"].to_numpy()
@@ -425,7 +395,7 @@ def plot_p_yes_hist(
     discrimination); the distributions show it. Non-finite rows are left out and counted in the
     panel title. Returns None when none of `conditions` exists for the model.
     """
-    df = stats._labelled(results.filter(pl.col("model") == model), prompts) if results.height else None
+    df = stats.labelled(results.filter(pl.col("model") == model), prompts) if results.height else None
     present = [c for c in conditions if df is not None and df.filter(pl.col("condition") == c).height]
     if not present:
         return None
@@ -505,7 +475,7 @@ def make_figures(
                                   path=out / f"{stem}__head_heatmap__{m}.png")
             if p is not None:
                 paths.append(p)
-            p = plot_layer_bars(summary, conditions, model, n_layers=n_layers, metric=m,
+            p = plot_layer_bars(summary, model, n_layers=n_layers, metric=m,
                                 path=out / f"{stem}__layer_bars__{m}.png")
             if p is not None:
                 paths.append(p)

@@ -29,8 +29,9 @@ __all__ = [
     "METRIC_COLUMNS",
     "DEFAULT_CONTROL_METRICS",
     "KIND_ORDER",
-    "auroc",
     "bootstrap_mean_ci",
+    "group_seed",
+    "labelled",
     "summarize",
     "paired_change",
     "target_vs_controls",
@@ -50,41 +51,6 @@ _LABEL_NAMES = ("correct", "incorrect", "all")
 # --------------------------------------------------------------------------------------------
 # small building blocks
 # --------------------------------------------------------------------------------------------
-
-
-def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float | None:
-    """Area under the ROC curve of `scores` separating label True (positive) from False.
-
-    Computed with the Mann-Whitney U statistic on average ranks, so ties count one half: all-equal
-    scores give exactly 0.5, perfect separation 1.0, reversed separation 0.0. Returns None when one
-    class is empty (the AUROC is undefined then, and 0.5 would be a lie). Non-finite scores must be
-    removed by the caller.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in shape: {s.shape} vs {y.shape}")
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = _average_ranks(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given the average of the ranks they span (as scipy's rankdata)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    # start index of each run of equal values
-    boundaries = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
-    starts, ends = boundaries[:-1], boundaries[1:]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks_sorted = np.repeat(avg, ends - starts)
-    ranks = np.empty_like(ranks_sorted)
-    ranks[order] = ranks_sorted
-    return ranks
 
 
 def bootstrap_mean_ci(
@@ -124,7 +90,7 @@ def bootstrap_mean_ci(
     return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
-def _group_seed(seed: int, *parts: str | int) -> np.random.SeedSequence:
+def group_seed(seed: int, *parts: str | int) -> np.random.SeedSequence:
     """Seed for one group, independent of which other groups exist (stable across runs)."""
     keys = [int(seed)]
     for p in parts:
@@ -147,7 +113,7 @@ def _check_columns(df: pl.DataFrame, needed: Sequence[str], name: str) -> None:
         raise ValueError(f"{name} frame lacks column(s) {missing}; has {df.columns}")
 
 
-def _labelled(results: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
+def labelled(results: pl.DataFrame, prompts: pl.DataFrame) -> pl.DataFrame:
     """`results` with float64 metrics, `label`/`error_kind` joined from prompts, and `_finite`."""
     _check_columns(results, ("model", "prompt_id", "condition", "p_yes_norm"), "results")
     _check_columns(prompts, ("prompt_id", "label"), "prompts")
@@ -218,7 +184,7 @@ def summarize(
     prompts where both the condition row and the baseline row are finite. This frame is what gets
     written as `summary.parquet`.
     """
-    df = _labelled(results, prompts)
+    df = labelled(results, prompts)
     _require_baseline(df, baseline)
     has_lo = "log_odds" in df.columns
     val_cols = ["p_yes_norm"] + (["log_odds"] if has_lo else [])
@@ -333,7 +299,7 @@ def paired_change(
     `metric` is a column of results (p_yes_norm, log_odds, p_yes, p_no) or "p_no_norm"
     (= 1 - p_yes_norm).
     """
-    df = _labelled(results, prompts)
+    df = labelled(results, prompts)
     if metric == "p_no_norm":
         df = df.with_columns((1.0 - pl.col("p_yes_norm")).alias("p_no_norm"))
     elif metric not in df.columns:
@@ -358,7 +324,7 @@ def paired_change(
             ok = g.filter(pl.col("_ok"))
             b = ok["_b"].to_numpy().astype(np.float64)
             c = ok["_c"].to_numpy().astype(np.float64)
-            mean, lo, hi = bootstrap_mean_ci(c - b, n_boot=n_boot, seed=_group_seed(seed, model, condition, li), ci=ci)
+            mean, lo, hi = bootstrap_mean_ci(c - b, n_boot=n_boot, seed=group_seed(seed, model, condition, li), ci=ci)
             rows.append(
                 {
                     "model": model,
@@ -472,7 +438,7 @@ def by_error_kind(results: pl.DataFrame, prompts: pl.DataFrame, baseline: str = 
     Columns: model, condition, error_kind, label, n (finite rows), n_nonfinite, n_paired (finite
     pairs with the baseline), mean_p_yes_norm, mean_delta_p_yes_norm.
     """
-    df = _labelled(results, prompts)
+    df = labelled(results, prompts)
     _require_baseline(df, baseline)
     df = _with_baseline(df, baseline, ["p_yes_norm"])
     fin = pl.col("_finite")

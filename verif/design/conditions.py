@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from verif.design.heads import Head, HeadSet, canonical, format_heads, random_head_sets
 
-KINDS = ("baseline", "target", "random", "layer", "single_head")
 SWEEPS = ("layer", "single_head")
 
 
@@ -50,9 +49,6 @@ def build_conditions(
     sweeps: Sequence[str] = (),
 ) -> list[Condition]:
     """Baseline, target (if any), random controls of the target's size, then the requested sweeps."""
-    unknown = [s for s in sweeps if s not in SWEEPS]
-    if unknown:
-        raise ValueError(f"ablation.sweeps: unknown sweep {unknown[0]!r}; valid: {', '.join(SWEEPS)}")
     conditions = [Condition("baseline", "baseline", ())]
     target_set = canonical(target)
     if target_set:

@@ -7,7 +7,6 @@ that the same set always gets the same id, whatever order or spelling it was wri
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter
@@ -75,11 +74,6 @@ def canonical(heads: Iterable[Head]) -> HeadSet:
 def format_heads(heads: Iterable[Head]) -> str:
     """Canonical text form, e.g. 'L3 H13, L4 H0'."""
     return ", ".join(f"L{layer} H{head}" for layer, head in canonical(heads))
-
-
-def head_set_id(heads: Iterable[Head]) -> str:
-    """A short stable id of a head set (same set, same id, whatever the spelling or order)."""
-    return hashlib.sha1(format_heads(heads).encode()).hexdigest()[:10]
 
 
 def validate_heads(heads: Sequence[Head], n_layers: int, n_heads: int, what: str = "head set") -> HeadSet:

@@ -20,22 +20,8 @@ from verif.model.ablation import head_masks
 from verif.model.forward import FastForward, to_device
 from verif.design.heads import Head
 from verif.model.loading import Arch, LoadedModel
+from verif.model.options import EngineOptions
 from verif.model.score import YesNoIds, YesNoScores, left_pad, scores_from_log_probs
-
-
-@dataclass
-class EngineOptions:
-    """How the scorer cuts work; none of these change results (tested)."""
-
-    max_rows: int | str = 64  # rows (prompt x condition) per forward chunk, or "auto" (from free GPU memory)
-    max_unit_rows: int = 2048  # rows whose hidden states are held at once while branching
-    share_trunk: bool = True  # run layers below a condition's first ablated layer once per prompt
-    bucket_by_length: bool = True  # group same-length prompts to avoid padding
-    compile: bool = False  # torch.compile the decoder layer (dynamic rows/length; eager if it fails)
-    pad_id: int | None = None  # padding token; default: the tokenizer's, else the model config's
-    # Run the last decoder block for the last position only (~1/L less work; exact math, float32
-    # rounding differs from the plain path by ~1e-5 in log-odds, so off by default).
-    last_position_only: bool = False
 
 
 # "auto" aims at this many tokens per decoder-block call: GEMMs at the 3B model's shapes reach their
@@ -122,8 +108,6 @@ class Scorer:
         self.loaded = loaded
         self.ids = ids
         self.opts = opts or EngineOptions()
-        if not (self.opts.max_rows == "auto" or (isinstance(self.opts.max_rows, int) and self.opts.max_rows > 0)):
-            raise ValueError(f"EngineOptions.max_rows must be a positive int or 'auto', got {self.opts.max_rows!r}")
         param = next(loaded.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.forward = FastForward(loaded.model, loaded.arch, 64, self.opts.compile, self.opts.last_position_only)

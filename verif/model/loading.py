@@ -60,10 +60,6 @@ class Arch:
     vocab_size: int
     tie_word_embeddings: bool
 
-    @property
-    def n_total_heads(self) -> int:
-        return self.n_layers * self.n_heads
-
 
 @dataclass
 class LoadedModel:

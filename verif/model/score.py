@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from verif.model.ablation import HookedAblation
+from verif.model.options import DEFAULT_NO, DEFAULT_YES
 
-DEFAULT_YES = (" Yes", "Yes", " yes", "yes")
-DEFAULT_NO = (" No", "No", " no", "no")
 
 
 @dataclass(frozen=True)
