@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     return p
 
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return _weight_diff(args)
         return _sweep(args)
     except InputError as e:
+        if args.debug:
+            raise
         return _fail(str(e))
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from jobs.errors import InputError
 from verif.design.conditions import SWEEPS
+from verif.design.heads import parse_heads
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,15 @@ def _workers(v: int | str) -> str | None:
     if isinstance(v, str):
         return None if v == "auto" else "must be a whole number >= 0 or 'auto'"
     return None if v >= 0 else "must be >= 0"
+
+
+def _heads(v: str | list) -> str | None:
+    """A head set that parses (its range is checked against the model later, once its config is read)."""
+    try:
+        parse_heads(v)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _ratio(v: float) -> str | None:
@@ -99,7 +109,8 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None)
+    target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None,
+                                          _heads)
     random_controls: int = doc("Number of random head sets of the target's size.", 10, at_least(0))
     seed: int = doc("Seed of the random control sets.", 0)
     exclude_target: bool = doc("Keep target heads out of the control sets.", True)
@@ -276,8 +287,12 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"--config {str(path)!r}: no such file")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from e
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({type(e).__name__}: {e})") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return loaded

@@ -167,8 +167,14 @@ def prepare(cfg: Config) -> SweepPlan:
     try:
         target = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
                                 what=f"ablation.target_heads (model {sources[0].spec})")
+    except ValueError as e:
+        raise SweepError(str(e)) from e
+    try:
         conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab.random_controls, ab.seed,
                                       ab.exclude_target, ab.match_layers, ab.sweeps)
+    except ValueError as e:
+        raise SweepError(f"ablation.random_controls: {e}") from e
+    try:
         prompts = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
@@ -219,6 +225,7 @@ def worker_env() -> dict[str, str]:
     keep = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env["TQDM_DISABLE"] = "1"  # no loading bars from workers (GGUF conversion): the driver has the one bar
     return env
 
 
