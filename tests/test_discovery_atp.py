@@ -14,6 +14,7 @@ import torch
 
 from verif.analysis.discovery.atp import atp_sums
 from verif.analysis.discovery.exact import ComponentSet, delta_sums, heads_to_screen, score_log_odds, single_head_sets
+from verif.analysis.discovery.inputs import length_batches, same_length_batches
 from verif.analysis.discovery.metric import choose_prompts
 from verif.analysis.discovery.sums import PromptSums, combine
 from verif.model.ablation import HookedAblation, head_masks
@@ -187,3 +188,11 @@ def test_prompt_sums_add_and_refuse_mismatches():
         a + PromptSums({"x": np.array([1.0])}, 1)
     with pytest.raises(ValueError, match="zero prompts"):
         PromptSums({"x": np.zeros(1)}, 0).mean("x")
+
+
+def test_batches_sort_by_length_and_same_length_batches_never_pad():
+    tokens = [[1] * n for n in (5, 3, 5, 5, 3, 7)]
+    assert length_batches(tokens, 4) == [[1, 4, 0, 2], [3, 5]]
+    assert same_length_batches(tokens, 2) == [[1, 4], [0, 2], [3], [5]]
+    with pytest.raises(ValueError, match="batch_size"):
+        length_batches(tokens, 0)

@@ -18,11 +18,15 @@ import torch
 from verif.model.score import left_pad
 
 
+def _by_length(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[int]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
+
+
 def length_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Prompt indices grouped `batch_size` at a time, in order of token length."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    order = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
+    order = _by_length(token_ids, batch_size)
     return [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
 
 
@@ -30,12 +34,12 @@ def same_length_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> 
     """Prompt indices grouped by exact token length, at most `batch_size` at a time: batches that need
     no padding (for a pass whose output would be spoiled by padded rows)."""
     batches: list[list[int]] = []
-    for batch in length_batches(token_ids, len(token_ids) or 1):
-        for i in batch:
-            if batches and len(batches[-1]) < batch_size and len(token_ids[batches[-1][0]]) == len(token_ids[i]):
-                batches[-1].append(i)
-            else:
-                batches.append([i])
+    for i in _by_length(token_ids, batch_size):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and len(token_ids[last[0]]) == len(token_ids[i]):
+            last.append(i)
+        else:
+            batches.append([i])
     return batches
 
 
