@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 TOLERANCE = 1e-5
 """TinyZero's acceptance threshold, applied to every comparison below."""
@@ -90,8 +90,40 @@ class Verdict:
 # ---------------------------------------------------------------------- validator
 
 
-class _Reject(Exception):
-    """Internal: a segment broke a rule; the message is the verdict's reason."""
+class Rejected(Exception):
+    """An expression broke a rule of the evaluator; the message is the reason."""
+
+
+def walk_arithmetic(
+    source: str,
+    binop: Callable[[ast.operator, Any, Any], Any],
+    unary: Callable[[ast.unaryop, Any], Any],
+    literal: Callable[[ast.Constant], Any],
+) -> Any:
+    """Evaluate ``source`` by walking its syntax tree -- never ``eval``.
+
+    Only binary operations, unary operations and constants are walked; any other
+    node (names, calls, tuples, comparisons) raises :class:`Rejected`, as does a
+    syntax error. What an operator or a literal means is up to the callbacks,
+    so one safe walker serves both our validator (exact fractions, ``+ - * /``
+    only) and TinyZero's checker (Python's own arithmetic, see
+    ``verif.task.tinyzero``). The callbacks raise :class:`Rejected` to refuse.
+    """
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except SyntaxError:
+        raise Rejected("syntax error") from None
+
+    def walk(node: ast.AST) -> Any:
+        if isinstance(node, ast.BinOp):
+            return binop(node.op, walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp):
+            return unary(node.op, walk(node.operand))
+        if isinstance(node, ast.Constant):
+            return literal(node)
+        raise Rejected(f"{type(node).__name__} not allowed")
+
+    return walk(tree.body)
 
 
 _BINOPS = {
@@ -105,43 +137,39 @@ _BINOPS = {
 def _evaluate(source: str, *, is_expression: bool) -> tuple[Fraction, list[int]]:
     """Exact value of one segment and the integer literals it contains.
 
-    Only ``+ - * /`` on non-negative literals are walked; anything else
-    (``**``, ``//``, names, calls) is rejected -- never ``eval``. In the
-    expression literals must be integers and unary minus/plus is rejected; in
-    later segments decimal literals and unary minus (negative intermediates,
-    ``-43 + 79``) are allowed.
+    Only ``+ - * /`` on non-negative literals are allowed; anything else
+    (``**``, ``//``, names, calls) is rejected. In the expression literals must
+    be integers and unary minus/plus is rejected; in later segments decimal
+    literals and unary minus (negative intermediates, ``-43 + 79``) are allowed.
     """
     if not _ALLOWED_CHARS.match(source):
-        raise _Reject("characters outside digits, + - * / ( ) . and spaces")
+        raise Rejected("characters outside digits, + - * / ( ) . and spaces")
     if _LEADING_ZERO.search(source):
-        raise _Reject("number written with a leading zero")
-    try:
-        tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxError:
-        raise _Reject("syntax error") from None
+        raise Rejected("number written with a leading zero")
     literals: list[int] = []
 
-    def walk(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.BinOp):
-            op = _BINOPS.get(type(node.op))
-            if op is None:
-                raise _Reject(f"operator {type(node.op).__name__} is not + - * /")
-            left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Div) and right == 0:
-                raise _Reject("division by zero")
-            return op(left, right)
-        if isinstance(node, ast.UnaryOp):
-            if is_expression or not isinstance(node.op, ast.USub):
-                raise _Reject("unary operator in the expression" if is_expression else "unary plus")
-            return -walk(node.operand)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
+    def binop(op: ast.operator, left: Fraction, right: Fraction) -> Fraction:
+        apply = _BINOPS.get(type(op))
+        if apply is None:
+            raise Rejected(f"operator {type(op).__name__} is not + - * /")
+        if isinstance(op, ast.Div) and right == 0:
+            raise Rejected("division by zero")
+        return apply(left, right)
+
+    def unary(op: ast.unaryop, value: Fraction) -> Fraction:
+        if is_expression or not isinstance(op, ast.USub):
+            raise Rejected("unary operator in the expression" if is_expression else "unary plus")
+        return -value
+
+    def literal(node: ast.Constant) -> Fraction:
+        if type(node.value) is int:
             literals.append(node.value)
             return Fraction(node.value)
-        if isinstance(node, ast.Constant) and type(node.value) is float and not is_expression:
+        if type(node.value) is float and not is_expression:
             return Fraction(ast.get_source_segment(source.strip(), node))
-        raise _Reject(f"{type(node).__name__} not allowed")
+        raise Rejected("Constant not allowed")
 
-    return walk(tree.body), literals
+    return walk_arithmetic(source, binop, unary, literal), literals
 
 
 def validate(problem: Problem, text: str) -> Verdict:
@@ -169,7 +197,7 @@ def validate(problem: Problem, text: str) -> Verdict:
         if Counter(literals) != Counter(problem.numbers):
             return Verdict(False, "numbers used differ from the given numbers")
         steps = [_evaluate(s, is_expression=False)[0] for s in segments[1:]]
-    except _Reject as reject:
+    except Rejected as reject:
         return Verdict(False, str(reject))
     except RecursionError:  # thousands of chained operations: no real attempt
         return Verdict(False, "expression too long to evaluate")
