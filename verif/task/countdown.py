@@ -633,47 +633,53 @@ def make_attempts(
     return attempts
 
 
-def load_attempts_jsonl(path: str | Path) -> list[Attempt]:
-    """Attempts from JSONL lines ``{"numbers": [...], "target": int,
-    "attempt": str, "error_kind"?: str}``; blank lines are skipped.
+def attempt_from_record(row: object, where: str) -> Attempt:
+    """One attempt from a record ``{"numbers": [...], "target": int, "attempt":
+    str, "error_kind"?: str}`` (a JSONL line or a parquet row).
 
-    Labels are recomputed by :func:`validate`: ``error_kind`` becomes
+    The label is recomputed by :func:`validate`: ``error_kind`` becomes
     ``"none"`` for a correct attempt, and for an incorrect one the given kind,
-    or ``"unknown"`` when none is given or the given one is ``"none"``.
-    Malformed lines raise ValueError naming the file and 1-based line number.
+    or ``"unknown"`` when none is given or the given one is ``"none"``. A
+    malformed record raises ValueError starting with ``where``.
     """
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}")
+
+    if not isinstance(row, dict):
+        raise bad("expected a JSON object")
+    for key in ("numbers", "target", "attempt"):
+        if key not in row:
+            raise bad(f"missing field {key!r}")
+    numbers, target, text = row["numbers"], row["target"], row["attempt"]
+    kind = row.get("error_kind", "unknown")
+    if not (isinstance(numbers, list) and numbers and all(type(x) is int for x in numbers)):
+        raise bad("'numbers' must be a non-empty list of integers")
+    if type(target) is not int:
+        raise bad("'target' must be an integer")
+    if not isinstance(text, str):
+        raise bad("'attempt' must be a string")
+    if not isinstance(kind, str):
+        raise bad("'error_kind' must be a string")
+    problem = Problem(tuple(numbers), target)
+    correct = validate(problem, text).correct
+    kind = "none" if correct else ("unknown" if kind == "none" else kind)
+    return Attempt(problem, text, correct, kind)
+
+
+def load_attempts_jsonl(path: str | Path) -> list[Attempt]:
+    """Attempts from a JSONL file of :func:`attempt_from_record` records; blank
+    lines are skipped. Malformed lines raise ValueError naming the file and
+    1-based line number."""
     path = Path(path)
     attempts = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-
-            def bad(problem: str) -> ValueError:
-                return ValueError(f"{path}:{lineno}: {problem}")
-
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise bad(f"invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise bad("expected a JSON object")
-            for key in ("numbers", "target", "attempt"):
-                if key not in row:
-                    raise bad(f"missing field {key!r}")
-            numbers, target, text = row["numbers"], row["target"], row["attempt"]
-            kind = row.get("error_kind", "unknown")
-            if not (isinstance(numbers, list) and numbers
-                    and all(type(x) is int for x in numbers)):
-                raise bad("'numbers' must be a non-empty list of integers")
-            if type(target) is not int:
-                raise bad("'target' must be an integer")
-            if not isinstance(text, str):
-                raise bad("'attempt' must be a string")
-            if not isinstance(kind, str):
-                raise bad("'error_kind' must be a string")
-            problem = Problem(tuple(numbers), target)
-            correct = validate(problem, text).correct
-            kind = "none" if correct else ("unknown" if kind == "none" else kind)
-            attempts.append(Attempt(problem, text, correct, kind))
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            attempts.append(attempt_from_record(row, f"{path}:{lineno}"))
     return attempts
