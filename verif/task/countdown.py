@@ -51,7 +51,7 @@ ERROR_KINDS: tuple[str, ...] = (
 MAX_DECIMALS = 3
 """Generated intermediates have denominators dividing 10**MAX_DECIMALS, so steps are exact."""
 
-_ALLOWED_CHARS = re.compile(r"^[\d+\-*/().\s]+$")  # TinyZero's expression regex
+ALLOWED_CHARS = re.compile(r"^[\d+\-*/().\s]+$")  # TinyZero's expression regex
 _LEADING_ZERO = re.compile(r"(?<![\d.])0\d")
 
 
@@ -142,7 +142,7 @@ def _evaluate(source: str, *, is_expression: bool) -> tuple[Fraction, list[int]]
     be integers and unary minus/plus is rejected; in later segments decimal
     literals and unary minus (negative intermediates, ``-43 + 79``) are allowed.
     """
-    if not _ALLOWED_CHARS.match(source):
+    if not ALLOWED_CHARS.match(source):
         raise Rejected("characters outside digits, + - * / ( ) . and spaces")
     if _LEADING_ZERO.search(source):
         raise Rejected("number written with a leading zero")
