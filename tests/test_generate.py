@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from verif.model.generate import _finish, eos_ids, generate
-from verif.task.countdown import Problem
+from verif.task.validator import Problem
 from verif.task.tinyzero import generation_prompt
 
 CHAT = (

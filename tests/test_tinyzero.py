@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from verif.task.countdown import Problem, generate_problems, make_attempts, validate
+from verif.task.countdown import generate_problems, make_attempts
+from verif.task.validator import Problem, validate
 from verif.task.tinyzero import check_answer, extract_answer, generation_prompt, reward
 
 # MISSION.md, "TinyZero's generation prompt", with numbers [79, 17, 60] and target 36.
@@ -53,7 +54,7 @@ def test_reward_scores_like_tinyzero():
     assert reward("<answer>79 / (60 - 60) + 17</answer>", (79, 60, 60, 17), 36).reason == "division by zero"
 
 
-# TinyZero accepts these; our validator refuses them (its rules are stricter, see countdown.validate).
+# TinyZero accepts these; our validator refuses them (its rules are stricter, see validator.validate).
 TINYZERO_ONLY = [
     ((2, 3, 4), 12, "2 ** 3 + 4", "operator Pow is not + - * /"),
     ((7, 2, 5), 8, "7 // 2 + 5", "operator FloorDiv is not + - * /"),

@@ -26,7 +26,8 @@ from typing import Sequence
 
 import polars as pl
 
-from verif.task.countdown import Attempt, Problem, validate
+from verif.task.countdown import Attempt
+from verif.task.validator import Problem, validate
 
 EXTRACT_RULES = ("remarks", "study")
 ATTEMPT_CHOICES = ("last", "all")

@@ -21,7 +21,8 @@ from pathlib import Path
 import polars as pl
 
 from verif.task.cot import ATTEMPT_SCHEMA, OUTPUT_FIELDS, AttemptTable, check_options, extract_attempts, output_from_record
-from verif.task.countdown import attempt_from_record, validate
+from verif.task.countdown import attempt_from_record
+from verif.task.validator import validate
 
 ATTEMPT_FIELDS = ("numbers", "target", "attempt")
 

@@ -1,7 +1,7 @@
 """TinyZero's generation prompt and reward: what the R1 model was trained on and scored by.
 
 The reward reproduces TinyZero's Countdown checker rule for rule, on top of the project's one safe
-walker (`countdown.walk_arithmetic`, never `eval`):
+walker (`validator.walk_arithmetic`, never `eval`):
 
 1. the answer is the last ``<answer> ... </answer>`` on the *last line* of the response (TinyZero
    splits off the prompt at "Assistant:" and keeps only the final line; the tags do not match
@@ -12,7 +12,7 @@ walker (`countdown.walk_arithmetic`, never `eval`):
    (the operators this alphabet spells: ``+ - * / // **``, unary ``+ -``, int and float literals);
 4. correct when ``abs(value - target) < 1e-5``: score 1, else (2 or 3 failed, or off target) 0.1.
 
-Where this differs from our attempt validator (`countdown.validate`), on purpose, since R1 was
+Where this differs from our attempt validator (`validator.validate`), on purpose, since R1 was
 rewarded by these rules and our labels answer "is this attempt right" (see `validate`):
 TinyZero accepts ``**``, ``//``, unary minus/plus (``-(3 - 5) * 7``), and decimal literals whose
 digit groups are the given numbers (``1.5`` for 1 and 5); it checks a bare expression (an ``=``
@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from verif.task.countdown import ALLOWED_CHARS, TOLERANCE, Rejected, walk_arithmetic
+from verif.task.validator import ALLOWED_CHARS, TOLERANCE, Rejected, walk_arithmetic
 
 PROMPT_TEXT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
