@@ -5,9 +5,11 @@ import re
 
 import pytest
 
+from verif.model.generate import Sample
 from verif.task.countdown import generate_problems, make_attempts
+from verif.task.prompt_file import load_prompt_file
 from verif.task.validator import Problem, validate
-from verif.task.tinyzero import check_answer, extract_answer, generation_prompt, reward
+from verif.task.tinyzero import check_answer, extract_answer, generation_prompt, generations_frame, reward
 
 # MISSION.md, "TinyZero's generation prompt", with numbers [79, 17, 60] and target 36.
 SEED_PROMPT = (
@@ -143,3 +145,23 @@ def test_a_tower_of_powers_is_refused_not_computed():
     # TinyZero's eval would try to compute 100 ** (100 ** 100) forever; ours refuses at once.
     assert check_answer("1 ** 100 ** 100 ** 100", (1, 100, 100, 100), 1) == (False, "power larger than 100000 bits")
     assert check_answer("2 ** 100 // 2 ** 99", (2, 100, 2, 99), 2) == (True, "ok")  # big but bounded is computed
+
+
+def test_generations_frame_scores_samples_and_is_a_prompt_file(tmp_path):
+    problems = [Problem((79, 17, 60), 36), Problem((3, 5, 7), 22)]
+    samples = [
+        Sample(0, 0, " - 79 + 17 = 96 (indented: no attempt line)\n- 79 - 60 + 17 = 19 + 17 = 36 (yes)\n</think>\n<answer>79 - 60 + 17</answer>",
+               "stop", 40),
+        Sample(0, 1, "- 79 - 17 = 62\n<answer>79 - 17</answer>", "stop", 12),
+        Sample(1, 0, "I do not know", "length", 5),
+    ]
+    frame = generations_frame(problems, samples)
+    assert frame["problem_id"].to_list() == [0, 0, 1] and frame["sample"].to_list() == [0, 1, 0]
+    assert frame["correct"].to_list() == [True, False, False]
+    assert frame["reward"].to_list() == [1.0, 0.1, 0.0]
+    assert frame["answer"].to_list() == ["79 - 60 + 17", "79 - 17", None]
+    path = tmp_path / "generations.parquet"
+    frame.write_parquet(path)
+    table = load_prompt_file(path, attempts="all")
+    assert table.frame["attempt"].to_list() == ["79 - 60 + 17 = 19 + 17 = 36", "79 - 17 = 62"]
+    assert table.frame["source_row"].to_list() == [0, 1] and table.no_attempt_rows == (2,)

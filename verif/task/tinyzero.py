@@ -28,10 +28,16 @@ import ast
 import math
 import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from verif.task.validator import ALLOWED_CHARS, TOLERANCE, Rejected, walk_arithmetic
+import polars as pl
+
+from verif.task.validator import ALLOWED_CHARS, TOLERANCE, Problem, Rejected, walk_arithmetic
+
+if TYPE_CHECKING:  # the model layer's sample type; the task layer never imports the model layer
+    from verif.model.generate import Sample
 
 PROMPT_TEXT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -152,3 +158,32 @@ def reward(response: str, numbers: Sequence[int], target: int) -> Reward:
         return Reward(None, False, 0.0, "no <answer> on the last line")
     correct, reason = check_answer(answer, numbers, target)
     return Reward(answer, correct, CORRECT_SCORE if correct else FORMAT_SCORE, reason)
+
+
+GENERATION_SCHEMA = {
+    "problem_id": pl.Int64,
+    "sample": pl.Int64,
+    "nums": pl.List(pl.Int64),
+    "target": pl.Int64,
+    "output_text": pl.String,
+    "finish": pl.String,
+    "n_new_tokens": pl.Int64,
+    "answer": pl.String,
+    "correct": pl.Boolean,
+    "reward": pl.Float64,
+    "reason": pl.String,
+}
+"""One row per generated sample, scored by TinyZero's reward. `nums`, `target` and `output_text`
+make the frame, written as parquet, a valid `prompts.file` of model outputs."""
+
+
+def generations_frame(problems: Sequence[Problem], samples: Iterable["Sample"]) -> pl.DataFrame:
+    """The samples of `verif.model.generate.generate` run on `generation_prompt`s of `problems`
+    (sample.prompt_index indexes `problems`), each scored by TinyZero's reward."""
+    rows = []
+    for s in samples:
+        problem = problems[s.prompt_index]
+        r = reward(s.text, problem.numbers, problem.target)
+        rows.append((s.prompt_index, s.sample, list(problem.numbers), problem.target, s.text, s.finish,
+                     s.n_new_tokens, r.answer, r.correct, r.score, r.reason))
+    return pl.DataFrame(rows, schema=GENERATION_SCHEMA, orient="row")
