@@ -78,6 +78,11 @@ def test_sampling_is_reproducible_per_seed_and_leaves_the_global_rng_alone(smoll
     assert [s.text for s in a.samples] != [s.text for s in c.samples]
     assert [(s.prompt_index, s.sample) for s in a.samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert a.samples[2].text != a.samples[3].text  # two draws on the open-ended prompt, not one copied
+    # a shard of the run (cut at a batch boundary) draws what the whole run drew for its prompts
+    shard = generate(smollm2, prompts[1:], max_new_tokens=8, n=2, do_sample=True, seed=3, batch_size=2,
+                     stop=(), first_index=1)
+    whole = generate(smollm2, prompts, max_new_tokens=8, n=2, do_sample=True, seed=3, batch_size=2, stop=())
+    assert shard.samples == whole.samples[2:]
 
 
 def test_finish_when_pad_is_not_an_end_token(smollm2):

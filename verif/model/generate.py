@@ -10,7 +10,7 @@ ended and how many tokens it took:
 * ``length``: `max_new_tokens` ran out.
 
 Reproducibility: greedy decoding depends on nothing random, and sampling draws from a torch
-generator seeded per batch from (`seed`, index of the batch's first prompt) inside `fork_rng`,
+generator seeded per batch from (`seed`, run index of the batch's first prompt) inside `fork_rng`,
 so the caller's random state is untouched. The same prompts, `batch_size`, `n`, settings, model,
 device and library versions give the same samples. A prompt's samples can change when its batch
 changes (other prompts, other padding: the random draws and float rounding are shared by the
@@ -128,8 +128,13 @@ def generate(
     batch_size: int = 8,
     stop: Sequence[str] = DEFAULT_STOP,
     progress: Callable[[int, int], None] | None = None,
+    first_index: int = 0,
 ) -> GenerationRun:
     """Continue every prompt `n` times; `batch_size` counts sequences (prompts x n) per call.
+
+    `first_index` is the index of `prompts[0]` in the whole run: samples are numbered from it and
+    batch seeds depend on it, so a shard of a run (cut at batch boundaries) draws what the whole
+    run draws for the same prompts.
 
     Greedy by default; `do_sample` draws with `temperature` and nucleus `top_p` (no top-k cut,
     whatever the model's generation config says). `progress(samples, new_tokens)` is called after
@@ -154,13 +159,13 @@ def generate(
         batch = list(prompts[first:first + per_call])
         enc = tok(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_batch_seed(seed, first))
+            torch.manual_seed(_batch_seed(seed, first_index + first))
             out = model.generate(**enc, **settings)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         done = []
         for row, ids in enumerate(new):
             text, finish, count = _finish(ids, tok, ends, pad_id, stop)
-            done.append(Sample(first + row // n, row % n, text, finish, count))
+            done.append(Sample(first_index + first + row // n, row % n, text, finish, count))
         samples.extend(done)
         if progress is not None:
             progress(len(done), sum(s.n_new_tokens for s in done))
