@@ -134,7 +134,9 @@ def load_template(spec: str) -> Template:
 def format_numbers(numbers: Sequence[int]) -> str:
     """Numbers as ``str(numpy.array(numbers))`` prints them, as the study's
     notebook did: space separated in brackets, right-aligned to a common width
-    (``[79 17  5]``), so prompts match the study's even for mixed widths."""
+    (``[79 17  5]``), so prompts match the study's even for mixed widths. (numpy
+    also wraps lines longer than 75 characters; Countdown's 3-4 numbers never
+    come near that.)"""
     texts = [str(int(x)) for x in numbers]
     width = max(map(len, texts), default=0)
     return "[" + " ".join(t.rjust(width) for t in texts) + "]"
