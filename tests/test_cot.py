@@ -7,7 +7,8 @@ import pytest
 
 from verif.task.cot import attempt_lines, strip_remarks, strip_study
 from verif.task.countdown import load_attempts_jsonl
-from verif.task.prompt_file import load_prompt_file
+from verif.task.prompt_file import load_problems, load_prompt_file
+from verif.task.validator import Problem
 
 MINUS = "\u2212"
 
@@ -152,3 +153,13 @@ def test_file_level_errors(tmp_path):
         load_prompt_file(_jsonl(tmp_path, OUTPUTS), extract="all")
     with pytest.raises(ValueError, match="prompts.attempts 'first': valid values are last, all"):
         load_prompt_file(_jsonl(tmp_path, OUTPUTS), attempts="first")
+
+
+def test_problems_from_outputs_or_attempts_files(tmp_path):
+    assert load_problems(_jsonl(tmp_path, OUTPUTS[:2])) == [Problem((79, 17, 60), 36), Problem((3, 5, 7), 22)]
+    attempts = _jsonl(tmp_path, [{"numbers": [1, 2], "target": 3, "attempt": "1 + 2 = 3"}], "a.jsonl")
+    assert load_problems(attempts) == [Problem((1, 2), 3)]
+    with pytest.raises(ValueError, match=r"outputs.jsonl:2: a problem needs 'target'"):
+        load_problems(_jsonl(tmp_path, [OUTPUTS[0], {"nums": [1, 2]}]))
+    with pytest.raises(ValueError, match=r"outputs.jsonl:1: a problem needs 'nums'"):
+        load_problems(_jsonl(tmp_path, [{"nums": [], "target": 3}]))

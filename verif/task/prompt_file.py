@@ -9,6 +9,8 @@ Its first record decides what it holds:
   `verif.task.cot` with `prompts.extract` and `prompts.attempts`.
 
 Either way the result is one `AttemptTable` with the same columns, so a sweep treats both alike.
+`load_problems` reads just the problems (`nums` or `numbers`, and `target`) of any such file, for
+generating from them.
 Every malformed record is an error naming the file and the line (JSONL, 1-based) or row (parquet,
 0-based), before any model is loaded.
 """
@@ -22,7 +24,7 @@ import polars as pl
 
 from verif.task.cot import ATTEMPT_SCHEMA, OUTPUT_FIELDS, AttemptTable, check_options, extract_attempts, output_from_record
 from verif.task.countdown import attempt_from_record
-from verif.task.validator import validate
+from verif.task.validator import Problem, validate
 
 ATTEMPT_FIELDS = ("numbers", "target", "attempt")
 
@@ -89,3 +91,20 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
         schema=ATTEMPT_SCHEMA,
     )
     return AttemptTable(frame, len(loaded), (), 0)
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """The problems of a JSONL or parquet file whose records have `nums` (or `numbers`) and
+    `target`, in file order; other fields are ignored."""
+    problems = []
+    for where, rec in read_records(path):
+        key = "nums" if isinstance(rec, dict) and "nums" in rec else "numbers"
+        numbers, target = (rec.get(key), rec.get("target")) if isinstance(rec, dict) else (None, None)
+        if not (isinstance(numbers, list) and numbers and all(type(x) is int for x in numbers)):
+            raise ValueError(f"{where}: a problem needs 'nums' (or 'numbers'): a non-empty list of integers")
+        if type(target) is not int:
+            raise ValueError(f"{where}: a problem needs 'target': an integer")
+        problems.append(Problem(tuple(numbers), target))
+    if not problems:
+        raise ValueError(f"problems file {str(path)!r}: no records")
+    return problems
