@@ -71,6 +71,7 @@ def _sweep(args: argparse.Namespace) -> int:
         plan = prepare(cfg)
         print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
+        print("\n".join(plan.prompt_source.lines()))
         return 0
     try:
         report = run_sweep(cfg, resume=args.resume)

@@ -28,6 +28,8 @@ from jobs.errors import InputError
 from verif.design.conditions import SWEEPS
 from verif.design.heads import parse_heads
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
+from verif.task.cot import ATTEMPT_CHOICES, EXTRACT_RULES
+from verif.task.prompts import load_template
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -72,6 +74,15 @@ def _heads(v: str | list) -> str | None:
     return None
 
 
+def _template(v: str) -> str | None:
+    """A built-in template name, or a template file with exactly the three placeholders."""
+    try:
+        load_template(v)
+    except ValueError as e:
+        return str(e).removeprefix(f"prompts.template {v!r}: ")
+    return None
+
+
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -98,7 +109,16 @@ class PromptsConfig:
     n: int = doc("Number of generated Countdown attempts.", 64, at_least(1))
     seed: int = doc("Seed of problem and attempt generation.", 0)
     p_correct: float = doc("Fraction of generated attempts that are correct.", 0.5, _ratio)
-    file: str | None = doc("JSONL of attempts (numbers, target, attempt) used instead of generating.", None)
+    file: str | None = doc("JSONL or parquet of attempts (numbers, target, attempt) or of model outputs "
+                           "(nums, target, output_text), used instead of generating.", None)
+    extract: str = doc("How attempt lines of model outputs lose parenthesised text: remarks (only groups with "
+                       "a letter) or study (every group, as the study's code did).", "remarks",
+                       _one_of(*EXTRACT_RULES))
+    attempts: str = doc("Which attempt lines of each model output: last (as the study) or all.", "last",
+                        _one_of(*ATTEMPT_CHOICES))
+    template: str = doc("Verification prompt: study (the string the study's code built), post (one sentence "
+                        "per line, as the post shows it) or a file with {numbers}, {target}, {attempt}.",
+                        "study", _template)
 
 
 @dataclass(frozen=True)

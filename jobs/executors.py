@@ -48,6 +48,7 @@ def init_ray(address: str, env_vars: dict[str, str], n_cpus_needed: float, worki
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new local Ray even when another one (`ray start`) runs on this machine
             num_cpus=max(os.cpu_count() or 1, int(n_cpus_needed + 0.999)),
             include_dashboard=False,
             runtime_env=runtime_env,

@@ -6,7 +6,6 @@ import polars as pl
 import pytest
 
 from verif.task.cot import attempt_lines, strip_remarks, strip_study
-from verif.task.countdown import load_attempts_jsonl
 from verif.task.prompt_file import load_problems, load_prompt_file
 from verif.task.validator import Problem
 
@@ -108,7 +107,8 @@ def test_attempts_format_still_works(tmp_path):
     ]
     path = _jsonl(tmp_path, rows, "attempts.jsonl")
     table = load_prompt_file(path)
-    assert table.attempts == load_attempts_jsonl(path)
+    assert [(a.text, a.label, a.error_kind) for a in table.attempts] == [
+        (rows[0]["attempt"], True, "none"), (rows[1]["attempt"], False, "arithmetic_slip")]
     assert table.frame["reason"].to_list() == ["ok", "step 1 differs from the expression"]
     assert table.frame["source_row"].to_list() == [0, 1] and table.no_attempt_rows == ()
 

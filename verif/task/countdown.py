@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import ast
 import itertools
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
 # Verdict is re-exported: callers that import validate from here get its result type too.
@@ -517,21 +515,3 @@ def attempt_from_record(row: object, where: str) -> Attempt:
     correct = validate(problem, text).correct
     kind = "none" if correct else ("unknown" if kind == "none" else kind)
     return Attempt(problem, text, correct, kind)
-
-
-def load_attempts_jsonl(path: str | Path) -> list[Attempt]:
-    """Attempts from a JSONL file of :func:`attempt_from_record` records; blank
-    lines are skipped. Malformed lines raise ValueError naming the file and
-    1-based line number."""
-    path = Path(path)
-    attempts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            attempts.append(attempt_from_record(row, f"{path}:{lineno}"))
-    return attempts
