@@ -32,7 +32,7 @@ SUPPORTED_FAMILIES = tuple(FAMILIES)
 UNREAD_KEYS = frozenset({"auto_map", "torch_dtype", "use_return_dict"})
 
 
-def _unread(key: str) -> bool:
+def is_unread_key(key: str) -> bool:
     return key in BASE_KEYS or key in UNREAD_KEYS or key.startswith("_") or key.endswith("_token_id")
 _REFUSED = {
     "gemma3": "a multimodal Gemma 3 checkpoint; use a text-only one (model_type gemma3_text, e.g. gemma-3-1b)",
@@ -91,7 +91,7 @@ def config_gaps(config: PretrainedConfig) -> list[str]:
         gaps.append(f"quantized weights ({method}): the fast path reads plain weight matrices")
     unreviewed = sorted(
         key for key, value in config.to_dict().items()
-        if not _unread(key) and key != "quantization_config" and key not in fam.fast.config_keys
+        if not is_unread_key(key) and key != "quantization_config" and key not in fam.fast.config_keys
         and value is not None and value is not False
     )  # fmt: skip
     if unreviewed:
