@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import warnings
 
@@ -17,7 +16,7 @@ import pytest
 from torch import nn
 from transformers import CONFIG_MAPPING
 
-from tests.support.families import INTER, N_LAYERS, family_dir, load_family
+from tests.support.families import HIDDEN, N_LAYERS, family_dir, load_family, score_tolerance
 from verif.design.conditions import Ablation
 from verif.model.engine import EngineOptions, Scorer
 from verif.model.families import FAMILIES, config_gaps, fast_path_gaps, is_unread_key
@@ -25,14 +24,11 @@ from verif.model.families.base import BASE_KEYS
 from verif.model.loading import check_layout, load_model
 from verif.model.score import resolve_yes_no
 
-U32 = 2.0**-24
 ABLATIONS = [Ablation(), Ablation(((1, 2),)), Ablation((), ((2, 5),)), Ablation(((3, 0),), ((0, 11),))]
 
 
 def score_tol(log_odds: np.ndarray) -> np.ndarray:
-    """As in test_families: two float32 forwards summing in different orders, ~sqrt(L * width) u
-    relative, logits < 10, margin 64 (~2e-5 in log-odds here)."""
-    return 64 * U32 * math.sqrt(N_LAYERS * INTER) * (1 + np.abs(log_odds))
+    return score_tolerance(N_LAYERS, HIDDEN, log_odds)
 
 
 @pytest.fixture(scope="module")

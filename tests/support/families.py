@@ -108,3 +108,18 @@ def family_dir(family: str, overrides: tuple[tuple[str, object], ...] = ()) -> P
 def load_family(family: str, overrides: tuple[tuple[str, object], ...] = ()) -> LoadedModel:
     """The tiny `family` model loaded through `load_model` (float32, CPU), once per session; read-only."""
     return load_model(str(family_dir(family, overrides)), dtype="float32", device="cpu")
+
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def score_tolerance(n_layers: int, hidden: int, log_odds):
+    """Allowed |difference| in log-odds between two float32 forwards of one model that round in
+    different orders (fast vs hook path, batched vs alone): each block's dot products over `hidden`
+    terms carry ~sqrt(hidden) u relative error, L blocks add up like a random walk (sqrt(L)), and the
+    logits scale it by their magnitude (O(10)); 16 is that factor with margin. For the tiny models
+    ~1e-5 x (1 + |log-odds|), for SmolLM2 ~1.3e-4 x (1 + |log-odds|): 25-50x the differences seen,
+    while the ablations tested move log-odds by 1e-3 or more and a dropped bias by ~0.1."""
+    import numpy as np
+
+    return 16 * U32 * (n_layers * hidden) ** 0.5 * (1 + np.abs(log_odds))

@@ -130,5 +130,5 @@ def fast_path_gaps(model: nn.Module) -> list[str]:
 
 __all__ = [
     "FAMILIES", "SUPPORTED_FAMILIES", "Family", "config_gaps", "decoder_layers", "down_projs", "family_of",
-    "fast_path_gaps", "final_norm", "model_family", "module_gaps", "o_projs",
+    "fast_path_gaps", "final_norm", "is_unread_key", "model_family", "module_gaps", "o_projs",
 ]  # fmt: skip
