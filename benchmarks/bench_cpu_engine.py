@@ -72,6 +72,9 @@ def nnsight_traces(nn_model, loaded: LoadedModel, ids: YesNoIds, tokens, head_se
     """One nnsight trace per (condition, batch of prompts): zero the o_proj input slice of every ablated
     head, save the LM head's last position. Inputs are left padded with real position ids."""
     d, pad = loaded.arch.head_dim, loaded.tokenizer.pad_token_id
+    # Gemma 2 soft-caps its logits after the LM head (in the causal LM's forward): the LM head's output
+    # is not yet the model's logits, so the cap is applied here as the model applies it.
+    cap = getattr(loaded.model.config, "final_logit_softcapping", None)
     out = np.zeros((len(tokens), len(head_sets)))
     for j, heads in enumerate(head_sets):
         by_layer: dict[int, list[int]] = {}
@@ -86,6 +89,8 @@ def nnsight_traces(nn_model, loaded: LoadedModel, ids: YesNoIds, tokens, head_se
                         for head in layer_heads:
                             x[:, :, head * d:(head + 1) * d] = 0
                     logits = nn_model.lm_head.output[:, -1].save()
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
             log_yes, log_no = yes_no_log_probs(logits, ids)
             out[a:a + batch, j] = scores_from_log_probs(log_yes.numpy(), log_no.numpy()).p_yes_norm
     return out
