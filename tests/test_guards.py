@@ -153,6 +153,17 @@ def test_replaced_modules_go_to_the_hook_path(monkeypatch, prompts):
     assert np.abs(got.log_odds[:, 1] - got.log_odds[:, 0]).min() > 1e-4
 
 
+def test_family_table_lists_every_family_and_its_path():
+    from verif.model.families import family_table
+
+    lines = family_table().splitlines()
+    assert len(lines) == 2 + len(FAMILIES)
+    for name, fam in FAMILIES.items():
+        row = next(line for line in lines if line.startswith(f"| {name} |"))
+        assert f"| {'fast' if fam.fast else 'hook'} |" in row
+    assert "`mlp_bias`" in next(line for line in lines if line.startswith("| llama |"))
+
+
 def test_hook_only_families_say_why():
     for name in ("gemma2", "gemma3_text", "gpt_neox"):
         assert config_gaps(load_family(name).model.config) == [f"{name} has no fast path"]

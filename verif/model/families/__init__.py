@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from verif.model.families.base import BASE_KEYS, Family, get_path
+from verif.model.families.base import BASE_KEYS, INERT, LLAMA_KEYS, SHAPE, Family, get_path
 from verif.model.families.gemma import GEMMA2, GEMMA3_TEXT
 from verif.model.families.gpt_neox import GPT_NEOX
 from verif.model.families.llama import LLAMA, MISTRAL
@@ -128,7 +128,19 @@ def fast_path_gaps(model: nn.Module) -> list[str]:
     return config_gaps(model.config) + module_gaps(model)
 
 
+def family_table() -> str:
+    """The families as a Markdown table (for the README): model type, the path it takes, and the
+    config features the fast path implements beyond the Llama block's (grouped-query heads, the
+    activation, any rope type, tied embeddings); every other reviewed key is inert or a shape."""
+    rows = ["| model_type | path | config features the fast path implements | notes |", "|---|---|---|---|"]
+    for fam in FAMILIES.values():
+        keys = fam.fast.config_keys.items() if fam.fast else ()
+        features = ", ".join(f"`{k}`" for k, how in keys if how not in (INERT, SHAPE) and k not in LLAMA_KEYS)
+        rows.append(f"| {fam.model_type} | {'fast' if fam.fast else 'hook'} | {features or '-'} | {fam.about} |")
+    return "\n".join(rows)
+
+
 __all__ = [
     "FAMILIES", "SUPPORTED_FAMILIES", "Family", "config_gaps", "decoder_layers", "down_projs", "family_of",
-    "fast_path_gaps", "final_norm", "is_unread_key", "model_family", "module_gaps", "o_projs",
+    "family_table", "fast_path_gaps", "final_norm", "is_unread_key", "model_family", "module_gaps", "o_projs",
 ]  # fmt: skip

@@ -7,7 +7,7 @@ sliding window in every layer. The fast path implements all three.
 
 from __future__ import annotations
 
-from verif.model.families.base import LLAMA_CHECKPOINT, LLAMA_KEYS, BlockSpec, Family, FastPath, LayerModules
+from verif.model.families.base import INERT, LLAMA_CHECKPOINT, LLAMA_KEYS, BlockSpec, Family, FastPath, LayerModules
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm"})
 
@@ -45,7 +45,7 @@ LLAMA = Family(
             **LLAMA_KEYS,
             "attention_bias": "q/k/v and o_proj biases, added where the model adds them",
             "mlp_bias": "gate/up/down biases, added where the model adds them",
-            "pretraining_tp": "not read by transformers' Llama forward",
+            "pretraining_tp": INERT,  # tensor parallelism of pretraining: transformers' Llama forward does not read it
         },
         block=full_attention,
         modules=llama_modules,
