@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from verif.design.heads import Head, HeadSet, canonical, format_heads, random_head_sets
-from verif.design.neurons import Neuron, NeuronSet, canonical_neurons, format_neurons, random_neuron_sets
+from verif.design.neurons import NeuronSet, canonical_neurons, format_neurons, random_neuron_sets
 
 KINDS = ("baseline", "target", "random", "layer", "single_head")
 SWEEPS = ("layer", "single_head")
