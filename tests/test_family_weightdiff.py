@@ -13,13 +13,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.support.families import HEAD_DIM as HD
 from tests.support.families import INTER, N_HEADS, N_KV, family_dir
-from verif.analysis.weightdiff import diff_checkpoints, plan_diff
+from verif.analysis.weightdiff import diff_checkpoints, diff_head_rows, plan_diff, summarise_rows
 
 NUDGE = 1e-3
 # (layer, component, index) planted in every family; head 3 reads kv head 1 under 2-way grouping.
@@ -126,3 +127,65 @@ def test_fused_layout_checked_against_the_config(tmp_path):
         plan_diff(str(base), str(bad))
     with pytest.raises(ValueError, match=r"qkv_proj.weight is \[64, 32\], config.json implies \[96, 32\]"):
         plan_diff(str(bad), str(bad))
+
+
+def _expected_rows(family: str, slices, planted) -> set[tuple[int, int, str, int]]:
+    """(layer, query head, matrix, row) of every planted attention weight element: the row inside the
+    head's slice (q/k/v: its row, o_proj: its column), repeated for each query head a kv head serves."""
+    group = 1 if family == "gpt_neox" else N_HEADS // N_KV
+    rows = set()
+    for layer, component, i in planted:
+        if component not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            continue
+        _, idx = slices(layer, component, i)
+        r = (idx[1] if component == "o_proj" else idx[0]) % HD
+        heads = [i] if component in ("q_proj", "o_proj") else range(i * group, (i + 1) * group)
+        rows |= {(layer, h, component, r) for h in heads}
+    return rows
+
+
+@pytest.mark.parametrize("case", ["llama-biases", "phi3", "gpt_neox"])
+def test_row_view_finds_planted_rows_and_matches_numpy(case, tmp_path):
+    """The study's per-row view: planted elements found at exactly their (head, matrix, row), k/v rows
+    repeated to the query heads they serve, and each row's cosine equal to numpy's on the raw rows."""
+    family, overrides, slices, planted = CASES[case]
+    base = family_dir(family, overrides)
+    tuned = _plant(base, tmp_path / "tuned", slices, planted)
+    rows = diff_head_rows(plan_diff(str(base), str(tuned)), None)
+    kv = N_HEADS if family == "gpt_neox" else N_KV
+    # every query head has head_dim rows of each of the four matrices in every layer
+    assert rows.height == 4 * N_HEADS * 4 * HD and rows.select("layer", "head", "matrix", "row").is_unique().all()
+    changed = rows.filter(pl.col("max_abs_diff") > 0)
+    assert set(changed.select("layer", "head", "matrix", "row").iter_rows()) == _expected_rows(family, slices, planted)
+    # an independent float64 computation on one changed and one unchanged row of each matrix
+    a, b = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for layer, component, i in sorted(planted):
+        if component not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            continue
+        name, idx = slices(layer, component, i)
+        r = idx[1] if component == "o_proj" else idx[0]
+        for rr in (r, r - 1 if r % HD else r + 1):
+            u, v = (t[name].double().numpy() for t in (a, b))
+            u, v = (u[:, rr], v[:, rr]) if component == "o_proj" else (u[rr], v[rr])
+            cos = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+            head = i * (1 if family == "gpt_neox" or component in ("q_proj", "o_proj") else N_HEADS // kv)
+            got = rows.filter(layer=layer, head=head, matrix=component, row=rr % HD)
+            # 32-element float64 dot products: differences in summation order stay below 1e-14
+            assert got["cos"].item() == pytest.approx(cos, abs=1e-14)
+            assert got["max_abs_diff"].item() == float(np.abs(v - u).max())
+
+
+def test_row_view_of_selected_heads_only(tmp_path):
+    family, overrides, slices, planted = CASES["llama-biases"]
+    base = family_dir(family, overrides)
+    tuned = _plant(base, tmp_path / "tuned", slices, planted)
+    plan = plan_diff(str(base), str(tuned))
+    rows = diff_head_rows(plan, [(2, 3), (3, 2)])
+    assert set(rows.select("layer", "head").unique().iter_rows()) == {(2, 3), (3, 2)}
+    assert rows.height == 2 * 4 * HD
+    changed = rows.filter(pl.col("max_abs_diff") > 0)
+    assert set(changed.select("layer", "head", "matrix").iter_rows()) == {(2, 3, "k_proj"), (3, 2, "o_proj")}
+    summary = summarise_rows(rows)
+    assert summary.height == 2 * 4 and (summary["n_rows"] == HD).all()
+    assert summary.filter(layer=2, head=3, matrix="k_proj")["max_one_minus_cos"].item() > 0
+    assert summary.filter(matrix="q_proj")["max_one_minus_cos"].to_list() == [0.0, 0.0]

@@ -32,6 +32,7 @@ lm_head.weight and the other ties, the stored one is compared with the tied mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -63,6 +64,8 @@ ATTENTION_COMPONENTS = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bia
 MLP_COMPONENTS = ("mlp_value", "mlp_up", "mlp_gate")
 MLP_BIAS_COMPONENTS = ("mlp_up_bias", "mlp_gate_bias")  # only in families with MLP biases
 _QUERY_SIDE = ("q_proj", "q_bias", "o_proj")
+# The matrices the study compared row by row per head (W_Q, W_K, W_V, W_O).
+ROW_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _KV_SIDE = ("k_proj", "k_bias", "v_proj", "v_bias")
 
 # Config keys whose values must agree (Arch field -> config.json key, for error messages).
@@ -91,6 +94,17 @@ SCHEMA = {
     "norm_change": pl.Float64,
     "rel_norm_change": pl.Float64,
     "max_abs_diff": pl.Float64,
+}
+
+
+# One row per (layer, query head, matrix, row) in the per-row view (`diff_head_rows`).
+ROW_SCHEMA = {
+    "layer": pl.Int32,
+    "head": pl.Int32,
+    "kv_head": pl.Int32,
+    "matrix": pl.String,
+    "row": pl.Int32,
+    **{k: v for k, v in SCHEMA.items() if v == pl.Float64},
 }
 
 
@@ -434,6 +448,71 @@ def diff_pairs(tasks: tuple[PairTask, ...]) -> pl.DataFrame:
 def diff_checkpoints(plan: DiffPlan) -> pl.DataFrame:
     """The whole table, serially."""
     return pl.concat([diff_pairs(u) for u in plan.units])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study's per-row view of the attention matrices
+
+
+def row_tasks(plan: DiffPlan, layers: set[int]) -> list[PairTask]:
+    """The attention weight tensors (q, k, v, o; fused ones too) of `layers`, to be compared row by row."""
+    def attention(task: PairTask) -> bool:
+        names = [c for c, _ in task.split.parts] or [task.split.component]
+        return any(n in ROW_MATRICES for n in names)
+
+    return [t for unit in plan.units[1:] for t in unit if t.layer in layers and attention(t)]
+
+
+def diff_rows(task: PairTask, heads: set[int] | None = None) -> pl.DataFrame:
+    """One row per (query head, matrix, row) of one attention tensor, as the study compared W_Q, W_K, W_V
+    and W_O: row r of a head is row r of its q/k/v slice, or column r of its o_proj slice (W_O's row in
+    TransformerLens' layout). A key/value head's rows appear once for every query head it serves.
+
+    The tensor is read as single rows (`_vector_sums` with groups of 1); row j*head_dim + r is row r of
+    the head-level vector j, whose (component, index) the family's split names. `heads`: query heads
+    to keep (None: all).
+    """
+    d = task.split.group
+    single = Split(task.split.component, task.split.axis, 1)
+    metrics = metrics_from_sums(_vector_sums(dataclasses.replace(task, split=single)))
+    n = len(metrics["cos"])
+    components, index = task.split.labels(n // d)
+    frame = pl.DataFrame(
+        {"matrix": np.repeat(components, d), "index": np.repeat(np.asarray(index, dtype=np.int32), d),
+         "row": np.tile(np.arange(d, dtype=np.int32), n // d), **metrics},
+        nan_to_null=True,
+    ).filter(pl.col("matrix").is_in(ROW_MATRICES))
+    group = task.n_heads // task.n_kv_heads
+    serves = pl.DataFrame({"kv_head": np.arange(task.n_heads, dtype=np.int32) // group,
+                           "head": np.arange(task.n_heads, dtype=np.int32)})
+    query = frame.filter(pl.col("matrix").is_in(_QUERY_SIDE)).with_columns(
+        head=pl.col("index"), kv_head=(pl.col("index") // group).cast(pl.Int32))
+    kv = frame.filter(~pl.col("matrix").is_in(_QUERY_SIDE)).rename({"index": "kv_head"}).join(serves, on="kv_head")
+    rows = pl.concat([query.drop("index"), kv], how="diagonal").with_columns(layer=pl.lit(task.layer, pl.Int32))
+    if heads is not None:
+        rows = rows.filter(pl.col("head").is_in(sorted(heads)))
+    return rows.select(list(ROW_SCHEMA)).cast(ROW_SCHEMA)
+
+
+def diff_head_rows(plan: DiffPlan, heads: list[tuple[int, int]] | None) -> pl.DataFrame:
+    """The per-row table of the attention matrices of `heads` ((layer, head) pairs; None: every head)."""
+    wanted: dict[int, set[int] | None] = {}
+    for layer, head in heads if heads is not None else []:
+        wanted.setdefault(layer, set()).add(head)
+    layers = set(range(plan.arch.n_layers)) if heads is None else set(wanted)
+    frames = [diff_rows(t, wanted.get(t.layer) if heads is not None else None) for t in row_tasks(plan, layers)]
+    rows = pl.concat(frames) if frames else pl.DataFrame(schema=ROW_SCHEMA)
+    return rows.sort(["layer", "head", "matrix", "row"])
+
+
+def summarise_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """Per (layer, head, matrix): how many rows, the smallest cosine and the largest and median 1 - cos."""
+    omc = pl.col("one_minus_cos")
+    return rows.group_by("layer", "head", "matrix").agg(
+        n_rows=pl.len(), min_cos=pl.col("cos").min(), max_one_minus_cos=omc.max(),
+        median_one_minus_cos=omc.median(), max_abs_rel_norm_change=pl.col("rel_norm_change").abs().max(),
+        cos_is_1_in_bf16=(omc.fill_null(math.inf) <= BF16_COS_ONE).all(),
+    ).sort("layer", "head", "matrix")
 
 
 # ----------------------------------------------------------------------------------------------------------
