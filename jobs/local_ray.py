@@ -2,10 +2,12 @@
 
 Ray's head processes share the driver's fate, but a few grandchildren (the dashboard and runtime-env
 agents) do not: after a SIGKILL of the driver they keep running under init. So the driver writes its
-Ray processes (pid, start time, command line) to OUT/.ray_processes.json once they are up, and whoever
+Ray's processes (pid, start time, command line: the head processes `ray.init` started and everything
+below them) to OUT/.ray_processes.json once they are up, and again once its workers are, and whoever
 next opens that folder (`--resume`, a new run) stops those still alive. A pid is only signalled while
-its start time and command line are still the recorded ones: pids are reused, and a process that merely
-got a recorded number is left alone.
+its start time is still the recorded one: pids are reused, and a process that merely got a recorded
+number is left alone. (The command line is kept for people reading the record, not compared: Ray
+workers rewrite theirs as they take on work.)
 """
 
 from __future__ import annotations
@@ -29,19 +31,31 @@ def _describe(proc: psutil.Process) -> dict | None:
         return None
 
 
-def descendants(pid: int | None = None) -> list[dict]:
-    """Every live process below `pid` (default: this one), as recordable entries."""
-    try:
-        children = psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.Error:
+def local_ray_processes() -> list[dict]:
+    """The processes of the Ray this process started (its head processes and all below them), as entries.
+
+    Only those: the driver may have other children (a test runner certainly does) that are not Ray's.
+    """
+    import ray._private.worker as ray_worker
+
+    node = ray_worker._global_node  # set by ray.init when it started the node itself
+    if node is None:
         return []
-    return [d for d in map(_describe, children) if d is not None]
+    found: dict[int, psutil.Process] = {}
+    for infos in node.all_processes.values():
+        for info in infos:
+            try:
+                root = psutil.Process(info.process.pid)
+                found.update({p.pid: p for p in (root, *root.children(recursive=True))})
+            except psutil.Error:
+                continue
+    return [d for d in map(_describe, found.values()) if d is not None]
 
 
 def record(path: Path) -> list[dict]:
-    """Add this process's current descendants (the local Ray's processes) to the record at `path`."""
+    """Add the local Ray's current processes to the record at `path` (workers appear as they start)."""
     entries = {(e["pid"], e["create_time"]): e for e in _read(path)}
-    entries.update({(e["pid"], e["create_time"]): e for e in descendants()})
+    entries.update({(e["pid"], e["create_time"]): e for e in local_ray_processes()})
     found = list(entries.values())
     write_json_atomic({"driver_pid": os.getpid(), "processes": found}, path)
     return found
@@ -55,13 +69,13 @@ def _read(path: Path) -> list[dict]:
 
 
 def _still_recorded(entry: dict) -> psutil.Process | None:
-    """The live process that is exactly the recorded one (same pid, start time, command line), or None."""
+    """The live process that is exactly the recorded one (same pid and start time), or None."""
     try:
         proc = psutil.Process(int(entry["pid"]))
         with proc.oneshot():
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            if abs(proc.create_time() - float(entry["create_time"])) > 0.01 or proc.cmdline() != entry["cmdline"]:
+            if abs(proc.create_time() - float(entry["create_time"])) > 0.01:  # ticks are 10 ms
                 return None
         return proc
     except (psutil.Error, KeyError, TypeError, ValueError):
