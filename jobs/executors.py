@@ -118,6 +118,7 @@ class LocalExecutor:
         self.startup_seconds = time.perf_counter() - start
         self.retried: list[dict] = []
         self.where = here()
+        self.workers = [{**self.where, "load_seconds": self.worker.load_seconds}]  # as loaded, for the manifest
 
     def run(self, shards: Sequence[Shard], payload: Payload) -> Iterator[tuple[Shard, dict, dict]]:
         for shard in shards:
@@ -158,19 +159,21 @@ class RayExecutor:
             num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_restarts=max_attempts, max_task_retries=0
         )
         self.actors = [actor.remote(spec) for _ in range(n_workers)]
-        self.where = self._wait_all([a.ready.remote() for a in self.actors])  # load errors surface here
+        self.workers = self._wait_all([a.ready.remote() for a in self.actors])  # load errors surface here
         self.startup_seconds = time.perf_counter() - start
+        self.where = [{k: w[k] for k in ("node_id", "host", "pid")} for w in self.workers]
         self.max_attempts = max_attempts
         self.retried: list[dict] = []  # one record per retried shard (see _retry_record)
 
     @staticmethod
     def _wait_all(refs: list) -> list[dict]:
+        """Each actor's `ready()` answer (where it runs, its model load seconds), waiting interruptibly."""
         import ray
 
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
-        return [{k: r[k] for k in ("node_id", "host", "pid")} for r in ray.get(refs)]
+        return [{k: r[k] for k in ("node_id", "host", "pid", "load_seconds")} for r in ray.get(refs)]
 
     def _retry_record(self, shard: Shard, old: dict, err: Exception) -> dict:
         """Which shard was retried and why: its worker's node is gone, or only its process died."""

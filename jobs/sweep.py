@@ -1,10 +1,13 @@
 """The sweep driver: validate, plan shards, run them, write results, then hand over to finalize.
 
 `prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
-file) before any weights are loaded. `run_sweep` then cuts the (model x prompts x conditions) work
-into shards, runs the ones not yet on disk, and writes each as one parquet file the moment it
-returns, so an interrupted sweep resumes where it stopped. Once every shard is on disk and checked
-complete, `jobs.finalize` computes statistics, figures and the W&B run.
+file) before any weights are loaded. `run_sweep` then takes OUT's lock (one driver per folder), cleans
+up after a driver that was killed there (its local Ray's processes, temp files), cuts the (model x
+prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
+each as one parquet file (and its size, rows and SHA-256 into the manifest) the moment it returns, so
+an interrupted sweep resumes where it stopped and never trusts a damaged file. SIGINT and SIGTERM stop
+it cleanly (`SweepInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
+computes statistics, figures and the W&B run.
 """
 
 from __future__ import annotations
@@ -349,6 +352,7 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
             if local:
                 local_ray.record(out.ray_processes)  # now with the workers
             done.startup_seconds += executor.startup_seconds
+            manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
             bar.set_description(f"scoring {model}")
             t_rows = time.perf_counter()
 
@@ -357,10 +361,13 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
 
             try:
                 for shard, columns, where in executor.run(todo, payload):
+                    t_write = time.perf_counter()
                     frame = pl.DataFrame(columns, schema=RESULT_SCHEMA)
                     record = write_shard(frame, out.shard(shard.id))
-                    manifest["shards"][shard.id].update(record.entry(), **where)
+                    entry = manifest["shards"][shard.id]
+                    entry.update(record.entry(), **where)
                     write_json_atomic(manifest, out.manifest)
+                    entry["write_seconds"] = time.perf_counter() - t_write  # the driver's cost of a shard
                     done.rows += frame.height
                     done.shards += 1
                     bar.update(1)
