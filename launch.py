@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     return p
 
 
@@ -70,6 +71,7 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
         plan = prepare(cfg)
         print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
+        print("\n".join(plan.prompt_source.lines()))
         return 0
     try:
         report = run_sweep(cfg, resume=args.resume)
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return _weight_diff(args)
         return _sweep(args, argv)
     except InputError as e:
+        if args.debug:
+            raise
         return _fail(str(e))
 
 

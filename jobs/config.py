@@ -26,7 +26,10 @@ import yaml
 
 from jobs.errors import InputError
 from verif.design.conditions import SWEEPS
+from verif.design.heads import parse_heads
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
+from verif.task.cot import ATTEMPT_CHOICES, EXTRACT_RULES
+from verif.task.prompts import load_template
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -71,6 +74,24 @@ def _resources(v: dict) -> str | None:
     return f"{reserved[0]} is set by cpus_per_worker / gpus_per_worker, not here" if reserved else None
 
 
+def _heads(v: str | list) -> str | None:
+    """A head set that parses (its range is checked against the model later, once its config is read)."""
+    try:
+        parse_heads(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _template(v: str) -> str | None:
+    """A built-in template name, or a template file with exactly the three placeholders."""
+    try:
+        load_template(v)
+    except ValueError as e:
+        return str(e).removeprefix(f"prompts.template {v!r}: ")
+    return None
+
+
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -97,7 +118,16 @@ class PromptsConfig:
     n: int = doc("Number of generated Countdown attempts.", 64, at_least(1))
     seed: int = doc("Seed of problem and attempt generation.", 0)
     p_correct: float = doc("Fraction of generated attempts that are correct.", 0.5, _ratio)
-    file: str | None = doc("JSONL of attempts (numbers, target, attempt) used instead of generating.", None)
+    file: str | None = doc("JSONL or parquet of attempts (numbers, target, attempt) or of model outputs "
+                           "(nums, target, output_text), used instead of generating.", None)
+    extract: str = doc("How attempt lines of model outputs lose parenthesised text: remarks (only groups with "
+                       "a letter) or study (every group, as the study's code did).", "remarks",
+                       _one_of(*EXTRACT_RULES))
+    attempts: str = doc("Which attempt lines of each model output: last (as the study) or all.", "last",
+                        _one_of(*ATTEMPT_CHOICES))
+    template: str = doc("Verification prompt: study (the string the study's code built), post (one sentence "
+                        "per line, as the post shows it) or a file with {numbers}, {target}, {attempt}.",
+                        "study", _template)
 
 
 @dataclass(frozen=True)
@@ -108,7 +138,8 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None)
+    target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None,
+                                          _heads)
     random_controls: int = doc("Number of random head sets of the target's size.", 10, at_least(0))
     seed: int = doc("Seed of the random control sets.", 0)
     exclude_target: bool = doc("Keep target heads out of the control sets.", True)
@@ -283,8 +314,12 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"--config {str(path)!r}: no such file")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from e
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({type(e).__name__}: {e})") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return loaded

@@ -12,6 +12,7 @@ computes statistics, figures and the W&B run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -46,8 +47,11 @@ from verif.design.conditions import Condition, build_conditions
 from verif.design.heads import parse_heads, validate_heads
 from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
 from verif.model.score import resolve_yes_no
-from verif.task.countdown import generate_problems, load_attempts_jsonl, make_attempts
-from verif.task.prompts import render_prompt
+from verif.task.cot import ATTEMPT_SCHEMA
+from verif.task.countdown import generate_problems, make_attempts
+from verif.task.prompt_file import load_prompt_file
+from verif.task.prompts import load_template
+from verif.task.validator import validate
 
 
 class SweepError(InputError):
@@ -86,6 +90,7 @@ class SweepPlan:
     sources: list[ModelSource]
     arch: Arch
     prompts: pl.DataFrame
+    prompt_source: PromptSource
     conditions: list[Condition]
     shards: list[Shard]
 
@@ -107,6 +112,7 @@ class SweepReport:
     retried: list[dict] = field(default_factory=list)
     recomputed: dict[str, str] = field(default_factory=dict)
     finalized: Finalized | None = None
+    prompt_source: PromptSource | None = None
 
     def bookkeeping(self) -> dict[str, float]:
         """The job's own numbers, as W&B summary values."""
@@ -128,6 +134,7 @@ class SweepReport:
         if self.recomputed:
             lines.append(f"shards recomputed because their files could not be trusted: {', '.join(self.recomputed)}")
         fin = self.finalized
+        lines += self.prompt_source.lines() if self.prompt_source else []
         lines += [
             f"results:  {out.results}/ (one parquet per shard)",
             f"summary:  {out.summary}",
@@ -141,25 +148,63 @@ class SweepReport:
         return lines
 
 
-def build_prompts(cfg: Config) -> pl.DataFrame:
-    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts."""
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the attempts came from, for the manifest and the run's first lines."""
+
+    template: str
+    template_digest: str
+    file: str | None = None
+    n_records: int = 0  # rows of prompts.file
+    no_attempt_rows: tuple[int, ...] = ()  # model outputs without any attempt line (reported, not dropped)
+    n_rules_differ: int = 0  # attempts whose text differs between the study's and the remarks rule
+
+    def lines(self) -> list[str]:
+        text = [f"prompts: template {self.template}"]
+        if self.file:
+            text.append(f"prompts.file {self.file}: {self.n_records} records, {len(self.no_attempt_rows)} without an "
+                        f"attempt line, {self.n_rules_differ} attempts where the study's rule and remarks differ")
+        return text
+
+
+def _generated_attempts(cfg: Config) -> pl.DataFrame:
     p = cfg.prompts
-    if p.file:
-        attempts = load_attempts_jsonl(p.file)
-    else:
-        attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
+    attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
     return pl.DataFrame(
         {
-            "prompt_id": list(range(len(attempts))),
             "numbers": [list(a.problem.numbers) for a in attempts],
             "target": [a.problem.target for a in attempts],
             "attempt": [a.text for a in attempts],
             "label": [a.label for a in attempts],
+            "reason": [validate(a.problem, a.text).reason for a in attempts],
             "error_kind": [a.error_kind for a in attempts],
-            "prompt": [render_prompt(a.problem.numbers, a.problem.target, a.text) for a in attempts],
+            "source_row": [None] * len(attempts),
+            "attempt_index": [None] * len(attempts),
+            "n_attempts": [None] * len(attempts),
+            "rules_differ": [None] * len(attempts),
         },
-        schema_overrides={"numbers": pl.List(pl.Int64)},
+        schema=ATTEMPT_SCHEMA,
     )
+
+
+def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource]:
+    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts."""
+    p = cfg.prompts
+    template = load_template(p.template)
+    source = PromptSource(template.name, template.digest)
+    if p.file:
+        table = load_prompt_file(p.file, p.extract, p.attempts)
+        if table.frame.height == 0:
+            raise SweepError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
+                             f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
+        frame = table.frame
+        source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
+                              table.n_rules_differ)
+    else:
+        frame = _generated_attempts(cfg)
+    rendered = [template.render(r["numbers"], r["target"], r["attempt"]) for r in frame.iter_rows(named=True)]
+    frame = frame.with_columns(pl.lit(template.name).alias("template"), pl.Series("prompt", rendered, pl.String))
+    return frame.with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64)), source
 
 
 def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
@@ -209,15 +254,21 @@ def prepare(cfg: Config) -> SweepPlan:
     try:
         target = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
                                 what=f"ablation.target_heads (model {sources[0].spec})")
+    except ValueError as e:
+        raise SweepError(str(e)) from e
+    try:
         conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab.random_controls, ab.seed,
                                       ab.exclude_target, ab.match_layers, ab.sweeps)
-        prompts = build_prompts(cfg)
+    except ValueError as e:
+        raise SweepError(f"ablation.random_controls: {e}") from e
+    try:
+        prompts, prompt_source = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
     _check_tokens(sources, cfg)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
-    return SweepPlan(cfg, sources, arch, prompts, conditions, shards)
+    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
@@ -239,6 +290,10 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
             raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
         old = read_manifest(out)
         diffs = config_mod.config_differences(old["config"], cfg)
+        old_digest = old.get("prompts", {}).get("template_digest")
+        if old_digest != plan.prompt_source.template_digest:
+            diffs.append(f"prompts.template: the template text changed ({old_digest} -> "
+                         f"{plan.prompt_source.template_digest})")
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
         _, bad = verify_shards(out, old)
@@ -259,6 +314,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
         "config_hash": config_mod.config_hash(cfg),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompts": dataclasses.asdict(plan.prompt_source),
         "shards": {s.id: {"status": "pending", "model": s.model, "prompts": len(s.prompt_ids),
                           "conditions": len(s.conditions)} for s in plan.shards},
     }
@@ -272,6 +328,7 @@ def worker_env() -> dict[str, str]:
     keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env["TQDM_DISABLE"] = "1"  # no loading bars from workers (GGUF conversion): the driver has the one bar
     return env
 
 
@@ -435,7 +492,8 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
                 results = out.read_results([s.id for s in plan.shards])
                 check_complete(results, plan)
                 report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
-                                     ran.startup_seconds, ran.retried, recomputed)
+                                     ran.startup_seconds, ran.retried, recomputed,
+                                     prompt_source=plan.prompt_source)
                 report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
                 report.seconds = time.perf_counter() - start
                 manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from verif.model.engine import Scorer
 from verif.design.heads import Head
@@ -48,6 +49,9 @@ class ShardScorer:
     """Loads the model once, then scores shards; prompts and head sets come with each call."""
 
     def __init__(self, spec: WorkerSpec):
+        # Workers stay quiet: the driver owns the one progress bar (transformers' weight-loading
+        # bars from every worker would flood its log; Ray workers also get TQDM_DISABLE).
+        hf_logging.disable_progress_bar()
         if spec.threads:
             torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec

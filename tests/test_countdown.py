@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from verif.task.prompt_file import load_prompt_file
 from verif.task.countdown import (
     ERROR_KINDS,
     Attempt,
@@ -13,7 +14,6 @@ from verif.task.countdown import (
     Verdict,
     find_solution,
     generate_problems,
-    load_attempts_jsonl,
     make_attempts,
     validate,
 )
@@ -278,7 +278,7 @@ def _write_lines(tmp_path, lines: list[str]):
     return path
 
 
-def test_load_attempts_jsonl_labels_with_validator(tmp_path):
+def test_prompt_file_attempts_labels_with_validator(tmp_path):
     rows = [
         {"numbers": [79, 17, 60], "target": 36, "attempt": "79 - 60 + 17 = 19 + 17 = 36"},
         {"numbers": [79, 17, 60], "target": 36, "attempt": "79 - 60 + 17 = 29 + 17 = 36",
@@ -290,7 +290,7 @@ def test_load_attempts_jsonl_labels_with_validator(tmp_path):
     ]
     path = _write_lines(tmp_path, [json.dumps(rows[0]), "", "   "]
                         + [json.dumps(r) for r in rows[1:]])
-    loaded = load_attempts_jsonl(path)
+    loaded = load_prompt_file(path).attempts
     assert [(a.label, a.error_kind) for a in loaded] == [
         (True, "none"), (False, "arithmetic_slip"), (False, "unknown"), (False, "unknown"),
         (True, "none"),
@@ -298,13 +298,13 @@ def test_load_attempts_jsonl_labels_with_validator(tmp_path):
     assert loaded[0].problem == SEED_PROBLEM and loaded[0].text == rows[0]["attempt"]
 
 
-def test_load_attempts_jsonl_round_trips_generated_attempts(tmp_path, attempts):
+def test_prompt_file_attempts_round_trips_generated_attempts(tmp_path, attempts):
     sample = attempts[:200]
     path = _write_lines(tmp_path, [
         json.dumps({"numbers": list(a.problem.numbers), "target": a.problem.target,
                     "attempt": a.text, "error_kind": a.error_kind}) for a in sample
     ])
-    assert load_attempts_jsonl(path) == sample
+    assert load_prompt_file(path).attempts == sample
 
 
 GOOD = '{"numbers": [1, 2, 3], "target": 6, "attempt": "1 + 2 + 3 = 6"}'
@@ -328,8 +328,8 @@ GOOD = '{"numbers": [1, 2, 3], "target": 6, "attempt": "1 + 2 + 3 = 6"}'
          "'error_kind' must be"),
     ],
 )
-def test_load_attempts_jsonl_malformed_line_names_file_and_line(tmp_path, bad, message):
+def test_prompt_file_attempts_malformed_line_names_file_and_line(tmp_path, bad, message):
     path = _write_lines(tmp_path, [GOOD, "", bad, GOOD])
     with pytest.raises(ValueError) as err:
-        load_attempts_jsonl(path)
+        load_prompt_file(path).attempts
     assert f"{path}:3:" in str(err.value) and message in str(err.value)

@@ -1,11 +1,12 @@
-"""The verification prompt must match the study's byte for byte."""
+"""The verification prompt must match the study's byte for byte (the post's display form here;
+the study's code string is tested in test_templates.py)."""
 
 import pytest
 
 from verif.task import prompts
-from verif.task.prompts import format_numbers, render_prompt
+from verif.task.prompts import POST, format_numbers, render_prompt
 
-STUDY_EXAMPLE = """A conversation between User and Assistant.
+POST_EXAMPLE = """A conversation between User and Assistant.
 The User is given a set of numbers [79 17 60] to create an equation that equals 36.
 The User can use basic arithmetic operations (+, -, *, /) and each number can only be used once.
 The following is the User's attempt:
@@ -17,9 +18,9 @@ The User is given the set of numbers [79 17 60] and must create an equation that
 The User's attempt is 79 - 60 + 17 = 19 + 17 = 36. Therefore, the final answer is"""
 
 
-def test_study_example_is_byte_exact():
-    prompt = render_prompt([79, 17, 60], 36, "79 - 60 + 17 = 19 + 17 = 36")
-    assert prompt.encode() == STUDY_EXAMPLE.encode()
+def test_post_example_is_byte_exact():
+    prompt = render_prompt([79, 17, 60], 36, "79 - 60 + 17 = 19 + 17 = 36", POST)
+    assert prompt.encode() == POST_EXAMPLE.encode()
 
 
 def test_prompt_ends_in_is_without_trailing_whitespace():
@@ -27,9 +28,10 @@ def test_prompt_ends_in_is_without_trailing_whitespace():
     assert prompt.endswith("the final answer is")
 
 
-def test_template_is_one_module_constant():
-    assert "{numbers}" in prompts.PROMPT_TEMPLATE and "{attempt}" in prompts.PROMPT_TEMPLATE
-    assert prompts.PROMPT_TEMPLATE.count("{target}") == 2
+def test_templates_are_module_constants():
+    for template in (prompts.STUDY, prompts.POST):
+        assert "{numbers}" in template.text and "{attempt}" in template.text
+        assert template.text.count("{target}") == 2
 
 
 def test_numbers_keep_given_order():

@@ -133,12 +133,22 @@ def test_corrupt_manifest_is_a_clear_error(seed_model_dir, sweep_reference, tmp_
         ("engine.max_rows=0", "engine.max_rows: must be >= 1"),
         ("engine.max_rows=big", "engine.max_rows: must be a whole number >= 1 or 'auto'"),
         ("engine.max_rows=2.5", "engine.max_rows: expected int or str, got float 2.5"),
+        ("ablation.target_heads=L-1 H3", "ablation.target_heads: cannot parse head 'L-1'"),
+        ("ablation.target_heads=garbage", "ablation.target_heads: cannot parse head 'garbage'"),
     ],
 )
 def test_config_errors_name_the_key(override, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override], str(tmp_path / "out"))
     assert message in str(err.value)
+
+
+def test_yaml_error_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts:\n  n: [1, 2\nablation: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(f"{bad}:3:9: not valid YAML: ") and "\n" not in str(err.value)
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
@@ -157,6 +167,8 @@ def test_cli_errors_before_any_shard(seed_model_dir, tmp_path, capsys):
         (["--set", "scoring.yes=[' Yesss']"], "variant ' Yesss' encodes to 3 tokens"),
         (["--set", "ablation.random_contols=3"], "did you mean random_controls?"),
         (["--config", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--set", "ablation.target_heads=L3 H1", "--set", "ablation.match_layers=true", "--set",
+          "ablation.random_controls=20"], "ablation.random_controls: only 15 distinct control sets of 1 heads"),
     ]
     for extra, message in cases:
         code, err = _cli(capsys, *base, *extra)

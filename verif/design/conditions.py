@@ -55,7 +55,7 @@ def build_conditions(
         conditions.append(Condition("target", "target", target_set))
     if n_random:
         if not target_set:
-            raise ValueError("ablation.random_controls needs ablation.target_heads: controls match the target's size")
+            raise ValueError("random controls need a target set (ablation.target_heads): they match its size")
         controls = random_head_sets(
             n_random, len(target_set), n_layers, n_heads, seed,
             exclude=target_set if exclude_target else (),

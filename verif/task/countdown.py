@@ -1,4 +1,4 @@
-"""Countdown problems, R1-style attempts, and an independent validator.
+"""Countdown problems and R1-style attempts (correct, and wrong in known ways).
 
 An attempt is written the way TinyZero R1 writes it in its chain of thought::
 
@@ -17,27 +17,25 @@ intermediates have at most three decimal places, so every step it writes is
 exact. A negative intermediate is written ``-43`` at the start of a segment and
 ``(-43)`` elsewhere.
 
-The label of every attempt comes from :func:`validate`, which parses the text
-itself and shares no evaluation code with the generator, so generator bugs show
-up as disagreements between ``error_kind`` and ``label`` (tested).
+The label of every attempt comes from ``verif.task.validator.validate``, which
+parses the text itself; this module imports its verdict but none of its
+evaluation code, so generator bugs show up as disagreements between
+``error_kind`` and ``label`` (tested).
 """
 
 from __future__ import annotations
 
 import ast
 import itertools
-import json
 import random
-import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
-TOLERANCE = 1e-5
-"""TinyZero's acceptance threshold, applied to every comparison below."""
+# Verdict is re-exported: callers that import validate from here get its result type too.
+from verif.task.validator import Problem, Verdict, validate  # noqa: F401
 
 ERROR_KINDS: tuple[str, ...] = (
     "arithmetic_slip",
@@ -51,22 +49,6 @@ ERROR_KINDS: tuple[str, ...] = (
 MAX_DECIMALS = 3
 """Generated intermediates have denominators dividing 10**MAX_DECIMALS, so steps are exact."""
 
-_ALLOWED_CHARS = re.compile(r"^[\d+\-*/().\s]+$")  # TinyZero's expression regex
-_LEADING_ZERO = re.compile(r"(?<![\d.])0\d")
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A Countdown problem. ``solution`` is a known expression, kept so correct
-    attempts can be written without a search; it is not part of equality."""
-
-    numbers: tuple[int, ...]
-    target: int
-    solution: str = field(default="", compare=False)
-
 
 @dataclass(frozen=True)
 class Attempt:
@@ -77,110 +59,6 @@ class Attempt:
     text: str
     label: bool
     error_kind: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Validator outcome; ``reason`` names the first rule broken (``"ok"`` if none)."""
-
-    correct: bool
-    reason: str
-
-
-# ---------------------------------------------------------------------- validator
-
-
-class _Reject(Exception):
-    """Internal: a segment broke a rule; the message is the verdict's reason."""
-
-
-_BINOPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-}
-
-
-def _evaluate(source: str, *, is_expression: bool) -> tuple[Fraction, list[int]]:
-    """Exact value of one segment and the integer literals it contains.
-
-    Only ``+ - * /`` on non-negative literals are walked; anything else
-    (``**``, ``//``, names, calls) is rejected -- never ``eval``. In the
-    expression literals must be integers and unary minus/plus is rejected; in
-    later segments decimal literals and unary minus (negative intermediates,
-    ``-43 + 79``) are allowed.
-    """
-    if not _ALLOWED_CHARS.match(source):
-        raise _Reject("characters outside digits, + - * / ( ) . and spaces")
-    if _LEADING_ZERO.search(source):
-        raise _Reject("number written with a leading zero")
-    try:
-        tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxError:
-        raise _Reject("syntax error") from None
-    literals: list[int] = []
-
-    def walk(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.BinOp):
-            op = _BINOPS.get(type(node.op))
-            if op is None:
-                raise _Reject(f"operator {type(node.op).__name__} is not + - * /")
-            left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Div) and right == 0:
-                raise _Reject("division by zero")
-            return op(left, right)
-        if isinstance(node, ast.UnaryOp):
-            if is_expression or not isinstance(node.op, ast.USub):
-                raise _Reject("unary operator in the expression" if is_expression else "unary plus")
-            return -walk(node.operand)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            literals.append(node.value)
-            return Fraction(node.value)
-        if isinstance(node, ast.Constant) and type(node.value) is float and not is_expression:
-            return Fraction(ast.get_source_segment(source.strip(), node))
-        raise _Reject(f"{type(node).__name__} not allowed")
-
-    return walk(tree.body), literals
-
-
-def validate(problem: Problem, text: str) -> Verdict:
-    """Decide whether an R1-style attempt line is correct for ``problem``.
-
-    TinyZero's rules on the expression (text before the first ``=``): it must
-    match ``^[\\d+\\-*/().\\s]+$``, its integers must be exactly the given
-    multiset (extra, missing or foreign numbers fail), it must parse and
-    evaluate without division by zero, and its value must be within 1e-5 of the
-    target. Stricter than TinyZero: ``**`` and ``//`` fail (not basic
-    operations), unary minus/plus in the expression fails (it would negate a
-    given number), a leading zero (``07``) fails (TinyZero's ``eval`` raises a
-    SyntaxError on it too), decimal literals in the expression fail. Added for
-    R1-style lines: there must be at least one ``=``; every later segment must
-    evaluate (exactly, decimals and negative intermediates allowed) to within
-    1e-5 of the expression's value, and the last one to within 1e-5 of the
-    target. Fractional intermediates are fine. Text too long to parse
-    (thousands of chained operations) is incorrect rather than an error.
-    """
-    segments = text.strip().split("=")
-    if len(segments) < 2:
-        return Verdict(False, "no claimed result (no '=')")
-    try:
-        value, literals = _evaluate(segments[0], is_expression=True)
-        if Counter(literals) != Counter(problem.numbers):
-            return Verdict(False, "numbers used differ from the given numbers")
-        steps = [_evaluate(s, is_expression=False)[0] for s in segments[1:]]
-    except _Reject as reject:
-        return Verdict(False, str(reject))
-    except RecursionError:  # thousands of chained operations: no real attempt
-        return Verdict(False, "expression too long to evaluate")
-    for i, step in enumerate(steps, start=1):
-        if abs(float(step - value)) >= TOLERANCE:
-            last = i == len(steps)
-            return Verdict(False, "claimed result differs from the expression" if last
-                           else f"step {i} differs from the expression")
-    if abs(float(value - problem.target)) >= TOLERANCE:
-        return Verdict(False, "expression does not equal the target")
-    return Verdict(True, "ok")
 
 
 # ------------------------------------------------------------------ expression trees
@@ -605,47 +483,35 @@ def make_attempts(
     return attempts
 
 
-def load_attempts_jsonl(path: str | Path) -> list[Attempt]:
-    """Attempts from JSONL lines ``{"numbers": [...], "target": int,
-    "attempt": str, "error_kind"?: str}``; blank lines are skipped.
+def attempt_from_record(row: object, where: str) -> Attempt:
+    """One attempt from a record ``{"numbers": [...], "target": int, "attempt":
+    str, "error_kind"?: str}`` (a JSONL line or a parquet row).
 
-    Labels are recomputed by :func:`validate`: ``error_kind`` becomes
+    The label is recomputed by :func:`validate`: ``error_kind`` becomes
     ``"none"`` for a correct attempt, and for an incorrect one the given kind,
-    or ``"unknown"`` when none is given or the given one is ``"none"``.
-    Malformed lines raise ValueError naming the file and 1-based line number.
+    or ``"unknown"`` when none is given or the given one is ``"none"``. A
+    malformed record raises ValueError starting with ``where``.
     """
-    path = Path(path)
-    attempts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
 
-            def bad(problem: str) -> ValueError:
-                return ValueError(f"{path}:{lineno}: {problem}")
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}")
 
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise bad(f"invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise bad("expected a JSON object")
-            for key in ("numbers", "target", "attempt"):
-                if key not in row:
-                    raise bad(f"missing field {key!r}")
-            numbers, target, text = row["numbers"], row["target"], row["attempt"]
-            kind = row.get("error_kind", "unknown")
-            if not (isinstance(numbers, list) and numbers
-                    and all(type(x) is int for x in numbers)):
-                raise bad("'numbers' must be a non-empty list of integers")
-            if type(target) is not int:
-                raise bad("'target' must be an integer")
-            if not isinstance(text, str):
-                raise bad("'attempt' must be a string")
-            if not isinstance(kind, str):
-                raise bad("'error_kind' must be a string")
-            problem = Problem(tuple(numbers), target)
-            correct = validate(problem, text).correct
-            kind = "none" if correct else ("unknown" if kind == "none" else kind)
-            attempts.append(Attempt(problem, text, correct, kind))
-    return attempts
+    if not isinstance(row, dict):
+        raise bad("expected a JSON object")
+    for key in ("numbers", "target", "attempt"):
+        if key not in row:
+            raise bad(f"missing field {key!r}")
+    numbers, target, text = row["numbers"], row["target"], row["attempt"]
+    kind = row.get("error_kind", "unknown")
+    if not (isinstance(numbers, list) and numbers and all(type(x) is int for x in numbers)):
+        raise bad("'numbers' must be a non-empty list of integers")
+    if type(target) is not int:
+        raise bad("'target' must be an integer")
+    if not isinstance(text, str):
+        raise bad("'attempt' must be a string")
+    if not isinstance(kind, str):
+        raise bad("'error_kind' must be a string")
+    problem = Problem(tuple(numbers), target)
+    correct = validate(problem, text).correct
+    kind = "none" if correct else ("unknown" if kind == "none" else kind)
+    return Attempt(problem, text, correct, kind)

@@ -1,0 +1,186 @@
+"""What a ranking buys: its top-k sets against random sets of the same size, and the target YAML.
+
+For each ranking and each k, the top-k components are ablated together, and so are `n_controls`
+random sets of k components of the same kind; the ranking's set is judged against that null with
+the sweep's empirical p-value, `(1 + #controls with |delta| >= |set's delta|) / (n_controls + 1)`
+(as `verif.analysis.stats.target_vs_controls`). This is the study's "cumulative prefix" search with
+the controls it lacked.
+
+Random sets are drawn from all components of the kind, top-k members included: the null is "k
+components picked blindly". (Excluding the top-k, as a sweep excludes its target, would draw the
+null from what the ranking put last and flatter the ranking.) They depend only on (seed, kind, k),
+so every ranking of a kind is judged against the same null sets, and all sets of all rankings of a
+kind are the conditions of one engine call (`SetPlan.conditions`, duplicates scored once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from verif.analysis.discovery.exact import ComponentSet
+from verif.analysis.discovery.ranking import ranked
+from verif.design.heads import format_heads
+
+DEFAULT_K = (1, 2, 4, 8, 16, 29, 64)
+DEFAULT_CONTROLS = 20
+KINDS = ("head", "neuron")
+HEAD_RANKINGS = ("atp", "exact", "attn_to_target")
+NEURON_RANKINGS = ("atp", "logit_yes_no", "probe_cos")
+
+Component = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PlannedSet:
+    """One (ranking, k): its top-k members and where its and its controls' conditions are."""
+
+    ranking: str
+    kind: str
+    k: int
+    members: tuple[Component, ...]
+    condition: int
+    controls: tuple[int, ...]
+
+
+@dataclass
+class SetPlan:
+    """The distinct conditions to score (no baseline: `delta_sums` adds it) and the sets they serve."""
+
+    conditions: list[ComponentSet]
+    sets: list[PlannedSet]
+
+
+def format_components(kind: str, members: Sequence[Component]) -> str:
+    """Canonical text of a set: 'L3 H13, L4 H0' for heads, 'L20 N1234, L21 N77' for neurons."""
+    if kind == "head":
+        return format_heads(members)
+    return ", ".join(f"L{layer} N{index}" for layer, index in sorted(set(members)))
+
+
+def _component_set(kind: str, members: Sequence[Component]) -> ComponentSet:
+    members = tuple(sorted(members))
+    return ComponentSet(heads=members) if kind == "head" else ComponentSet(neurons=members)
+
+
+def _check(kind: str, ks: Sequence[int], n_controls: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} must be one of {', '.join(KINDS)}")
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad or not ks:
+        raise ValueError(f"discover.k: {list(ks)} must be a non-empty list of positive ints")
+    if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1:
+        raise ValueError(f"discover.controls: {n_controls!r} must be a positive int")
+
+
+def plan_sets(
+    rankings: Mapping[str, np.ndarray],
+    kind: str,
+    ks: Sequence[int] = DEFAULT_K,
+    n_controls: int = DEFAULT_CONTROLS,
+    seed: int = 0,
+) -> SetPlan:
+    """Top-k and random sets for every ranking of one kind (`[L, X]` score maps of equal shape).
+
+    k is capped at the number of components a ranking scored (NaN = unscored, e.g. heads not
+    screened exactly), so a short ranking still gets its full set.
+    """
+    _check(kind, ks, n_controls)
+    shapes = {name: np.shape(scores) for name, scores in rankings.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"rankings of one kind must share a shape, got {shapes}")
+    conditions: list[ComponentSet] = []
+    index: dict[ComponentSet, int] = {}
+
+    def condition(members: Sequence[Component]) -> int:
+        cs = _component_set(kind, members)
+        if cs not in index:
+            index[cs] = len(conditions)
+            conditions.append(cs)
+        return index[cs]
+
+    nulls: dict[int, tuple[int, ...]] = {}
+    planned = []
+    for name, scores in rankings.items():
+        order = ranked(scores, name)
+        width = np.shape(scores)[1]
+        n_all = int(np.prod(np.shape(scores)))
+        for k in sorted({min(k, len(order)) for k in ks} - {0}):
+            if k not in nulls:
+                rng = np.random.default_rng([seed, KINDS.index(kind), k])
+                draws = [rng.choice(n_all, size=min(k, n_all), replace=False) for _ in range(n_controls)]
+                nulls[k] = tuple(condition([(int(i // width), int(i % width)) for i in d]) for d in draws)
+            members = tuple(order[:k])
+            planned.append(PlannedSet(name, kind, k, members, condition(members), nulls[k]))
+    return SetPlan(conditions, planned)
+
+
+SETS_SCHEMA = {
+    "ranking": pl.Utf8, "kind": pl.Utf8, "k": pl.Int64, "components": pl.Utf8, "delta": pl.Float64,
+    "null_mean": pl.Float64, "null_std": pl.Float64, "p_empirical": pl.Float64,
+}  # fmt: skip
+
+
+def sets_table(plan: SetPlan, deltas: np.ndarray) -> pl.DataFrame:
+    """`sets.parquet` rows from the plan and each condition's exact delta (`[len(plan.conditions)]`).
+
+    null_std has ddof=1; controls with a non-finite delta are left out of the null, as in the sweep.
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)
+    if deltas.shape != (len(plan.conditions),):
+        raise ValueError(f"deltas {deltas.shape}: expected one per planned condition ({len(plan.conditions)})")
+    rows = []
+    for s in plan.sets:
+        delta = deltas[s.condition]
+        null = deltas[list(s.controls)]
+        null = null[np.isfinite(null)]
+        ok = np.isfinite(delta) and null.size > 0
+        rows.append({
+            "ranking": s.ranking,
+            "kind": s.kind,
+            "k": s.k,
+            "components": format_components(s.kind, s.members),
+            "delta": float(delta),
+            "null_mean": float(null.mean()) if null.size else None,
+            "null_std": float(null.std(ddof=1)) if null.size >= 2 else None,
+            "p_empirical": (1 + int((np.abs(null) >= abs(delta)).sum())) / (null.size + 1) if ok else None,
+        })
+    return pl.DataFrame(rows, schema=SETS_SCHEMA)
+
+
+def best_set(table: pl.DataFrame, kind: str) -> dict | None:
+    """The set of `kind` with the smallest p_empirical; ties (the p floor 1/(n+1) is often shared) go
+    to the set lying most null standard deviations beyond the null mean, then to the smaller k."""
+    rows = table.filter((pl.col("kind") == kind) & pl.col("p_empirical").is_not_null()).to_dicts()
+    if not rows:
+        return None
+
+    def key(row: dict) -> tuple:
+        spread = row["null_std"] or 0.0
+        beyond = abs(row["delta"] - row["null_mean"]) / spread if spread > 0 else 0.0
+        return (row["p_empirical"], -beyond, row["k"])
+
+    return min(rows, key=key)
+
+
+def target_yaml(heads: dict | None, neurons: dict | None, model: str) -> str:
+    """A config fragment setting `ablation.target_heads` / `target_neurons` to the best sets (rows of
+    `sets_table`), so `--sweep` can test them with full random-set controls."""
+    if heads is None and neurons is None:
+        raise ValueError("target_yaml: no set to write (no head or neuron set has a p-value)")
+    lines = [f"# Best sets found by --discover on {model}; test them with --sweep and its random controls."]
+    for row in (heads, neurons):
+        if row is not None:
+            lines.append(
+                f"# {row['kind']}s: top {row['k']} by {row['ranking']}, delta {row['delta']:+.4g} nats "
+                f"(random sets {row['null_mean']:+.4g} +- {row['null_std'] or 0:.2g}), p_empirical {row['p_empirical']:.3g}"
+            )
+    lines.append("ablation:")
+    if heads is not None:
+        lines.append(f'  target_heads: "{heads["components"]}"')
+    if neurons is not None:
+        lines.append(f'  target_neurons: "{neurons["components"]}"')
+    return "\n".join(lines) + "\n"
