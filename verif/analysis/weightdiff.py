@@ -18,8 +18,13 @@ One output row per vector (columns in `SCHEMA`):
     from the weight rows because they live on another scale; merged, the larger part would hide a change
     in the smaller one;
   o_proj weight: the head_dim columns that read one head's output (what zero-ablation removes);
-  mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j;
-  anything else (embeddings, final and per-layer norms, an untied lm_head): the whole tensor, index null.
+  mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j
+    (and their biases, `mlp_up_bias` / `mlp_gate_bias`, entry j);
+  anything else (embeddings, final and per-layer norms, q/k norms, output biases, an untied lm_head): the
+    whole tensor, index null.
+Tensor names and fused layouts come from the model family (`verif.model.families`): Phi-3's fused
+`qkv_proj` and `gate_up_proj` and GPT-NeoX's per-head interleaved `query_key_value` are cut into the same
+components as separate projections, so rows mean the same thing in every family.
 A tied model has no lm_head.weight: its embeddings are compared once. If only one checkpoint stores
 lm_head.weight and the other ties, the stored one is compared with the tied model's embeddings (row
 `lm_head.weight`). Where one vector is zero and the other not, cos / 1-cos / rel_norm_change are null.
@@ -39,8 +44,10 @@ import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 
+from verif.model.families.base import CheckpointLayout, Split
+
 if TYPE_CHECKING:
-    from verif.model.loading import Arch
+    from verif.model.arch import Arch
 
 # Elements per float64 chunk (16 MiB per array); a handful of such arrays is the whole working set.
 CHUNK_ELEMENTS = 1 << 21
@@ -49,14 +56,12 @@ NORM_CHANGE_CLAIM = 1e-5
 # A cosine rounds to 1.0 in bf16 exactly when 1 - cos <= 2^-9: half a bf16 step below 1 (ties go to 1.0).
 BF16_COS_ONE = 2.0**-9
 HUB_PATTERNS = ["*.json", "*.safetensors"]
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 ATTENTION_COMPONENTS = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj")
 MLP_COMPONENTS = ("mlp_value", "mlp_up", "mlp_gate")
+MLP_BIAS_COMPONENTS = ("mlp_up_bias", "mlp_gate_bias")  # only in families with MLP biases
 _QUERY_SIDE = ("q_proj", "q_bias", "o_proj")
 _KV_SIDE = ("k_proj", "k_bias", "v_proj", "v_bias")
 
@@ -111,15 +116,7 @@ class Checkpoint:
     folder: str
     arch: Arch
     tensors: dict[str, TensorInfo]
-
-
-@dataclass(frozen=True)
-class Split:
-    """How a tensor is cut into vectors: `rows` or `cols` groups of `group`, or `whole`."""
-
-    component: str
-    axis: str
-    group: int = 1
+    layout: CheckpointLayout
 
 
 @dataclass(frozen=True)
@@ -193,6 +190,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     # Imported here so that Ray workers, which only run `diff_pairs`, never pay for importing transformers.
     from transformers import AutoConfig
 
+    from verif.model.families import family_of
     from verif.model.loading import arch_from_config, resolve_source
 
     try:
@@ -225,7 +223,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
         wrong = sorted(n for n, f in weight_map.items() if n not in tensors or Path(tensors[n].file).name != f)
         if wrong:
             raise OSError(f"{role} checkpoint {spec!r}: index and shards disagree on {_few(wrong)}")
-    return Checkpoint(role, spec, str(folder), arch, tensors)
+    return Checkpoint(role, spec, str(folder), arch, tensors, family_of(arch.family).checkpoint)
 
 
 def _few(names: list[str], n: int = 8) -> str:
@@ -248,11 +246,12 @@ def _name_pairs(base: Checkpoint, tuned: Checkpoint) -> list[tuple[str, str]]:
     only_base = sorted(set(base.tensors) - set(tuned.tensors))
     only_tuned = sorted(set(tuned.tensors) - set(base.tensors))
     pairs = [(n, n) for n in sorted(set(base.tensors) & set(tuned.tensors))]
-    if only_base == [LM_HEAD] and not only_tuned and tuned.arch.tie_word_embeddings:
-        pairs.append((LM_HEAD, EMBED))
+    embed, unembed = base.layout.embed, base.layout.unembed
+    if only_base == [unembed] and not only_tuned and tuned.arch.tie_word_embeddings:
+        pairs.append((unembed, embed))
         only_base = []
-    elif only_tuned == [LM_HEAD] and not only_base and base.arch.tie_word_embeddings:
-        pairs.append((EMBED, LM_HEAD))
+    elif only_tuned == [unembed] and not only_base and base.arch.tie_word_embeddings:
+        pairs.append((embed, unembed))
         only_tuned = []
     if only_base or only_tuned:
         parts = [
@@ -262,24 +261,6 @@ def _name_pairs(base: Checkpoint, tuned: Checkpoint) -> list[tuple[str, str]]:
         ]
         raise ValueError("tensor names differ: " + "; ".join(parts))
     return pairs
-
-
-def _layer_split(suffix: str, arch: Arch) -> tuple[Split, tuple[int, ...]] | None:
-    """The split of a per-layer tensor and the shape config.json implies for it; None: whole tensor."""
-    hd, h, kv, hid, inter = arch.head_dim, arch.n_heads, arch.n_kv_heads, arch.hidden_size, arch.intermediate_size
-    table = {
-        "self_attn.q_proj.weight": (Split("q_proj", "rows", hd), (h * hd, hid)),
-        "self_attn.q_proj.bias": (Split("q_bias", "rows", hd), (h * hd,)),
-        "self_attn.k_proj.weight": (Split("k_proj", "rows", hd), (kv * hd, hid)),
-        "self_attn.k_proj.bias": (Split("k_bias", "rows", hd), (kv * hd,)),
-        "self_attn.v_proj.weight": (Split("v_proj", "rows", hd), (kv * hd, hid)),
-        "self_attn.v_proj.bias": (Split("v_bias", "rows", hd), (kv * hd,)),
-        "self_attn.o_proj.weight": (Split("o_proj", "cols", hd), (hid, h * hd)),
-        "mlp.down_proj.weight": (Split("mlp_value", "cols", 1), (hid, inter)),
-        "mlp.up_proj.weight": (Split("mlp_up", "rows", 1), (inter, hid)),
-        "mlp.gate_proj.weight": (Split("mlp_gate", "rows", 1), (inter, hid)),
-    }
-    return table.get(suffix)
 
 
 def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
@@ -296,25 +277,26 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     ]
     if bad_shapes:
         raise ValueError(f"shape mismatch ({len(bad_shapes)} tensors): " + "; ".join(bad_shapes[:8]))
-    arch = base.arch
+    arch, layout = base.arch, base.layout
+    layer_name = re.compile(rf"^{re.escape(layout.layer_prefix)}(\d+)\.(.+)$")
     units: list[list[PairTask]] = [[] for _ in range(arch.n_layers + 1)]
     layout_errors = []
     for bn, tn in pairs:
         shape = base.tensors[bn].shape
-        m = _LAYER_NAME.match(bn)
+        m = layer_name.match(bn)
         layer, suffix = (int(m.group(1)), m.group(2)) if m else (None, bn)
         if layer is not None and layer >= arch.n_layers:
             layout_errors.append(f"{bn}: layer {layer} but num_hidden_layers={arch.n_layers}")
             continue
-        found = _layer_split(suffix, arch) if layer is not None else None
+        found = layout.splits(suffix, arch) if layer is not None else None
         if found is None:
-            split = Split(LM_HEAD if LM_HEAD in (bn, tn) else suffix, "whole")
+            split = Split(layout.unembed if layout.unembed in (bn, tn) else suffix, "whole")
         else:
             split, expected = found
             if shape != expected:
                 layout_errors.append(f"{bn} is {list(shape)}, config.json implies {list(expected)}")
                 continue
-        tied = {EMBED: ", tied", LM_HEAD: ""}
+        tied = {layout.embed: ", tied", layout.unembed: ""}
         tensor = bn if bn == tn else f"{bn} (base{tied[bn]}) vs {tn} (tuned{tied[tn]})"
         units[0 if layer is None else layer + 1].append(
             PairTask(layer, tensor, bn, tn, base.tensors[bn].file, tuned.tensors[tn].file, shape, split,
@@ -329,9 +311,11 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     missing_layers = [i for i in range(arch.n_layers) if not units[i + 1]]
     if missing_layers:
         raise ValueError(f"num_hidden_layers={arch.n_layers} but no tensors for layers {missing_layers[:8]}")
-    rank = {c: i for i, c in enumerate(ATTENTION_COMPONENTS + MLP_COMPONENTS)}
+    rank = {c: i for i, c in enumerate(ATTENTION_COMPONENTS + MLP_COMPONENTS + MLP_BIAS_COMPONENTS)}
+
     def order(p: PairTask) -> tuple[int, str]:
-        return rank.get(p.split.component, len(rank)), p.base_name
+        first = p.split.parts[0][0] if p.split.parts else p.split.component
+        return rank.get(first, len(rank)), p.base_name
 
     return DiffPlan(base, tuned, tuple(tuple(sorted(u, key=order)) for u in units))
 
@@ -422,15 +406,15 @@ def diff_pair(task: PairTask) -> pl.DataFrame:
     metrics = metrics_from_sums(_vector_sums(task))
     n = len(metrics["cos"])
     whole = task.split.axis == "whole"
-    kv_side = task.split.component in _KV_SIDE
+    components, index = task.split.labels(n)
     group = task.n_heads // task.n_kv_heads
-    shared_by = [list(range(k * group, (k + 1) * group)) for k in range(n)] if kv_side else [None] * n
+    shared_by = [list(range(k * group, (k + 1) * group)) if c in _KV_SIDE else None for c, k in zip(components, index)]
     numel = (math.prod(task.shape) if task.shape else 1) // n
     return pl.DataFrame(
         {
             "layer": [task.layer] * n,
-            "component": [task.split.component] * n,
-            "index": [None] * n if whole else np.arange(n, dtype=np.int32),
+            "component": components,
+            "index": [None] * n if whole else np.asarray(index, dtype=np.int32),
             "tensor": [task.tensor] * n,
             "shared_by": shared_by,
             "numel": [numel] * n,
@@ -490,8 +474,8 @@ def head_rows(table: pl.DataFrame, heads: list[tuple[int, int]], arch: Arch) -> 
 
 
 def neuron_rows(table: pl.DataFrame, neurons: list[tuple[int, int]]) -> pl.DataFrame:
-    """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows."""
-    keys = [(layer, c, j) for layer, j in neurons for c in MLP_COMPONENTS]
+    """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows (and their biases)."""
+    keys = [(layer, c, j) for layer, j in neurons for c in MLP_COMPONENTS + MLP_BIAS_COMPONENTS]
     return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
 
 
@@ -588,7 +572,8 @@ def summarise(table: pl.DataFrame, selected: pl.DataFrame, arch: Arch) -> pl.Dat
     lazy, component = table.lazy(), pl.col("component")
     groups += [
         ("all_heads", arch.n_layers * arch.n_heads, lazy.filter(component.is_in(ATTENTION_COMPONENTS))),
-        ("all_neurons", arch.n_layers * arch.intermediate_size, lazy.filter(component.is_in(MLP_COMPONENTS))),
+        ("all_neurons", arch.n_layers * arch.intermediate_size,
+         lazy.filter(component.is_in(MLP_COMPONENTS + MLP_BIAS_COMPONENTS))),
         ("whole_tensors", table["index"].null_count(), lazy.filter(pl.col("index").is_null())),
         ("all", table.height, lazy),
     ]
