@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,7 +89,10 @@ def _check_clean_stop(r: Frozen, code: int, err: str, signame: str, want_code: i
     assert m, last
     assert m.group(1) == signame and Path(m.group(3)) == r.out
     assert int(m.group(2)) == len(done_shards(r.out)) < N_SHARDS
-    assert f"--out {r.out}" in m.group(4) and m.group(4).count("--resume") == 1
+    # The command as started, with --out moved to the end after --resume: pasted, it resumes this sweep.
+    started = list(r.proc.args)
+    out_at = started.index("--out")
+    assert shlex.split(m.group(4)) == [*started[:out_at], *started[out_at + 2:], "--resume", "--out", str(r.out)]
     assert still_running(r.procs) == [], "processes of the stopped driver are still running"
     assert r.worker in {p.pid for p in r.procs}
     out = OutDir(r.out)
