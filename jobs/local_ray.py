@@ -20,7 +20,7 @@ import psutil
 
 from jobs.storage import write_json_atomic
 
-GRACE_S = 3.0  # SIGTERM first; the agents ignore it while their raylet is gone, hence the SIGKILL after
+GRACE_S = 2.0  # SIGTERM first; the agents ignore it while their raylet is gone, hence the SIGKILL after
 
 
 def _describe(proc: psutil.Process) -> dict | None:

@@ -1,7 +1,8 @@
 """The sweep engine end to end: Ray workers, resume, what --resume trusts, configuration errors.
 
-Faults injected from outside (signals, killed processes, lost nodes) are in test_faults.py and
-test_cluster.py; the small sweep they all share is tests.support.sweeps.
+Ray runs, and faults injected from outside (signals, killed processes, lost nodes), are in
+test_faults.py (drivers on a local Ray) and test_cluster.py (a simulated multi-node cluster, equal to
+the in-process run bit for bit); the small sweep they all share is tests.support.sweeps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 import launch
@@ -31,23 +31,6 @@ def finished_copy(sweep_reference, tmp_path: Path) -> Path:
     out = tmp_path / "OUT"
     shutil.copytree(sweep_reference[1], out)
     return out
-
-
-def test_ray_sweep_equals_single_process(seed_model_dir, tmp_path, sweep_reference):
-    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=2"))
-    out = OutDir(tmp_path)
-    assert_same_results(out.read_results(), sweep_reference[0])
-    assert report.shards_run == N_SHARDS and not report.retried
-    for path in (out.prompts, out.conditions, out.summary, out.manifest):
-        assert path.is_file(), path
-    summary = pl.read_parquet(out.summary)
-    assert set(summary["condition"]) == {"baseline", "target", "random-000", "random-001"}
-    assert pl.read_parquet(out.conditions).filter(pl.col("kind") == "target")["n_heads"].item() == 3
-    shards = manifest(tmp_path)["shards"].values()
-    # Two actors in two processes of the one local node (both get a shard at once: 6 shards, 2 free actors).
-    assert len({s["pid"] for s in shards}) == 2 and os.getpid() not in {s["pid"] for s in shards}
-    assert len({s["node_id"] for s in shards}) == 1 and None not in {s["node_id"] for s in shards}
-    assert not out.lock.exists() and not out.ray_processes.exists()  # released, and Ray's processes gone
 
 
 def test_existing_out_needs_resume(seed_model_dir, sweep_reference, tmp_path):
