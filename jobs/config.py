@@ -27,6 +27,7 @@ import yaml
 from jobs.errors import InputError
 from verif.design.conditions import SWEEPS
 from verif.design.heads import parse_heads
+from verif.design.neurons import parse_neurons
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
 from verif.task.cot import ATTEMPT_CHOICES, EXTRACT_RULES
 from verif.task.prompts import load_template
@@ -92,6 +93,15 @@ def _template(v: str) -> str | None:
     return None
 
 
+def _neurons(v: str | list) -> str | None:
+    """A neuron set that parses (its range is checked against the model later)."""
+    try:
+        parse_neurons(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -140,10 +150,13 @@ class ScoringConfig:
 class AblationConfig:
     target_heads: str | list | None = doc("Target head set: 'L3 H13, L4 H5', '3.13 4.5' or [[3, 13], ...].", None,
                                           _heads)
-    random_controls: int = doc("Number of random head sets of the target's size.", 10, at_least(0))
+    target_neurons: str | list | None = doc("Target MLP neurons (value vectors), alone or with target_heads: "
+                                            "'L20 N1234, L21 N77' or [[20, 1234], ...].", None, _neurons)
+    random_controls: int = doc("Number of random control sets, each with the target's numbers of heads and "
+                               "neurons.", 10, at_least(0))
     seed: int = doc("Seed of the random control sets.", 0)
-    exclude_target: bool = doc("Keep target heads out of the control sets.", True)
-    match_layers: bool = doc("Draw controls with the target's per-layer head counts.", False)
+    exclude_target: bool = doc("Keep target heads and neurons out of the control sets.", True)
+    match_layers: bool = doc("Draw controls with the target's per-layer head (and neuron) counts.", False)
     sweeps: list = listing("Extra sweeps: layer (each layer whole), single_head (each head alone).", [], _sweeps)
 
 
@@ -188,7 +201,10 @@ class WeightDiffConfig:
     base: str | None = doc("Base checkpoint for the weight-diff job (hub id or safetensors folder).", None)
     tuned: str | None = doc("Fine-tuned checkpoint compared with base.", None)
     heads: str | list = doc("Heads summarised as one group: target (ablation.target_heads; none when unset), "
-                            "study (the study's 29), none, or a head list.", "target")
+                            "study (the study's 29), all, none, or a head list.", "target")
+    granularity: str = doc("head (one row per head and neuron) or row (also the study's view: one row per "
+                           "head, matrix W_Q/W_K/W_V/W_O and head_dim row, for the heads above).", "head",
+                           _one_of("head", "row"))
     top_k: int = doc("Value vectors summarised separately, by largest change.", 50, at_least(0))
 
 

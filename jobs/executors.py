@@ -11,6 +11,7 @@ here wakes up at least once a second, so SIGINT/SIGTERM handlers in the driver r
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -20,9 +21,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from jobs.worker import Shard, ShardScorer, WorkerSpec
+from jobs.worker import ModelWorker, WorkerSpec
 
-Payload = Callable[[Shard], tuple]  # shard -> extra arguments of ShardScorer.score
+Shard = Any  # any work item with an `id` (a sweep shard, a generation or discovery shard)
+Payload = Callable[[Shard], tuple]  # shard -> the worker method's further arguments
 Item = TypeVar("Item")
 WAIT_S = 1.0  # longest uninterrupted wait on Ray: the driver's signal handlers run between waits
 PROBE_AGAIN_S = 1.0  # a worker whose node is not yet known dead is probed again after this
@@ -110,37 +112,38 @@ def here() -> dict:
 
 
 class LocalExecutor:
-    """Scores shards one after another with a single in-process worker."""
+    """Runs shards one after another on a single in-process worker (`worker_cls(spec)`)."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, worker_cls: type[ModelWorker], spec: WorkerSpec, method: str):
         start = time.perf_counter()
-        self.worker = ShardScorer(spec)
+        self.worker = worker_cls(spec)
+        self.method = getattr(self.worker, method)
         self.startup_seconds = time.perf_counter() - start
         self.retried: list[dict] = []
         self.where = here()
-        self.workers = [{**self.where, "load_seconds": self.worker.load_seconds}]  # as loaded, for the manifest
+        self.workers = [{**self.where, **self.worker.ready()}]  # as loaded, for the manifest
 
-    def run(self, shards: Sequence[Shard], payload: Payload) -> Iterator[tuple[Shard, dict, dict]]:
+    def run(self, shards: Sequence[Shard], payload: Payload) -> Iterator[tuple[Shard, Any, dict]]:
         for shard in shards:
-            columns = self.worker.score(shard, *payload(shard))
-            columns.pop("pid")
-            yield shard, columns, self.where
+            yield shard, self.method(shard, *payload(shard)), self.where
 
     def close(self) -> None:
-        self.worker = None
+        self.worker = self.method = None
 
 
-class RemoteScorer(ShardScorer):
-    """A ShardScorer as a Ray actor: every answer also says where it was computed."""
+class Remote:
+    """Mixed into a worker class to run it as a Ray actor: every answer also says where it ran."""
 
     def ready(self) -> dict:
         return {**super().ready(), **here()}
 
-    def score(self, *args) -> dict:
-        columns = super().score(*args)
-        columns.pop("pid")
-        columns["where"] = here()
-        return columns
+    def call(self, method: str, *args) -> dict:
+        return {"result": getattr(self, method)(*args), "where": here()}
+
+
+@functools.cache
+def _remote(worker_cls: type[ModelWorker]) -> type:
+    return type(f"Remote{worker_cls.__name__}", (Remote, worker_cls), {"__module__": worker_cls.__module__})
 
 
 class RayExecutor:
@@ -148,16 +151,18 @@ class RayExecutor:
 
     A shard whose actor fails is retried (up to `max_attempts` tries in all) once Ray has restarted the
     actor; `retried` says which shard, and whether its worker's process died or its whole node was lost.
+    Shards are anything with an `id`; each runs as `worker.<method>(shard, *payload(shard))`.
     """
 
-    def __init__(self, spec: WorkerSpec, n_workers: int, cpus: float, gpus: float, resources: dict[str, float],
-                 max_attempts: int):
+    def __init__(self, worker_cls: type[ModelWorker], spec: WorkerSpec, method: str, n_workers: int, cpus: float,
+                 gpus: float, resources: dict[str, float], max_attempts: int):
         import ray
 
         start = time.perf_counter()
-        actor = ray.remote(RemoteScorer).options(
+        actor = ray.remote(_remote(worker_cls)).options(
             num_cpus=cpus, num_gpus=gpus, resources=resources or None, max_restarts=max_attempts, max_task_retries=0
         )
+        self.method = method
         self.actors = [actor.remote(spec) for _ in range(n_workers)]
         self.workers = self._wait_all([a.ready.remote() for a in self.actors])  # load errors surface here
         self.startup_seconds = time.perf_counter() - start
@@ -173,7 +178,7 @@ class RayExecutor:
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
-        return [{k: r[k] for k in ("node_id", "host", "pid", "load_seconds")} for r in ray.get(refs)]
+        return ray.get(refs)
 
     def _retry_record(self, shard: Shard, old: dict, err: Exception) -> dict:
         """Which shard was retried and why: its worker's node is gone, or only its process died."""
@@ -202,7 +207,7 @@ class RayExecutor:
             while queue and idle:
                 shard, w = queue.popleft(), idle.popleft()
                 attempts[shard.id] += 1
-                scoring[self.actors[w].score.remote(shard, *payload(shard))] = (shard, w)
+                scoring[self.actors[w].call.remote(self.method, shard, *payload(shard))] = (shard, w)
             if not (scoring or probing):
                 if not later:
                     raise ShardFailed(f"no worker left to run {len(queue)} shards (every actor is dead)")
@@ -227,7 +232,7 @@ class RayExecutor:
                     continue
                 shard, w = scoring.pop(ref)
                 try:
-                    columns = ray.get(ref)
+                    answer = ray.get(ref)
                 except RayActorError as err:
                     if attempts[shard.id] >= self.max_attempts:
                         raise ShardFailed(
@@ -238,9 +243,9 @@ class RayExecutor:
                     queue.appendleft(shard)
                     probing[self.actors[w].ready.remote()] = w
                     continue
-                self.where[w] = columns.pop("where")
+                self.where[w] = answer["where"]
                 idle.append(w)
-                yield shard, columns, self.where[w]
+                yield shard, answer["result"], self.where[w]
         self.retried += [self._retry_record(*f) for f in failed.values()]
 
     def close(self) -> None:

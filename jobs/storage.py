@@ -60,10 +60,13 @@ class OutDir:
     weight_diff_selection = property(lambda self: self.root / "weight_diff_selection.parquet")
     weight_diff_selected_rows = property(lambda self: self.root / "weight_diff_selected_rows.parquet")
     weight_diff_summary = property(lambda self: self.root / "weight_diff_summary.json")
+    weight_diff_rows = property(lambda self: self.root / "weight_diff_rows.parquet")
+    weight_diff_rows_summary = property(lambda self: self.root / "weight_diff_rows_summary.parquet")
 
     @property
     def weight_diff_files(self) -> tuple[Path, ...]:
-        return (self.weight_diff, self.weight_diff_selection, self.weight_diff_selected_rows, self.weight_diff_summary)
+        return (self.weight_diff, self.weight_diff_selection, self.weight_diff_selected_rows, self.weight_diff_summary,
+                self.weight_diff_rows, self.weight_diff_rows_summary)
 
     def shard(self, shard_id: str) -> Path:
         return self.results / f"{shard_id}.parquet"

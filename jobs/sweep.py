@@ -13,7 +13,6 @@ computes statistics, figures and the W&B run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import sys
 import time
@@ -27,7 +26,6 @@ from jobs import config as config_mod
 from jobs import local_ray
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
 from jobs.finalize import Finalized, finalize
 from jobs.interrupt import Interrupted, signal_number, stop_on_signals
 from jobs.lock import OutLock
@@ -39,12 +37,13 @@ from jobs.storage import (
     verify_shards,
     write_json_atomic,
     write_parquet_atomic,
-    write_shard,
 )
 from jobs.weight_diff import check_weight_diff
-from jobs.worker import Shard, WorkerSpec
-from verif.design.conditions import Condition, build_conditions
+from jobs.pool import run_recorded, worker_pool
+from jobs.worker import Shard, ShardScorer
+from verif.design.conditions import Ablation, Condition, build_conditions
 from verif.design.heads import parse_heads, validate_heads
+from verif.design.neurons import parse_neurons, validate_neurons
 from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
 from verif.model.score import resolve_yes_no
 from verif.task.cot import ATTEMPT_SCHEMA
@@ -246,19 +245,22 @@ def prepare(cfg: Config) -> SweepPlan:
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise SweepError(f"model.path: two models share the name {names}; give distinct paths")
-    shapes = {(a.n_layers, a.n_heads) for a in archs}
-    if len(shapes) > 1:
-        raise SweepError(f"model.path: models differ in layers x heads {sorted(shapes)}; one head set cannot fit all")
-    arch = archs[0]
     ab = cfg.ablation
+    shapes = {(a.n_layers, a.n_heads) + ((a.n_neurons,) if ab.target_neurons else ()) for a in archs}
+    if len(shapes) > 1:
+        what = "layers x heads x neurons" if ab.target_neurons else "layers x heads"
+        raise SweepError(f"model.path: models differ in {what} {sorted(shapes)}; one target cannot fit all")
+    arch = archs[0]
     try:
-        target = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
-                                what=f"ablation.target_heads (model {sources[0].spec})")
+        heads = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
+                               what=f"ablation.target_heads (model {sources[0].spec})")
+        neurons = validate_neurons(parse_neurons(ab.target_neurons or []), arch.n_layers, arch.n_neurons,
+                                   what=f"ablation.target_neurons (model {sources[0].spec})")
     except ValueError as e:
         raise SweepError(str(e)) from e
     try:
-        conditions = build_conditions(arch.n_layers, arch.n_heads, target, ab.random_controls, ab.seed,
-                                      ab.exclude_target, ab.match_layers, ab.sweeps)
+        conditions = build_conditions(arch.n_layers, arch.n_heads, Ablation(heads, neurons), ab.random_controls,
+                                      ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps, n_neurons=arch.n_neurons)
     except ValueError as e:
         raise SweepError(f"ablation.random_controls: {e}") from e
     try:
@@ -275,7 +277,7 @@ def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
     return pl.DataFrame(
         [c.row() for c in conditions],
         schema={"condition": pl.Utf8, "kind": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
-                "layer": pl.Int64, "head": pl.Int64},
+                "neurons": pl.Utf8, "n_neurons": pl.Int64, "layer": pl.Int64, "head": pl.Int64},
     )
 
 
@@ -322,46 +324,6 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
     return manifest, {}
 
 
-def worker_env() -> dict[str, str]:
-    """Environment every worker needs, shipped through Ray's runtime_env."""
-    # Not HF_HOME: a cache path is a fact about one node; each node's own environment (`ray start`) sets it.
-    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["TQDM_DISABLE"] = "1"  # no loading bars from workers (GGUF conversion): the driver has the one bar
-    return env
-
-
-def resolve_workers(cfg: Config) -> int:
-    """`ray.workers: auto` is one worker per GPU of the (already joined) cluster."""
-    r = cfg.ray
-    if r.workers != "auto":
-        return r.workers
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if not r.gpus_per_worker or gpus < r.gpus_per_worker:
-        raise SweepError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r.gpus_per_worker})")
-    return int(gpus // r.gpus_per_worker)
-
-
-def _make_executor(cfg: Config, model: str, n_workers: int):
-    r = cfg.ray
-    spec = WorkerSpec(
-        model=model,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        yes=tuple(cfg.scoring.yes),
-        no=tuple(cfg.scoring.no),
-        engine=cfg.engine,
-        threads=max(1, int(r.cpus_per_worker)) if n_workers else None,
-    )
-    if n_workers == 0:
-        return LocalExecutor(spec)
-    return RayExecutor(spec, n_workers, r.cpus_per_worker, r.gpus_per_worker, r.resources_per_worker,
-                       cfg.shards.max_attempts)
-
-
 @dataclass
 class ShardsRun:
     """What `run_shards` did."""
@@ -373,74 +335,46 @@ class ShardsRun:
 
 
 def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
-    """Run every shard the manifest does not hold as done; each is written and recorded as it returns.
-
-    A local Ray started here has its processes recorded in OUT (so that a killed driver's leftovers are
-    stopped by the next run) and is shut down, and its processes checked gone, however this returns.
-    """
+    """Run every shard the manifest does not hold as done; each is written and recorded as it returns."""
     cfg = plan.cfg
     pending = [s for s in plan.shards if manifest["shards"][s.id]["status"] != "done"]
     done = ShardsRun()
     if not pending:
         return done
     prompts_text = plan.prompts["prompt"].to_list()
-    heads_of = {c.id: c.heads for c in plan.conditions}
-    r = cfg.ray
-    started_ray = local = False
+    ablation_of = {c.id: c.ablation for c in plan.conditions}
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
     try:
-        if r.workers != 0:
-            t = time.perf_counter()
-            local = started_local_ray(r.address)
-            wanted = r.workers if isinstance(r.workers, int) else 1
-            started_ray = init_ray(r.address, worker_env(), wanted * r.cpus_per_worker, str(config_mod.REPO_ROOT))
-            local = local and started_ray
-            if local:
-                local_ray.record(out.ray_processes)
-            done.startup_seconds += time.perf_counter() - t
-        n_workers = resolve_workers(cfg) if r.workers != 0 else 0
-        for model in plan.model_names:
-            todo = [s for s in pending if s.model == model]
-            if not todo:
-                continue
-            source = plan.sources[plan.model_names.index(model)]
-            bar.set_description(f"loading {model}")
-            executor = _make_executor(cfg, source.spec, n_workers)
-            if local:
-                local_ray.record(out.ray_processes)  # now with the workers
-            done.startup_seconds += executor.startup_seconds
-            manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
-            bar.set_description(f"scoring {model}")
-            t_rows = time.perf_counter()
+        with worker_pool(cfg.ray, out) as pool:
+            for model in plan.model_names:
+                todo = [s for s in pending if s.model == model]
+                if not todo:
+                    continue
+                source = plan.sources[plan.model_names.index(model)]
+                bar.set_description(f"loading {model}")
+                spec = pool.spec(model=source.spec, dtype=cfg.model.dtype, device=cfg.model.device,
+                                 yes=tuple(cfg.scoring.yes), no=tuple(cfg.scoring.no), engine=cfg.engine,
+                                 check_prompt=prompts_text[0])
+                executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
+                manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
+                bar.set_description(f"scoring {model}")
+                t_rows, rows_before = time.perf_counter(), done.rows
 
-            def payload(s: Shard, name=model):
-                return [prompts_text[i] for i in s.prompt_ids], [heads_of[c] for c in s.conditions], name
+                def payload(s: Shard, name=model):
+                    return [prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name
 
-            try:
-                for shard, columns, where in executor.run(todo, payload):
-                    t_write = time.perf_counter()
-                    frame = pl.DataFrame(columns, schema=RESULT_SCHEMA)
-                    record = write_shard(frame, out.shard(shard.id))
-                    entry = manifest["shards"][shard.id]
-                    entry.update(record.entry(), **where)
-                    write_json_atomic(manifest, out.manifest)
-                    entry["write_seconds"] = time.perf_counter() - t_write  # the driver's cost of a shard
+                def progress(frame: pl.DataFrame, t0=t_rows, before=rows_before) -> None:
                     done.rows += frame.height
-                    done.shards += 1
                     bar.update(1)
-                    bar.set_postfix(rows_per_s=f"{done.rows / max(time.perf_counter() - t_rows, 1e-9):.1f}")
-            finally:
-                done.retried += executor.retried
-                manifest.setdefault("retried", []).extend(executor.retried)
-                executor.close()
+                    bar.set_postfix(rows_per_s=f"{(done.rows - before) / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+                ran = run_recorded(executor, todo, payload, out, manifest,
+                                   lambda cols: pl.DataFrame(cols, schema=RESULT_SCHEMA), progress)
+                done.shards += ran.shards
+                done.retried += ran.retried
+            done.startup_seconds = pool.startup_seconds
     finally:
         bar.close()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        if local:
-            local_ray.stop_recorded(out.ray_processes)
     return done
 
 

@@ -146,10 +146,14 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
     return hists
 
 
-def weight_diff_logs(weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> tuple[dict, dict]:
-    """(summary metrics, history items) of a weight diff: the selection whole, the table's top rows."""
+def weight_diff_logs(weight_diff: pl.DataFrame, selection: pl.DataFrame | None, out: OutDir) -> tuple[dict, dict]:
+    """(summary metrics, history items) of a weight diff: the selection whole, the table's top rows, and
+    the per-(head, matrix) summary of the row view when it was computed."""
     top = weight_diff.sort("one_minus_cos", descending=True, nulls_last=True).head(WEIGHT_DIFF_MAX_ROWS)
     history = {"tables/weight_diff_top": to_wandb_table(top)}
+    if out.weight_diff_rows_summary.is_file():
+        rows = pl.read_parquet(out.weight_diff_rows_summary)
+        history["tables/weight_diff_rows_summary"] = to_wandb_table(_capped(rows))
     metrics: dict[str, Any] = {
         "weight_diff/n_rows": weight_diff.height,
         "weight_diff/max_one_minus_cos": _scalar(weight_diff["one_minus_cos"].max()),
@@ -328,7 +332,7 @@ def log_sweep(
         items.update(p_yes_norm_histograms(tables["results"], tables["prompts"], tables["conditions"]))
         items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
         if weight_diff is not None:
-            wd_metrics, wd_items = weight_diff_logs(weight_diff, tables.get("weight_diff_selection"))
+            wd_metrics, wd_items = weight_diff_logs(weight_diff, tables.get("weight_diff_selection"), out)
             metrics.update(wd_metrics)
             items.update(wd_items)
         run.summary.update(metrics)
@@ -348,7 +352,7 @@ def log_weight_diff(cfg: Config, out: OutDir, weight_diff: pl.DataFrame, selecti
     def fill(run) -> None:
         import wandb
 
-        metrics, items = weight_diff_logs(weight_diff, selection)
+        metrics, items = weight_diff_logs(weight_diff, selection, out)
         run.summary.update(metrics)
         run.log(items)
         art = wandb.Artifact(f"{_safe_name(cfg.name)}-weight-diff", type=WEIGHT_DIFF_ARTIFACT_TYPE)

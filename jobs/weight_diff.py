@@ -12,11 +12,14 @@ and a checkpoint a node cannot open is an error naming that node. Only result ro
   OUT/weight_diff_selection.parquet      one summary row per selection, with its one-line verdict
   OUT/weight_diff_selected_rows.parquet  the rows of the selected heads / value vectors / top-k neurons
   OUT/weight_diff_summary.json           inputs, dtypes, timings and the verdict lines
+  OUT/weight_diff_rows.parquet           with `weight_diff.granularity: row`: one row per (layer, head, matrix,
+  OUT/weight_diff_rows_summary.parquet   head_dim row) of the chosen heads, and per (layer, head, matrix)
 
 Which heads are summarised as one group is `weight_diff.heads`, one rule for both entry points:
 `target` (default) takes `ablation.target_heads` of the same config (no head group when it is unset),
-`study` the study's 29 heads of Qwen2.5-3B, `none` no head group, anything else is a head list.
-A head outside the checkpoint is an error before any tensor is read.
+`study` the study's 29 heads of Qwen2.5-3B, `all` every head, `none` no head group, anything else is a
+head list. The value vectors summarised as one group are `ablation.target_neurons`, when set. A head
+or neuron outside the checkpoint is an error before any tensor is read.
 """
 
 from __future__ import annotations
@@ -41,13 +44,17 @@ from verif.analysis.weightdiff import (
     PairTask,
     check_selection,
     diff_checkpoints,
+    diff_head_rows,
     diff_pairs,
     open_checkpoint,
     plan_diff,
     select_rows,
     summarise,
+    summarise_rows,
 )
 from verif.design.heads import STUDY_HEADS_TEXT, Head, parse_heads
+from verif.design.neurons import parse_neurons
+from verif.model.arch import Arch
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +71,15 @@ class WeightDiffResult:
     seconds: float = 0.0
 
 
-def configured_heads(cfg: Config) -> list[Head] | None:
+def configured_heads(cfg: Config, arch: Arch) -> list[Head] | None:
     """The heads `weight_diff.heads` names (see the module docstring); None for no head group."""
     rule = cfg.weight_diff.heads
     if rule == "none":
         return None
     if rule == "study":
         return parse_heads(STUDY_HEADS_TEXT)
+    if rule == "all":
+        return [(layer, head) for layer in range(arch.n_layers) for head in range(arch.n_heads)]
     spec = cfg.ablation.target_heads if rule == "target" else rule
     try:
         heads = parse_heads(spec or [])
@@ -78,6 +87,11 @@ def configured_heads(cfg: Config) -> list[Head] | None:
         key = "ablation.target_heads" if rule == "target" else "weight_diff.heads"
         raise ValueError(f"{key}: {e}") from e
     return heads or None
+
+
+def configured_neurons(cfg: Config) -> list[tuple[int, int]] | None:
+    """The value vectors summarised as one group: `ablation.target_neurons`, when set."""
+    return parse_neurons(cfg.ablation.target_neurons or []) or None
 
 
 def check_weight_diff(cfg: Config) -> None:
@@ -88,9 +102,14 @@ def check_weight_diff(cfg: Config) -> None:
     if wd.base:
         try:
             plan = plan_diff(wd.base, wd.tuned)
-            check_selection(plan.arch, configured_heads(cfg), None)
+            heads = configured_heads(cfg, plan.arch)
+            check_selection(plan.arch, heads, configured_neurons(cfg))
         except (OSError, ValueError) as e:
             raise InputError(f"weight_diff: {e} (heads from weight_diff.heads={wd.heads!r})") from e
+        if wd.granularity == "row" and not heads:
+            raise InputError(f"weight_diff.granularity: row compares the rows of chosen heads, and "
+                             f"weight_diff.heads={wd.heads!r} chooses none (use target with ablation.target_heads, "
+                             "study, all or a head list)")
 
 
 def _unit_bytes(unit: tuple[PairTask, ...]) -> int:
@@ -175,14 +194,16 @@ def run_weight_diff(
     value_vectors: list[tuple[int, int]] | None = None,
     top_k: int = 50,
     ray_workers: int = 0,
+    rows: bool = False,
 ) -> WeightDiffResult:
     """Compare `tuned` with `base` (hub ids or local safetensors folders) in float64 and write OUT/*.
 
     target_heads: (layer, head) pairs summarised as one group (q rows, q bias, o_proj columns and the
     shared k/v rows they read); value_vectors: (layer, neuron) pairs (down_proj column with up/gate rows);
     top_k: also summarise the k most-turned value vectors (0: skip). ray_workers > 0 spreads layers over
-    that many Ray workers; the result is identical to the serial one. Every check (names, shapes, configs,
-    selections) runs before any tensor data is read.
+    that many Ray workers; the result is identical to the serial one. rows: also the study's per-row view
+    of `target_heads`' W_Q, W_K, W_V and W_O (`weight_diff_rows*.parquet`, computed here serially). Every
+    check (names, shapes, configs, selections) runs before any tensor data is read.
     """
     t0 = time.perf_counter()
     plan = plan_diff(base, tuned)
@@ -198,6 +219,11 @@ def run_weight_diff(
     write_parquet_atomic(table, files["table"])
     write_parquet_atomic(selection, files["selection"])
     write_parquet_atomic(selected, files["selected_rows"])
+    if rows and target_heads:
+        per_row = diff_head_rows(plan, target_heads)
+        files |= {"rows": dirs.weight_diff_rows, "rows_summary": dirs.weight_diff_rows_summary}
+        write_parquet_atomic(per_row, files["rows"])
+        write_parquet_atomic(summarise_rows(per_row), files["rows_summary"])
     seconds = time.perf_counter() - t0
     summary = {
         "base": {"spec": base, "folder": plan.base.folder, "dtypes": _dtypes(plan.base)},
@@ -228,7 +254,9 @@ def run_configured_weight_diff(cfg: Config, out: OutDir) -> WeightDiffResult | N
     wd = cfg.weight_diff
     if not (wd.base and wd.tuned):
         return None
-    return run_weight_diff(wd.base, wd.tuned, out.root, target_heads=configured_heads(cfg), top_k=wd.top_k)
+    arch = open_checkpoint(wd.base, "base").arch
+    return run_weight_diff(wd.base, wd.tuned, out.root, target_heads=configured_heads(cfg, arch),
+                           value_vectors=configured_neurons(cfg), top_k=wd.top_k, rows=wd.granularity == "row")
 
 
 def weight_diff_job(cfg: Config) -> tuple[WeightDiffResult, str | None]:

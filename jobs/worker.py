@@ -1,13 +1,16 @@
-"""A scoring worker: owns one loaded model and turns shards into result columns.
+"""Workers: each owns one loaded model and turns shards of a job into results.
 
-The same class runs in-process (`ray.workers: 0`, tests, benchmarks) and as a Ray actor, so the
-distributed path computes exactly what the single-process path computes. Workers return columns to
-the driver instead of writing files: on a multi-node cluster only the driver's disk is certain to
-hold the output folder.
+The same classes run in-process (`ray.workers: 0`, tests, benchmarks) and as Ray actors
+(`jobs.executors`), so the distributed path computes exactly what the single-process path computes.
+Workers return results to the driver instead of writing files: on a multi-node cluster only the
+driver's disk is certain to hold the output folder. `ModelWorker` loads the model quietly and checks
+the fast path once; each job adds the method its shards run (`ShardScorer.score` for sweeps; the
+generate and discover jobs define their own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -15,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
+from verif.design.conditions import Ablation
 from verif.model.engine import Scorer
-from verif.design.heads import Head
 from verif.model.loading import load_model
 from verif.model.options import EngineOptions
 from verif.model.score import resolve_yes_no
+from verif.model.selfcheck import self_check
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,11 @@ class Shard:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, shipped through Ray (no files on the head node are assumed)."""
+    """Everything a worker needs, shipped through Ray (no files on the head node are assumed).
+
+    `check_prompt`: a real prompt of the job, scored once on the fast and the hook path before any
+    shard (`verif.model.selfcheck`); None skips the check.
+    """
 
     model: str
     dtype: str
@@ -43,10 +51,11 @@ class WorkerSpec:
     no: tuple[str, ...]
     engine: EngineOptions
     threads: int | None = None
+    check_prompt: str | None = None
 
 
-class ShardScorer:
-    """Loads the model once, then scores shards; prompts and head sets come with each call."""
+class ModelWorker:
+    """Loads the model once (quietly), resolves the Yes/No ids and checks the fast path."""
 
     def __init__(self, spec: WorkerSpec):
         # Workers stay quiet: the driver owns the one progress bar (transformers' weight-loading
@@ -58,18 +67,28 @@ class ShardScorer:
         start = time.perf_counter()
         self.loaded = load_model(spec.model, spec.dtype, spec.device)
         self.load_seconds = time.perf_counter() - start
-        ids = resolve_yes_no(self.loaded.tokenizer, spec.yes, spec.no)
-        self.scorer = Scorer(self.loaded, ids, spec.engine)
+        self.ids = resolve_yes_no(self.loaded.tokenizer, spec.yes, spec.no)
+        self.check = None
+        if spec.check_prompt is not None:  # before any Scorer exists: the check casts and re-fuses weights
+            tokens = self.loaded.tokenizer.encode(spec.check_prompt, add_special_tokens=False)
+            self.check = self_check(self.loaded, self.ids, tokens, path=spec.engine.path)
 
     def ready(self) -> dict:
-        """Cheap call the driver waits on, so model loading is not counted as scoring time."""
-        return {"load_seconds": self.load_seconds, "device": str(self.scorer.device), "pid": os.getpid()}
+        """Cheap call the driver waits on, so model loading is not counted as work time."""
+        return {"load_seconds": self.load_seconds, "device": str(next(self.loaded.model.parameters()).device),
+                "pid": os.getpid(), "self_check": dataclasses.asdict(self.check) if self.check else None}
 
-    def score(
-        self, shard: Shard, prompts: list[str], head_sets: list[tuple[Head, ...]], model_name: str
-    ) -> dict[str, list]:
-        """Result columns for every (prompt, condition) of the shard, prompt-major, and this process id."""
-        table = self.scorer.score_prompts(prompts, head_sets)
+
+class ShardScorer(ModelWorker):
+    """A sweep's worker: scores shards; prompts and ablations come with each call."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        self.scorer = Scorer(self.loaded, self.ids, spec.engine)
+
+    def score(self, shard: Shard, prompts: list[str], ablations: list[Ablation], model_name: str) -> dict[str, list]:
+        """Result columns for every (prompt, condition) of the shard, prompt-major."""
+        table = self.scorer.score_prompts(prompts, ablations)
         n, c = len(shard.prompt_ids), len(shard.conditions)
         return {
             "model": [model_name] * (n * c),
@@ -79,5 +98,4 @@ class ShardScorer:
             "p_no": table.p_no.reshape(-1).tolist(),
             "p_yes_norm": table.p_yes_norm.reshape(-1).tolist(),
             "log_odds": table.log_odds.reshape(-1).tolist(),
-            "pid": os.getpid(),
         }

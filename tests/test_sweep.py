@@ -14,14 +14,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
 import launch
 from jobs.config import ConfigError, load_config, reference_markdown
 from jobs.storage import OutDir
 from jobs.sweep import SweepError, prepare, run_sweep
+from tests.support.families import score_tolerance
 from tests.support.sweeps import N_ROWS, N_SHARDS, assert_same_results, manifest, sweep_cfg, sweep_overrides
+from verif.design.conditions import Ablation
 from verif.design.heads import STUDY_HEADS_TEXT, canonical, parse_heads
+from verif.model.engine import EngineOptions, Scorer
+from verif.model.loading import load_model
+from verif.model.score import resolve_yes_no
+from verif.task.prompts import POST, STUDY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,3 +204,56 @@ def test_readme_holds_the_generated_config_reference():
     missing = [line for line in reference_markdown().splitlines() if line not in readme]
     assert not missing, f"README configuration reference is stale; regenerate it (--config-reference): {missing}"
 
+
+
+def test_neuron_target_sweep_with_self_check(seed_model_dir, tmp_path):
+    """A target of heads and neurons end to end (in-process): conditions name both, controls match both
+    counts, the worker's fast-path self-check is in the manifest, and the target's rows equal the engine
+    scoring the same ablation directly."""
+    cfg = sweep_cfg(seed_model_dir, tmp_path / "out", "ray.workers=0", "prompts.n=3", "shards.prompts_per_shard=3",
+                    "ablation.target_heads=L17 H14", "ablation.target_neurons=L17 N3, L20 N100")
+    report = run_sweep(cfg)
+    out = OutDir(tmp_path / "out")
+    conditions = pl.read_parquet(out.conditions)
+    target = conditions.filter(kind="target").row(0, named=True)
+    assert (target["heads"], target["neurons"], target["n_neurons"]) == ("L17 H14", "L17 N3, L20 N100", 2)
+    assert conditions.filter(kind="random")["n_neurons"].to_list() == [2, 2]
+    assert conditions.filter(kind="random")["n_heads"].to_list() == [1, 1]
+    (worker,) = manifest(out.root)["workers"]
+    check = worker["self_check"]
+    assert check["path"] == "fast" and check["max_abs_diff"] <= check["tolerance"]
+    assert report.rows_written == 3 * 4
+    loaded = load_model(str(seed_model_dir), dtype="float32", device="cpu")
+    scorer = Scorer(loaded, resolve_yes_no(loaded.tokenizer), EngineOptions())
+    prompts = pl.read_parquet(out.prompts)["prompt"].to_list()
+    want = scorer.score_prompts(prompts, [Ablation(((17, 14),), ((17, 3), (20, 100)))]).log_odds[:, 0]
+    got = out.read_results().filter(condition="target").sort("prompt_id")["log_odds"].to_numpy()
+    # one condition alone against four sharing a trunk: other GEMM shapes, float32 rounding of a 36-layer
+    # forward (tests/support/families.score_tolerance); a wrong neuron index moves log-odds by ~1e-2
+    np.testing.assert_allclose(got, want, rtol=0, atol=score_tolerance(36, 128, want).max())
+
+
+def test_sweep_on_chain_of_thought_outputs_with_the_post_template(seed_model_dir, tmp_path):
+    """Model outputs as prompts.file: attempts extracted, labelled, rendered with the chosen template;
+    the template is recorded, and a resume with another template text is refused."""
+    outputs = tmp_path / "outputs.jsonl"
+    rows = [
+        {"nums": [79, 17, 60], "target": 36, "output_text": "- 79 - 60 + 17 = 19 + 17 = 36 (this works)"},
+        {"nums": [3, 5, 7], "target": 22, "output_text": "no attempt here"},
+        {"nums": [3, 5, 7], "target": 22, "output_text": "- 3 * 5 + 7 = 15 + 7 = 23\n- 3 * 5 + 7 = 15 + 7 = 22"},
+    ]
+    outputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "template.txt"
+    template.write_text(POST.text + "\n")
+    out = tmp_path / "out"
+    cfg = sweep_cfg(seed_model_dir, out, "ray.workers=0", f"prompts.file={outputs}", f"prompts.template={template}")
+    report = run_sweep(cfg)
+    prompts = pl.read_parquet(OutDir(out).prompts)
+    assert prompts["attempt"].to_list() == ["79 - 60 + 17 = 19 + 17 = 36", "3 * 5 + 7 = 15 + 7 = 22"]
+    assert prompts["label"].to_list() == [True, True] and prompts["source_row"].to_list() == [0, 2]
+    assert prompts["prompt"][0] == POST.render([79, 17, 60], 36, "79 - 60 + 17 = 19 + 17 = 36")
+    assert prompts["template"].unique().to_list() == [f"file:{template.resolve()}"]
+    assert "1 without an attempt line" in "\n".join(report.lines())
+    template.write_text(STUDY.text + "\n")
+    with pytest.raises(SweepError, match="prompts.template: the template text changed"):
+        run_sweep(cfg, resume=True)

@@ -431,3 +431,27 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     assert large["peak_extra_bytes"] - small["peak_extra_bytes"] < 0.2 * model_growth
     for r in (small, large):  # three float64 chunk buffers (here each the size of the largest tensor) + slack
         assert r["peak_extra_bytes"] < 3 * r["largest_pair_f64_bytes"] + 32 * 2**20
+
+
+def test_row_granularity_through_the_command_line(tmp_path, tiny_dir, tiny_state, capsys):
+    """`weight_diff.granularity: row` writes the study's per-row view of the chosen heads (here all), and
+    refuses when no head is chosen; the planted change shows in exactly its row."""
+    import launch
+
+    q = _layer(1, "self_attn.q_proj.weight")
+    tuned = dict(tiny_state)
+    tuned[q] = tuned[q].clone()
+    head_dim = tuned[q].shape[0] // 16
+    tuned[q][3 * head_dim + 2, 0] += 1e-3  # head 3, row 2 of layer 1's W_Q
+    tuned_dir = _write(tmp_path / "tuned", tuned, tiny_dir)
+    common = ["--weight-diff", "--base", str(tiny_dir), "--tuned", str(tuned_dir), "--set", "wandb.mode=disabled",
+              "--set", "weight_diff.granularity=row"]
+    assert launch.main([*common, "--out", str(tmp_path / "none")]) == 2
+    assert "weight_diff.granularity: row compares the rows of chosen heads" in capsys.readouterr().err
+    assert launch.main([*common, "--set", "weight_diff.heads=all", "--out", str(tmp_path / "out")]) == 0
+    rows = pl.read_parquet(tmp_path / "out" / "weight_diff_rows.parquet")
+    assert rows.height == 2 * 16 * 4 * head_dim  # layers x heads x matrices x rows
+    changed = rows.filter(pl.col("max_abs_diff") > 0)
+    assert changed.select("layer", "head", "matrix", "row").rows() == [(1, 3, "q_proj", 2)]
+    summary = pl.read_parquet(tmp_path / "out" / "weight_diff_rows_summary.parquet")
+    assert summary.filter(pl.col("max_one_minus_cos") > 0).select("layer", "head", "matrix").rows() == [(1, 3, "q_proj")]

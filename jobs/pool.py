@@ -1,0 +1,166 @@
+"""A job's workers: the Ray session they live in, their executors, and shard results recorded as they land.
+
+Every sharded job (sweep, generate, discover) runs the same way: start or join Ray as `ray` says (or
+none with `ray.workers: 0`), give each model to workers that load it once, feed them shards, and write
+each shard's result atomically the moment it returns, recording its row count, size and checksum in
+the manifest, so `--resume` trusts exactly what it can verify (`jobs.storage.verify_shards`). A local
+Ray started here has its processes recorded in OUT and is shut down, its processes checked gone,
+however the job ends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from jobs import config as config_mod
+from jobs import local_ray
+from jobs.config import RayConfig
+from jobs.errors import InputError
+from jobs.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
+from jobs.storage import OutDir, write_json_atomic, write_shard
+from jobs.worker import ModelWorker, WorkerSpec
+from verif.model.selfcheck import SelfCheckError
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker needs, shipped through Ray's runtime_env."""
+    # Not HF_HOME: a cache path is a fact about one node; each node's own environment (`ray start`) sets it.
+    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["TQDM_DISABLE"] = "1"  # no loading bars from workers (GGUF conversion): the driver has the one bar
+    return env
+
+
+def resolve_workers(r: RayConfig) -> int:
+    """`ray.workers: auto` is one worker per GPU of the (already joined) cluster."""
+    if r.workers != "auto":
+        return r.workers
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not r.gpus_per_worker or gpus < r.gpus_per_worker:
+        raise InputError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r.gpus_per_worker})")
+    return int(gpus // r.gpus_per_worker)
+
+
+class WorkerStartError(InputError):
+    """Workers could not start: the model did not load, or its fast path failed the self-check."""
+
+
+def _start_failure(model: str, err: Exception) -> WorkerStartError:
+    """The one line that says why (a Ray actor's creation error carries the remote traceback)."""
+    text = str(err).strip().splitlines()
+    reason = next((line.strip() for line in reversed(text) if "Error" in line), text[-1] if text else repr(err))
+    return WorkerStartError(f"the workers for {model} could not start: {reason}")
+
+
+@dataclass
+class WorkerPool:
+    """Where a job's workers run: `n_workers` Ray actors per model, or 0 (in this process)."""
+
+    ray: RayConfig
+    out: OutDir
+    n_workers: int = 0
+    local: bool = False  # a local Ray started by this job (its processes are recorded in OUT)
+    startup_seconds: float = 0.0
+
+    def spec(self, **fields: Any) -> WorkerSpec:
+        """A WorkerSpec with this pool's per-worker threads."""
+        return WorkerSpec(threads=max(1, int(self.ray.cpus_per_worker)) if self.n_workers else None, **fields)
+
+    def executor(self, worker_cls: type[ModelWorker], method: str, spec: WorkerSpec, max_attempts: int):
+        """Workers of `worker_cls` (model loaded, fast path checked) that run `method` on shards."""
+        t = time.perf_counter()
+        try:
+            if self.n_workers == 0:
+                executor = LocalExecutor(worker_cls, spec, method)
+            else:
+                from ray.exceptions import RayActorError
+
+                r = self.ray
+                try:
+                    executor = RayExecutor(worker_cls, spec, method, self.n_workers, r.cpus_per_worker,
+                                           r.gpus_per_worker, r.resources_per_worker, max_attempts)
+                except RayActorError as e:
+                    raise _start_failure(spec.model, e) from e
+        except (SelfCheckError, OSError) as e:
+            raise _start_failure(spec.model, e) from e
+        if self.local:
+            local_ray.record(self.out.ray_processes)  # now with the workers
+        self.startup_seconds += time.perf_counter() - t
+        return executor
+
+
+@contextmanager
+def worker_pool(r: RayConfig, out: OutDir, cpus_per_worker_needed: float | None = None) -> Iterator[WorkerPool]:
+    """Start or join Ray for a job (nothing with `ray.workers: 0`); shut down what was started."""
+    pool = WorkerPool(r, out)
+    started = False
+    try:
+        if r.workers != 0:
+            t = time.perf_counter()
+            local = started_local_ray(r.address)
+            wanted = r.workers if isinstance(r.workers, int) else 1
+            started = init_ray(r.address, worker_env(), wanted * (cpus_per_worker_needed or r.cpus_per_worker),
+                               str(config_mod.REPO_ROOT))
+            pool.local = local and started
+            if pool.local:
+                local_ray.record(out.ray_processes)
+            pool.startup_seconds += time.perf_counter() - t
+            pool.n_workers = resolve_workers(r)
+        yield pool
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        if pool.local:
+            local_ray.stop_recorded(out.ray_processes)
+
+
+@dataclass
+class Recorded:
+    """What `run_recorded` wrote: rows, shards, and the shards retried after a worker was lost."""
+
+    rows: int = 0
+    shards: int = 0
+    retried: list[dict] = field(default_factory=list)
+
+
+def run_recorded(
+    executor, shards: Sequence[Any], payload: Callable[[Any], tuple], out: OutDir, manifest: dict,
+    to_frame: Callable[[Any], pl.DataFrame], on_shard: Callable[[pl.DataFrame], None] | None = None,
+) -> Recorded:
+    """Run `shards` on `executor`; write each result (`to_frame(result)`) to `out.shard(id)` and record it.
+
+    The manifest entry of each shard gets its file record (rows, bytes, SHA-256), where it ran and the
+    driver's write time; the manifest is rewritten after every shard. `on_shard` sees each frame (for a
+    progress bar). The executor is closed whatever happens.
+    """
+    done = Recorded()
+    try:
+        for shard, result, where in executor.run(shards, payload):
+            t_write = time.perf_counter()
+            frame = to_frame(result)
+            record = write_shard(frame, out.shard(shard.id))
+            entry = manifest["shards"][shard.id]
+            entry.update(record.entry(), **where)
+            write_json_atomic(manifest, out.manifest)
+            entry["write_seconds"] = time.perf_counter() - t_write  # the driver's cost of a shard
+            done.rows += frame.height
+            done.shards += 1
+            if on_shard is not None:
+                on_shard(frame)
+    finally:
+        done.retried += executor.retried
+        manifest.setdefault("retried", []).extend(executor.retried)
+        executor.close()
+    return done
