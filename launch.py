@@ -1,6 +1,7 @@
-"""verif-sweep command line: run a sweep, a weight diff, re-log a run, or check a configuration.
+"""verif-sweep command line: run a sweep, a discovery, a weight diff, re-log a run, or check a configuration.
 
     python launch.py --sweep [--config FILE] [--set dotted.key=value ...] [--out DIR] [--resume]
+    python launch.py --discover [--config FILE] [--set ...] [--out DIR] [--resume]   rank heads and neurons
     python launch.py --check [--config FILE] [--set ...]      validate everything, load no weights
     python launch.py --weight-diff --base A --tuned B [--config FILE] [--set ...] [--out DIR]
     python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description="verif-sweep: head-ablation verification studies")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sweep", action="store_true", help="run the sweep described by the config")
+    mode.add_argument("--discover", action="store_true",
+                      help="rank every head and MLP neuron by its effect on the verdict and test the top sets "
+                           "against random ones (outputs in OUT/discovery)")
     mode.add_argument("--check", action="store_true", help="validate config, models, heads and prompts; run nothing")
     mode.add_argument("--weight-diff", action="store_true",
                       help="compare a fine-tune's weights with its base; the heads summarised as one group are "
@@ -34,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set prompts.n=128 (repeatable)")
     p.add_argument("--out", help="output folder (default: config `out`, else runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in --out, skipping finished shards")
+    p.add_argument("--resume", action="store_true", help="continue the sweep (or discovery) in --out, skipping "
+                                                         "finished shards")
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
@@ -83,6 +88,20 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def _discover(args: argparse.Namespace, argv: list[str] | None) -> int:
+    cfg = config.load_config(args.config, args.overrides, args.out)
+    from jobs.discover import DiscoveryInterrupted, run_discovery
+
+    try:
+        report = run_discovery(cfg, resume=args.resume)
+    except DiscoveryInterrupted as e:  # as for a sweep: Ray is down, the shards on disk stay
+        print(e.line([sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]),
+              file=sys.stderr)
+        return e.exit_code
+    print("\n".join(report.lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.config_reference:
@@ -95,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if relog(args.relog, args.mode) else 1
         if args.weight_diff:
             return _weight_diff(args)
+        if args.discover:
+            return _discover(args, argv)
         return _sweep(args, argv)
     except InputError as e:
         if args.debug:

@@ -208,13 +208,45 @@ class WeightDiffConfig:
     top_k: int = doc("Value vectors summarised separately, by largest change.", 50, at_least(0))
 
 
+# `verif.analysis.discovery.metric.PROMPT_CHOICES` (that module imports torch; a test keeps the two equal).
+DISCOVER_PROMPTS = ("correct", "incorrect", "all")
+
+
+def _screen(v: int | str) -> str | None:
+    if isinstance(v, str):
+        return None if v == "all" else "must be 'all' or a whole number >= 1 (the k heads with the largest absolute atp)"
+    return None if v >= 1 else "must be >= 1"
+
+
+def _set_sizes(v: list) -> str | None:
+    ok = v and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v)
+    return None if ok else "must be a non-empty list of whole numbers >= 1"
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    prompts: str = doc("Prompts the objective M (mean log P(Yes) - log P(No)) averages: correct, incorrect or "
+                       "all attempts.", "correct", _one_of(*DISCOVER_PROMPTS))
+    max_prompts: int | None = doc("M averages at most the first N prompts `prompts` selects (null = all of them); "
+                                  "the probes read every prompt.", None, at_least(1))
+    exact: int | str = doc("Heads whose ablation effect is scored exactly, one at a time: all, or the k with the "
+                           "largest absolute atp.", 64, _screen)
+    k: list = listing("Set sizes: each ranking's top k is ablated together (k capped at what it scored).",
+                      [1, 2, 4, 8, 16, 29, 64], _set_sizes)
+    controls: int = doc("Random sets per size and kind (heads, neurons): the null each top-k set is judged "
+                        "against.", 20, at_least(1))
+    seed: int = doc("Seed of the random sets and of the probes' train / held-out split.", 0)
+    batch_size: int = doc("Prompts per forward (and backward) of the attribution, attention and residual "
+                          "passes.", 8, at_least(1))
+
+
 def section(cls: type) -> Any:
     return field(default_factory=cls)
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole job configuration (sweep, weight diff); `to_dict()` is what manifests and W&B keep."""
+    """A whole job configuration (sweep, weight diff, discovery); `to_dict()` is what manifests and W&B keep."""
 
     name: str = doc("Sweep name: W&B group and run name prefix.", "sweep")
     out: str | None = doc("Output folder (default runs/<name>); `--out` overrides it.", None)
@@ -228,6 +260,7 @@ class Config:
     stats: StatsConfig = section(StatsConfig)
     wandb: WandbConfig = section(WandbConfig)
     weight_diff: WeightDiffConfig = section(WeightDiffConfig)
+    discover: DiscoverConfig = section(DiscoverConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,8 +269,9 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-# Keys that do not change any number in the results: allowed to differ on --resume.
-RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "stats")
+# Keys that do not change any number in a sweep's results: allowed to differ on --resume (a discovery
+# has its own list, `jobs.discover.DISCOVERY_NEUTRAL`).
+RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "stats", "discover")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,23 +410,24 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def result_defining(cfg: Config | dict) -> dict[str, Any]:
-    """The flattened keys that determine the numbers in the results (compared on --resume)."""
+def result_defining(cfg: Config | dict, neutral: tuple[str, ...] = RESULT_NEUTRAL) -> dict[str, Any]:
+    """The flattened keys that determine the numbers in a job's results (compared on --resume); `neutral`
+    names the keys that do not (the sweep's by default)."""
     values = cfg.to_dict() if isinstance(cfg, Config) else cfg
     return {
         k: v for k, v in _flatten(values).items()
-        if not any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL)
+        if not any(k == n or k.startswith(n + ".") for n in neutral)
     }
 
 
-def config_differences(old: Config | dict, new: Config | dict) -> list[str]:
+def config_differences(old: Config | dict, new: Config | dict, neutral: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
     """Human-readable differences between the result-defining parts of two configs."""
-    a, b = result_defining(old), result_defining(new)
+    a, b = result_defining(old, neutral), result_defining(new, neutral)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha1(json.dumps(result_defining(cfg), sort_keys=True).encode()).hexdigest()[:12]
+def config_hash(cfg: Config, neutral: tuple[str, ...] = RESULT_NEUTRAL) -> str:
+    return hashlib.sha1(json.dumps(result_defining(cfg, neutral), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def reference_markdown(cls: type = Config, prefix: str = "") -> str:

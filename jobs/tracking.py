@@ -1,4 +1,4 @@
-"""W&B tracking of a finished sweep (or weight-diff job): one run per job, written by the driver only.
+"""W&B tracking of a finished sweep (or weight-diff or discovery job): one run per job, written by the driver only.
 
 Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
 a result: if W&B fails (full disk, a broken frame) a warning says where the results are and how to
@@ -22,7 +22,11 @@ Keys:
                "figures/<file stem>"                   the PNG figures as images
   artifact     "<name>-results" of type "sweep-results" (results/, summary, prompts, conditions, stats/,
                and OUT/weight_diff* when that job ran); the weight-diff-only job logs "<name>-weight-diff"
-               of type "weight-diff-results"
+               of type "weight-diff-results"; a discovery logs "<name>-discovery" of type "discovery-results"
+               (OUT/discovery's tables and target configs)
+A discovery run (job_type "discover") has "{model}/discover/{objective,spearman_atp_exact,best_head_set/...}"
+and "discover/{shards_run,...}" in its summary, and the tables heads, neurons (top rows by |atp|), probes
+and sets.
 Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table at its top 5,000 rows by
 1 - cos; the full frames are in the artifact.
 """
@@ -50,6 +54,7 @@ from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
 WEIGHT_DIFF_ARTIFACT_TYPE = "weight-diff-results"
+DISCOVERY_ARTIFACT_TYPE = "discovery-results"
 HIST_BINS = 20
 WEIGHT_DIFF_MAX_ROWS = 5000
 # Conditions whose p_yes_norm gets its own histogram; every other kind is pooled into one per kind.
@@ -362,6 +367,34 @@ def log_weight_diff(cfg: Config, out: OutDir, weight_diff: pl.DataFrame, selecti
         run.log_artifact(art)
 
     return _log_run(cfg, out, "weight_diff", fill)
+
+
+def log_discovery(cfg: Config, out: OutDir, tables: dict[str, pl.DataFrame], figures: list[Path], files: list[Path],
+                  metrics: dict[str, Any]) -> str | None:
+    """Log a finished discovery as one W&B run (job_type "discover").
+
+    `metrics` become summary values, `tables` W&B Tables (the neurons' sorted by |atp| first, so the
+    cut at Table.MAX_ROWS keeps the largest), `figures` images, and `files` one artifact. Same return
+    value and failure handling as `log_sweep`.
+    """
+
+    def fill(run) -> None:
+        import wandb
+
+        run.summary.update({k: _scalar(v) for k, v in metrics.items()})
+        items: dict[str, Any] = {}
+        for name, frame in tables.items():
+            if name == "neurons":
+                frame = frame.sort(pl.col("atp").abs(), descending=True, nulls_last=True)
+            items[f"tables/{name}"] = to_wandb_table(_capped(frame))
+        items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
+        run.log(items)
+        art = wandb.Artifact(f"{_safe_name(cfg.name)}-discovery", type=DISCOVERY_ARTIFACT_TYPE)
+        for path in files:
+            art.add_file(str(path), name=path.name)
+        run.log_artifact(art)
+
+    return _log_run(cfg, out, "discover", fill)
 
 
 def _capped(df: pl.DataFrame) -> pl.DataFrame:

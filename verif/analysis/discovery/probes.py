@@ -212,7 +212,7 @@ def probe_cosines(values: Sequence[torch.Tensor | np.ndarray], probes: Sequence[
     the layer, so an unscored neuron is never mistaken for an unaligned one.
     """
     used = [p for p in probes if p.separates or not only_separating]
-    out = np.full((len(values), np.asarray(values[0]).shape[1]), np.nan)
+    out = np.full((len(values), values[0].shape[1]), np.nan)  # .shape: a CUDA tensor has no numpy view
     for layer, weight in enumerate(values):
         above = [p for p in used if p.layer >= layer]
         if not above:

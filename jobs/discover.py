@@ -1,0 +1,502 @@
+"""The discovery job (`python launch.py --discover`): score every head and MLP neuron, then test what
+the top of each ranking buys against random sets.
+
+Same config file, prompts (`jobs.sweep.build_prompts`), models, Yes/No variants, Ray workers and
+folder conventions as a sweep; its folder is OUT/discovery (so a sweep and a discovery with one config
+can share OUT). Per model, in four steps, each cut into shards of prompts that workers run and the
+driver adds up (every score is a mean over prompts: shards return sums, `PromptSums`):
+
+1. scan (all prompts): attribution-patching sums for every head and neuron and the attention to the
+   target (over the prompts the objective M averages, `discover.prompts`), and the last-position
+   residuals (all prompts); the driver then fits the probes and picks the heads to score exactly;
+2. neurons (one shard): the value vectors' Yes-minus-No logits and their cosine with the probes;
+3. exact (the objective's prompts): one condition per screened head, through the sweep's engine;
+4. sets (the objective's prompts): every ranking's top-k sets and the random sets of each size.
+
+As in a sweep, each shard's file is written atomically as it lands and recorded in the manifest
+(rows, bytes, SHA-256), OUT holds one driver at a time, SIGINT/SIGTERM stop cleanly, and `--resume`
+reuses the files that verify. A shard file also keeps a digest of the inputs it was computed from
+(its prompts, the probes, the ablation sets): a later step whose inputs moved (a recomputed scan that
+changed the screen) is recomputed, and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from jobs import config as config_mod
+from jobs.config import Config
+from jobs.discover_outputs import Findings, Written, write_outputs
+from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
+from jobs.errors import InputError
+from jobs.interrupt import Interrupted, signal_number, stop_on_signals
+from jobs.lock import OutLock
+from jobs.pool import WorkerPool, run_recorded, worker_pool
+from jobs.storage import OutDir, package_versions, read_manifest, verify_shards, write_json_atomic, write_parquet_atomic
+from jobs.sweep import PromptSource, _check_tokens, _recover, build_prompts, resume_command
+from jobs.tracking import log_discovery
+from verif.analysis.discovery.attention import target_spans
+from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
+from verif.analysis.discovery.metric import choose_prompts
+from verif.analysis.discovery.probes import Probe, fit_probes
+from verif.analysis.discovery.sets import plan_sets, sets_table
+from verif.analysis.discovery.sums import PromptSums, combine
+from verif.analysis.discovery.tables import exact_map
+from verif.design.conditions import Ablation
+from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
+
+# Keys that change no number of a discovery: allowed to differ on --resume (the target set, the
+# weight diff and the sweep's condition groups are no input of it).
+DISCOVERY_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "shards.conditions_per_shard", "ray", "wandb",
+                     "stats", "ablation", "weight_diff")
+SHARD_SCHEMA = {
+    "model": pl.Utf8, "key": pl.Utf8, "prompt_id": pl.Int64, "n_prompts": pl.Int64, "shape": pl.List(pl.Int64),
+    "values": pl.List(pl.Float64), "inputs": pl.Utf8,
+}  # fmt: skip
+
+
+class DiscoveryError(InputError):
+    """A discovery that cannot start or continue, with the reason in the message."""
+
+
+class DiscoveryInterrupted(Interrupted):
+    """SIGINT/SIGTERM stopped the discovery after cleanup; the shards on disk stay, `--resume` continues."""
+
+    def __init__(self, signum: int, out_arg: str, folder: Path, on_disk: int, total: int):
+        super().__init__(signum)
+        self.out_arg, self.folder, self.on_disk, self.total = out_arg, folder, on_disk, total
+
+    def line(self, argv: list[str]) -> str:
+        """The one line the command line prints: shards on disk and the exact command that resumes."""
+        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.folder}; "
+                f"continue with: {resume_command(argv, self.out_arg)}")
+
+
+def discovery_out(cfg: Config) -> OutDir:
+    """The discovery's folder: OUT/discovery."""
+    return OutDir(Path(cfg.out) / "discovery")
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiscoveryPlan:
+    cfg: Config
+    sources: list[ModelSource]
+    archs: list[Arch]
+    prompts: pl.DataFrame  # the build_prompts frame + in_objective (the prompts M averages)
+    prompt_source: PromptSource
+    shards: list[DiscoveryShard]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def of(self, model: str, phase: str, step: str = "") -> list[DiscoveryShard]:
+        return [s for s in self.shards if s.model == model and s.phase == phase and s.step == step]
+
+
+def slices(ids: Sequence[int], per_shard: int) -> list[tuple[int, ...]]:
+    """`ids` cut into consecutive slices of at most `per_shard`, as even as possible (so that workers
+    finish together: 12 prompts at 8 per shard are 6 + 6, not 8 + 4)."""
+    n = len(ids)
+    count = -(-n // per_shard)
+    out, start = [], 0
+    for i in range(count):
+        size = n // count + (i < n % count)
+        out.append(tuple(ids[start:start + size]))
+        start += size
+    return out
+
+
+def plan_shards(names: list[str], prompt_ids: list[int], objective: list[int], per_shard: int) -> list[DiscoveryShard]:
+    """Every shard of every model, with stable ids (named by their first prompt id).
+
+    Scan shards are slices of `shards.prompts_per_shard` prompts. Exact and sets shards hold one
+    prompt each: one prompt already scores every screened head or every set (tens to hundreds of
+    rows, a full batch), and single prompts let any number of workers share the costliest steps evenly.
+    """
+    shards = []
+    for m, name in enumerate(names):
+        shards += [DiscoveryShard(f"m{m}-scan-p{s[0]:06d}", name, "scan", s) for s in slices(prompt_ids, per_shard)]
+        shards.append(DiscoveryShard(f"m{m}-neurons", name, "neurons"))
+        for step in ("exact", "sets"):
+            shards += [DiscoveryShard(f"m{m}-{step}-p{i:06d}", name, "deltas", (i,), step) for i in objective]
+    return shards
+
+
+def prepare(cfg: Config) -> DiscoveryPlan:
+    """Every check that can fail, before any weights load; returns the plan."""
+    d = cfg.discover
+    try:
+        sources = [resolve_source(p) for p in cfg.model.paths]
+        archs = [read_arch(s) for s in sources]
+    except (OSError, ValueError) as e:
+        raise DiscoveryError(str(e)) from e
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DiscoveryError(f"model.path: two models share the name {names}; give distinct paths")
+    try:
+        prompts, prompt_source = build_prompts(cfg)
+    except ValueError as e:
+        raise DiscoveryError(str(e)) from e
+    try:
+        objective = choose_prompts(prompts["label"].to_list(), d.prompts)[:d.max_prompts]
+    except ValueError as e:
+        raise DiscoveryError(str(e)) from e
+    for row in prompts[objective].iter_rows(named=True):
+        if not target_spans(row["prompt"], row["target"]):
+            raise DiscoveryError(f"prompt {row['prompt_id']}: no copy of its target {row['target']} in the prompt, "
+                                 "so attn_to_target has nothing to read; check prompts.template")
+    _check_tokens(sources, cfg)
+    ids = prompts["prompt_id"].to_list()
+    prompts = prompts.with_columns(pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]))
+    shards = plan_shards(names, ids, [ids[i] for i in objective], cfg.shards.prompts_per_shard)
+    return DiscoveryPlan(cfg, sources, archs, prompts, prompt_source, shards)
+
+
+# --------------------------------------------------------------------------------------------
+# shard files: named float64 arrays with the digest of the inputs they came from
+# --------------------------------------------------------------------------------------------
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 (first 16 hex digits) of JSON-able parts and arrays, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
+                 else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def shard_frame(result: dict, model: str, inputs: str) -> pl.DataFrame:
+    """A worker's result as rows: one per summed array (prompt_id null), one per prompt's residuals."""
+    rows = [(key, None, np.asarray(a, dtype=np.float64)) for key, a in result["arrays"].items()]
+    rows += [("residuals", int(pid), np.asarray(a, dtype=np.float64)) for pid, a in result.get("residuals", {}).items()]
+    return pl.DataFrame(
+        {"model": [model] * len(rows), "key": [k for k, _, _ in rows], "prompt_id": [p for _, p, _ in rows],
+         "n_prompts": [result["n_prompts"]] * len(rows), "shape": [list(a.shape) for _, _, a in rows],
+         "values": [a.ravel() for _, _, a in rows], "inputs": [inputs] * len(rows)},
+        schema=SHARD_SCHEMA,
+    )
+
+
+def frame_sums(frame: pl.DataFrame) -> PromptSums:
+    """The summed arrays of a shard frame (rows without a prompt id)."""
+    sums = frame.filter(pl.col("prompt_id").is_null())
+    arrays = {r["key"]: np.asarray(r["values"], dtype=np.float64).reshape(r["shape"]) for r in sums.iter_rows(named=True)}
+    return PromptSums(arrays, int(sums["n_prompts"][0]))
+
+
+def frame_residuals(frames: Sequence[pl.DataFrame], prompt_ids: Sequence[int]) -> np.ndarray:
+    """`[n_prompts, L, hidden]` residuals of these prompts, gathered from the scan shards."""
+    rows = pl.concat([f.filter(pl.col("key") == "residuals") for f in frames])
+    by_id = {r["prompt_id"]: np.asarray(r["values"]).reshape(r["shape"]) for r in rows.iter_rows(named=True)}
+    return np.stack([by_id[p] for p in prompt_ids])
+
+
+# --------------------------------------------------------------------------------------------
+# running shards
+# --------------------------------------------------------------------------------------------
+
+
+class _OnePhase:
+    """One step's view of a model's executor for `run_recorded`, which closes what it is given and reads
+    its retries: the executor stays open for the next step, and only this step's retries are reported."""
+
+    def __init__(self, executor):
+        self._executor, self._seen = executor, len(executor.retried)
+
+    def run(self, shards, payload):
+        return self._executor.run(shards, payload)
+
+    @property
+    def retried(self) -> list[dict]:
+        return self._executor.retried[self._seen:]
+
+    def close(self) -> None:
+        """The model's steps share the executor; `_ModelShards.close` closes it."""
+
+
+@dataclass
+class ShardCounts:
+    """Shards run and reused, retried after a lost worker, recomputed; seconds per model and step."""
+
+    run: int = 0
+    reused: int = 0
+    retried: list[dict] = field(default_factory=list)
+    recomputed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class _ModelShards:
+    """One model's shards, step after step, on one set of workers (started when a shard first needs them)."""
+
+    def __init__(self, plan: DiscoveryPlan, m: int, pool: WorkerPool, out: OutDir, manifest: dict, bar: tqdm,
+                 counts: ShardCounts):
+        self.plan, self.m, self.pool, self.out, self.manifest, self.bar, self.counts = plan, m, pool, out, manifest, bar, counts
+        self.name = plan.model_names[m]
+        self.executor = None
+
+    def _executor(self):
+        if self.executor is None:
+            cfg = self.plan.cfg
+            self.bar.set_description(f"loading {self.name}")
+            spec = self.pool.spec(model=self.plan.sources[self.m].spec, dtype=cfg.model.dtype, device=cfg.model.device,
+                                  yes=tuple(cfg.scoring.yes), no=tuple(cfg.scoring.no), engine=cfg.engine,
+                                  check_prompt=self.plan.prompts["prompt"][0])
+            self.executor = self.pool.executor(DiscoveryWorker, "run", spec, cfg.shards.max_attempts)
+            self.manifest.setdefault("workers", []).extend({"model": self.name, **w} for w in self.executor.workers)
+        return self.executor
+
+    def _needs_run(self, shard: DiscoveryShard, inputs: str) -> bool:
+        entry = self.manifest["shards"][shard.id]
+        if entry["status"] != "done":
+            return True
+        stored = pl.read_parquet(self.out.shard(shard.id), columns=["inputs"])["inputs"][0]
+        if stored == inputs:
+            return False
+        problem = "computed from other inputs than the plan now holds (an earlier step was recomputed)"
+        print(f"shard {shard.id}: {problem}; it will be recomputed", file=sys.stderr)
+        self.counts.recomputed[shard.id] = problem
+        entry["status"] = "pending"
+        self.bar.total += 1
+        return True
+
+    def run(self, shards: list[DiscoveryShard], inputs: Callable[[DiscoveryShard], Any],
+            inputs_digest: Callable[[DiscoveryShard], str], step: str) -> list[pl.DataFrame]:
+        """Run the shards whose files are missing or were computed from other inputs; return every
+        shard's frame, read back from disk (a resumed and an uninterrupted run read the same bytes)."""
+        digests = {s.id: inputs_digest(s) for s in shards}
+        todo = [s for s in shards if self._needs_run(s, digests[s.id])]
+        self.counts.reused += len(shards) - len(todo)
+        if todo:
+            executor = self._executor()
+            self.bar.set_description(f"{step} {self.name}")
+            t = time.perf_counter()
+            ran = run_recorded(_OnePhase(executor), todo, lambda s: (inputs(s),), self.out, self.manifest,
+                               lambda r: shard_frame(r, self.name, digests[r["shard"]]), lambda _: self.bar.update(1))
+            self.counts.seconds.setdefault(self.name, {})[step] = time.perf_counter() - t
+            self.counts.run += ran.shards
+            self.counts.retried += ran.retried
+        return [pl.read_parquet(self.out.shard(s.id)) for s in shards]
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+
+def _fit(residuals: np.ndarray, labels: list[bool], seed: int) -> tuple[list[Probe], str | None]:
+    """The probes, or none and why (fewer than 2 correct and 2 incorrect attempts)."""
+    try:
+        return fit_probes(residuals, labels, seed=seed), None
+    except ValueError as e:
+        return [], f"no probes fitted: {e}"
+
+
+def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
+    """The four steps for one model (module docstring); returns its tables."""
+    d = plan.cfg.discover
+    name = shards.name
+    texts = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["prompt"].to_list()))
+    targets = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["target"].to_list()))
+    in_objective = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["in_objective"].to_list()))
+
+    def scan_inputs(s: DiscoveryShard) -> ScanPrompts:
+        p = s.prompt_ids
+        return ScanPrompts(tuple(texts[i] for i in p), tuple(targets[i] for i in p), tuple(in_objective[i] for i in p),
+                           d.batch_size)
+
+    scan_frames = shards.run(plan.of(name, "scan"), scan_inputs, lambda s: digest(scan_inputs(s).__dict__), "scan")
+    scan = combine(frame_sums(f) for f in scan_frames)
+    prompt_ids = plan.prompts["prompt_id"].to_list()
+    probes, probe_note = _fit(frame_residuals(scan_frames, prompt_ids), plan.prompts["label"].to_list(), d.seed)
+
+    probes_digest = digest([[p.layer, p.separates] for p in probes], *[p.weight for p in probes])
+    (neuron_frame,) = shards.run(plan.of(name, "neurons"), lambda s: probes, lambda s: probes_digest, "neurons")
+    neuron_scores = frame_sums(neuron_frame).sums
+
+    def deltas(step: str, sets: list[Ablation]) -> PromptSums:
+        described = [a.describe() for a in sets]
+        frames = shards.run(plan.of(name, "deltas", step), lambda s: ([texts[i] for i in s.prompt_ids], sets),
+                            lambda s: digest(described), step)
+        return combine(frame_sums(f) for f in frames)
+
+    atp_heads = scan.mean("atp_heads")
+    screen = heads_to_screen(atp_heads, d.exact)
+    exact = exact_map(atp_heads.shape, screen, deltas("exact", single_head_sets(screen)).mean("delta"))
+    head_scores = {"atp": atp_heads, "exact": exact, "attn_to_target": scan.mean("attn_to_target")}
+    neuron_maps = {"atp": scan.mean("atp_neurons"), "logit_yes_no": neuron_scores["logit_yes_no"],
+                   "probe_cos": neuron_scores["probe_cos"]}
+    head_plan = plan_sets(head_scores, "head", d.k, d.controls, d.seed)
+    neuron_plan = plan_sets(neuron_maps, "neuron", d.k, d.controls, d.seed)
+    set_sums = deltas("sets", head_plan.conditions + neuron_plan.conditions)
+    effects = set_sums.mean("delta")
+    n_head_sets = len(head_plan.conditions)
+    sets = pl.concat([sets_table(head_plan, effects[:n_head_sets]), sets_table(neuron_plan, effects[n_head_sets:])])
+    return Findings(
+        model=name, spec=plan.sources[shards.m].spec, n_objective=scan.n_prompts, which=d.prompts,
+        head_maps=head_scores, neuron_maps=neuron_maps, probes=probes,
+        sets=sets.select(pl.lit(name).alias("model"), pl.all()),
+        objective_attribution=float(scan.mean("log_odds")), objective_engine=float(set_sums.mean("log_odds")),
+        probe_note=probe_note,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the folder and the job
+# --------------------------------------------------------------------------------------------
+
+
+def discovery_differences(old: dict, cfg: Config) -> list[str]:
+    """What differs between a folder's saved config and `cfg` in the keys that change a discovery's numbers."""
+    return config_mod.config_differences(old, cfg, DISCOVERY_NEUTRAL)
+
+
+def _open_out(plan: DiscoveryPlan, out: OutDir, resume: bool) -> tuple[dict, dict[str, str]]:
+    """Create the folder, or on --resume check its config and which shard files can be trusted.
+
+    Returns the manifest (shards whose files fail verification set back to pending) and {shard: problem}.
+    """
+    cfg = plan.cfg
+    if out.manifest.exists():
+        if not resume:
+            raise DiscoveryError(f"{out.root} already holds a discovery; pass --resume to continue it or choose "
+                                 "another --out")
+        old = read_manifest(out)
+        diffs = discovery_differences(old["config"], cfg)
+        old_digest = old.get("prompts", {}).get("template_digest")
+        if old_digest != plan.prompt_source.template_digest:
+            diffs.append(f"prompts.template: the template text changed ({old_digest} -> "
+                         f"{plan.prompt_source.template_digest})")
+        if diffs:
+            raise DiscoveryError(f"--resume: the config differs from the one {out.root} was started with: "
+                                 + "; ".join(diffs))
+        _, bad = verify_shards(out, old)
+        for shard_id, problem in bad.items():
+            print(f"shard {shard_id}: {problem}; it will be recomputed", file=sys.stderr)
+            old["shards"][shard_id] = {k: v for k, v in old["shards"][shard_id].items()
+                                       if k in ("model", "phase", "prompts")} | {"status": "pending"}
+            out.shard(shard_id).unlink(missing_ok=True)
+        return old, bad
+    ours = {out.lock.name, out.ray_processes.name}
+    if resume and out.root.exists() and any(p.name not in ours for p in out.root.iterdir()):
+        raise DiscoveryError(f"--resume: {out.root} has no manifest.json; it was not started by a discovery")
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(plan.prompts, out.prompts)
+    manifest = {
+        "job": "discover",
+        "config": cfg.to_dict(),
+        "config_hash": config_mod.config_hash(cfg, DISCOVERY_NEUTRAL),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompts": {**dataclasses.asdict(plan.prompt_source), "n_objective": int(plan.prompts["in_objective"].sum())},
+        "shards": {s.id: {"status": "pending", "model": s.model, "phase": s.step or s.phase, "prompts": len(s.prompt_ids)}
+                   for s in plan.shards},
+    }
+    write_json_atomic(manifest, out.manifest)
+    return manifest, {}
+
+
+@dataclass
+class DiscoveryReport:
+    """What a finished discovery did and where everything is (printed at the end)."""
+
+    out: OutDir
+    findings: list[Findings]
+    written: Written
+    counts: ShardCounts
+    seconds: float
+    startup_seconds: float
+    wandb: str | None = None
+
+    def bookkeeping(self) -> dict[str, float]:
+        return {"shards_run": self.counts.run, "shards_skipped": self.counts.reused, "seconds": self.seconds,
+                "startup_seconds": self.startup_seconds, "n_retried": len(self.counts.retried)}
+
+    def lines(self) -> list[str]:
+        lines = []
+        for f in self.findings:
+            lines += f.lines()
+        c = self.counts
+        lines.append(f"shards: {c.run} run ({c.reused} already on disk), {self.seconds:.1f} s "
+                     f"(startup {self.startup_seconds:.1f} s)")
+        for model, steps in c.seconds.items():
+            lines.append(f"  {model}: " + ", ".join(f"{what} {t:.1f} s" for what, t in steps.items()))
+        for r in c.retried:
+            lines.append(f"shard {r['shard']} retried: {r['cause']} (node {r['node_id']}, host {r['host']}, pid {r['pid']})")
+        if c.recomputed:
+            lines.append(f"shards recomputed: {', '.join(c.recomputed)}")
+        lines += self.written.lines()
+        lines.append(f"manifest: {self.out.manifest}")
+        lines.append(f"W&B run:  {self.wandb or 'disabled'}")
+        return lines
+
+
+def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
+    """The whole job: plan, the four steps per model, tables, target, figures, W&B.
+
+    Holds OUT/discovery's lock throughout; SIGINT and SIGTERM stop it cleanly (`DiscoveryInterrupted`
+    says how many shards are on disk and how to continue).
+    """
+    start = time.perf_counter()
+    out = discovery_out(cfg)
+    created = [p for p in (out.root, out.root.parent) if not p.exists()]
+    manifest: dict = {}
+    n_total = 0
+    with stop_on_signals():
+        try:
+            with OutLock(out.lock) as lock:
+                try:
+                    plan = prepare(cfg)
+                except InputError:
+                    lock.release()
+                    for p in created:  # refused before anything was written: leave no empty folder behind
+                        p.rmdir()
+                    raise
+                n_total = len(plan.shards)
+                _recover(out, lock)
+                manifest, recomputed = _open_out(plan, out, resume)
+                counts = ShardCounts(recomputed=dict(recomputed))
+                pending = sum(e["status"] != "done" for e in manifest["shards"].values())
+                findings = []
+                bar = tqdm(total=pending, desc="shards", unit="shard", dynamic_ncols=True)
+                try:
+                    with worker_pool(cfg.ray, out) as pool:
+                        for m in range(len(plan.sources)):
+                            shards = _ModelShards(plan, m, pool, out, manifest, bar, counts)
+                            try:
+                                findings.append(discover_model(plan, shards))
+                            finally:
+                                shards.close()
+                        startup = pool.startup_seconds
+                finally:
+                    bar.close()
+                written = write_outputs(out, findings)
+                report = DiscoveryReport(out, findings, written, counts, time.perf_counter() - start, startup)
+                report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
+                                             written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})
+                report.seconds = time.perf_counter() - start
+                manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "steps": counts.seconds}
+                write_json_atomic(manifest, out.manifest)
+                return report
+        except KeyboardInterrupt as e:
+            on_disk = sum(entry.get("status") == "done" for entry in manifest.get("shards", {}).values())
+            raise DiscoveryInterrupted(signal_number(e), str(cfg.out), out.root, on_disk, n_total) from None

@@ -1,0 +1,273 @@
+"""`python launch.py --discover` end to end on a 4-layer x 4-head seed-shaped model, in this process.
+
+One discovery (8 prompts in scan shards of at most 3; M over the first 3 of the 4 correct ones) is run through the command line
+once per module; the tests read its folder: the files and columns, its exact effects against a
+sweep's single-head conditions, its combined attribution sums against one pass over all prompts, a
+resume after a shard file is deleted, its target config run as a sweep, and its W&B run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import launch
+from jobs import config as config_mod
+from jobs.config import ConfigError, load_config
+from jobs.discover import DiscoveryError, discovery_differences, run_discovery, slices
+from jobs.discover_worker import DiscoveryWorker, ScanPrompts
+from jobs.storage import write_shard
+from jobs.sweep import run_sweep
+from jobs.tracking import DISCOVERY_ARTIFACT_TYPE
+from jobs.worker import WorkerSpec
+from verif.analysis.discovery.metric import PROMPT_CHOICES
+from verif.analysis.discovery.ranking import spearman
+from verif.analysis.discovery.sets import best_set
+from verif.design.heads import parse_heads
+from verif.design.neurons import parse_neurons
+from tests.support.models import build_seed_shaped_model
+from tests.support.wandb_records import read_run
+
+N_LAYERS, N_HEADS, HEAD_DIM = 4, 4, 8
+N_NEURONS = 2 * N_HEADS * HEAD_DIM  # the seed shape's MLP width is twice its hidden size
+SETTINGS = (
+    "model.device=cpu", "model.dtype=float32", "prompts.n=8", "shards.prompts_per_shard=3", "ray.workers=0",
+    "discover.max_prompts=3", "discover.exact=6", "discover.k=[1, 2, 4]", "discover.controls=3",
+    # One prompt per forward: each prompt's sums are then the same bits in any shard layout.
+    "discover.batch_size=1",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_seed_shaped_model(tmp_path_factory.mktemp("tiny"), n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=2,
+                                   head_dim=HEAD_DIM)
+
+
+def overrides(model_dir: Path, *extra: str) -> list[str]:
+    return [f"model.path={model_dir}", *SETTINGS, *extra]
+
+
+def argv(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    args = ["--discover", "--out", str(out)]
+    for item in overrides(model_dir, *extra):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory) -> tuple[Path, str]:
+    """A discovery run by `launch.main` (W&B offline): (OUT, what it printed)."""
+    out = tmp_path_factory.mktemp("discover") / "OUT"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert launch.main(argv(tiny_dir, out, "wandb.mode=offline")) == 0
+    return out, printed.getvalue()
+
+
+def read(out: Path, name: str) -> pl.DataFrame:
+    return pl.read_parquet(out / "discovery" / f"{name}.parquet")
+
+
+def test_files_columns_and_printed_report(finished):
+    out, printed = finished
+    heads, neurons, probes, sets = (read(out, n) for n in ("heads", "neurons", "probes", "sets"))
+    assert heads.columns == ["model", "layer", "head", "atp", "exact", "attn_to_target"]
+    assert neurons.columns == ["model", "layer", "neuron", "atp", "logit_yes_no", "probe_cos"]
+    assert sets.columns == ["model", "ranking", "kind", "k", "components", "delta", "null_mean", "null_std", "p_empirical"]
+    assert {"model", "layer", "heldout_acc", "separates"} <= set(probes.columns) and probes.height == N_LAYERS
+    assert heads.height == N_LAYERS * N_HEADS and neurons.height == N_LAYERS * N_NEURONS
+    assert heads["exact"].is_not_null().sum() == 6  # discover.exact: the top 6 by |atp|
+    assert heads["atp"].is_not_null().all() and heads["attn_to_target"].is_not_null().all()
+    # Attention to the target is a sum of probabilities over some keys: within [0, 1].
+    assert heads["attn_to_target"].min() >= 0 and heads["attn_to_target"].max() <= 1
+    # Every (ranking, k) of both kinds: k in 1, 2, 4 (4 <= every ranking's length here), probe_cos
+    # only where some probe separated.
+    scored = {"head": 3, "neuron": 2 + int(neurons["probe_cos"].is_not_null().any())}
+    assert sets.height == 3 * sum(scored.values()) and set(sets["k"]) == {1, 2, 4}
+    atp_top = sets.filter((pl.col("kind") == "head") & (pl.col("ranking") == "atp") & (pl.col("k") == 1))["components"][0]
+    best = heads.sort(pl.col("atp").abs(), descending=True).row(0, named=True)
+    assert atp_top == f"L{best['layer']} H{best['head']}"
+    figures = sorted(p.name for p in (out / "discovery" / "figures").glob("*.png"))
+    model = heads["model"][0]
+    assert figures == sorted([f"{model}__heads_{s}.png" for s in ("atp", "exact", "attn_to_target")]
+                             + [f"{model}__neurons_{s}.png" for s in ("atp", "logit_yes_no", "probe_cos")]
+                             + [f"{model}__atp_vs_exact.png", f"{model}__effect_vs_k_head.png",
+                                f"{model}__effect_vs_k_neuron.png"])
+    assert "top heads by |exact|" in printed and "top neurons by |atp|" in printed
+    assert str(out / "discovery" / "heads.parquet") in printed and "target.yaml" in printed
+
+
+def test_exact_equals_a_sweeps_single_head_effects(finished, tiny_dir, tmp_path):
+    out, _ = finished
+    cfg = load_config(None, overrides(tiny_dir, "ablation.target_heads=null", "ablation.random_controls=0", "ablation.sweeps=[single_head]",
+                                      "wandb.mode=disabled", "stats.n_boot=10"), str(tmp_path / "sweep"))
+    run_sweep(cfg)
+    results = pl.read_parquet(tmp_path / "sweep" / "results" / "*.parquet")
+    objective = read(out, "prompts").filter("in_objective")["prompt_id"]
+    assert objective.len() == 3  # discover.max_prompts
+    lo = results.filter(pl.col("prompt_id").is_in(objective.implode())).pivot("condition", index="prompt_id",
+                                                                            values="log_odds")
+    screened = read(out, "heads").filter(pl.col("exact").is_not_null())
+    for row in screened.iter_rows(named=True):
+        sweep_effect = (lo[f"head-L{row['layer']:02d}H{row['head']:02d}"] - lo["baseline"]).mean()
+        # Both are float32 forwards of 4 layers (width 32) batched differently: logits round to
+        # ~|logit| * 4 * sqrt(32) * 6e-8 ~ 2e-5 for |logit| ~ 10, twice that in a difference of two
+        # log-odds. 1e-4 keeps a 1e-3 change of a probability (~4e-3 in log-odds) a failure.
+        assert row["exact"] == pytest.approx(sweep_effect, abs=1e-4)
+
+
+def test_combined_sums_equal_one_pass_over_all_prompts(finished, tiny_dir):
+    """The job cut the prompts into 3 scan shards and added their sums; one worker pass over all of
+    them must give the same means, up to float64 summation order (each prompt's own sums are the same
+    bits: one prompt per forward, one thread)."""
+    out, _ = finished
+    cfg = load_config(None, overrides(tiny_dir), str(out))
+    prompts = read(out, "prompts")
+    assert len(json.loads((out / "discovery" / "manifest.json").read_text())["shards"]) > 1
+    spec = WorkerSpec(model=str(tiny_dir), dtype="float32", device="cpu", yes=tuple(cfg.scoring.yes),
+                      no=tuple(cfg.scoring.no), engine=cfg.engine)
+    worker = DiscoveryWorker(spec)
+    one = worker.scan(tuple(prompts["prompt_id"]), ScanPrompts(tuple(prompts["prompt"]), tuple(prompts["target"]),
+                                                               tuple(prompts["in_objective"]), 1))
+    n = one["n_prompts"]
+    assert n == prompts["in_objective"].sum() == 3
+    heads, neurons = read(out, "heads"), read(out, "neurons")
+    # Adding n = 3 prompt sums in another grouping moves a result by at most ~n ulps of the largest
+    # partial sum; 1e-12 relative to the largest value of the map bounds that with room to spare.
+    for got, want in ((heads["atp"], one["arrays"]["atp_heads"]), (heads["attn_to_target"], one["arrays"]["attn_to_target"]),
+                      (neurons["atp"], one["arrays"]["atp_neurons"])):
+        want = np.asarray(want).ravel() / n
+        np.testing.assert_allclose(got.to_numpy(), want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_resume_recomputes_only_the_deleted_shard(finished, tiny_dir, tmp_path, capsys):
+    src, _ = finished
+    out = tmp_path / "OUT"
+    shutil.copytree(src, out)
+    results = out / "discovery" / "results"
+    before = {p.name: p.read_bytes() for p in results.glob("*.parquet")}
+    (results / "m0-scan-p000003.parquet").unlink()
+    cfg = load_config(None, overrides(tiny_dir, "wandb.mode=disabled"), str(out))
+    report = run_discovery(cfg, resume=True)
+    assert "m0-scan-p000003: missing; it will be recomputed" in capsys.readouterr().err
+    assert (report.counts.run, report.counts.reused) == (1, len(before) - 1)
+    assert {p.name: p.read_bytes() for p in results.glob("*.parquet")} == before  # the same bytes again
+    for name in ("heads", "neurons", "sets"):
+        assert read(out, name).equals(read(src, name))
+
+
+def test_resume_recomputes_the_steps_whose_inputs_moved(finished, tiny_dir, tmp_path, capsys):
+    """A scan shard whose sums changed (here: rewritten with one unscreened head's attribution raised,
+    its manifest record updated so that the file verifies) changes the screen: every exact and sets
+    shard was computed for other heads and is recomputed; the scan and neuron shards are kept."""
+    out = tmp_path / "OUT"
+    shutil.copytree(finished[0], out)
+    folder = out / "discovery"
+    unscreened = read(out, "heads").filter(pl.col("exact").is_null()).row(0, named=True)
+    path = folder / "results" / "m0-scan-p000000.parquet"
+    frame = pl.read_parquet(path)
+    row = frame.filter(pl.col("key") == "atp_heads").row(0, named=True)
+    values = np.asarray(row["values"])
+    values[unscreened["layer"] * N_HEADS + unscreened["head"]] += 1e3
+    frame = frame.with_columns(pl.when(pl.col("key") == "atp_heads").then(pl.Series([values.tolist()] * frame.height))
+                               .otherwise(pl.col("values")).alias("values"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][path.stem].update(write_shard(frame, path).entry())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    report = run_discovery(load_config(None, overrides(tiny_dir, "wandb.mode=disabled"), str(out)), resume=True)
+    steps = {shard_id.split("-")[1] for shard_id in report.counts.recomputed}
+    assert steps == {"exact", "sets"} and report.counts.run == len(report.counts.recomputed) == 6
+    assert "computed from other inputs" in capsys.readouterr().err
+    heads = read(out, "heads")
+    raised = heads.filter((pl.col("layer") == unscreened["layer"]) & (pl.col("head") == unscreened["head"]))
+    assert raised["exact"].is_not_null().all()  # now screened and scored
+
+
+def test_target_yaml_runs_as_a_sweep_config(finished, tiny_dir, tmp_path):
+    out, _ = finished
+    target = out / "discovery" / "target.yaml"
+    sets = read(out, "sets")
+    small = ["prompts.n=2", "ablation.random_controls=1", "ray.workers=0", "wandb.mode=disabled", "stats.n_boot=10"]
+    cfg = load_config(target, small)
+    assert cfg.model.path == str(tiny_dir)
+    assert cfg.ablation.target_heads == best_set(sets, "head")["components"]
+    assert cfg.ablation.target_neurons == best_set(sets, "neuron")["components"]
+    args = ["--sweep", "--config", str(target), "--out", str(tmp_path / "sweep")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert launch.main(args + [a for item in small for a in ("--set", item)]) == 0
+    conditions = pl.read_parquet(tmp_path / "sweep" / "conditions.parquet").filter(pl.col("kind") == "target")
+    assert parse_heads(conditions["heads"][0]) == parse_heads(cfg.ablation.target_heads)
+    assert parse_neurons(conditions["neurons"][0]) == parse_neurons(cfg.ablation.target_neurons)
+
+
+def test_wandb_run(finished):
+    out, _ = finished
+    (run_dir,) = (out / "discovery" / "wandb" / "wandb").glob("offline-run-*")
+    run = read_run(run_dir)
+    assert run["job_type"] == "discover"
+    heads = read(out, "heads")
+    model = heads["model"][0]
+    assert run["summary"][f"{model}/discover/spearman_atp_exact"] == pytest.approx(
+        spearman(heads["atp"].to_numpy(), heads["exact"].fill_null(np.nan).to_numpy()), rel=1e-12)
+    assert run["summary"]["discover/shards_run"] == len(json.loads((out / "discovery" / "manifest.json").read_text())["shards"])
+    logged = {k for step in run["history"] for k in step}
+    assert {"tables/heads", "tables/neurons", "tables/sets", "tables/probes", f"figures/{model}__atp_vs_exact"} <= logged
+    (art,) = [a for a in run["artifacts"] if a["type"] == DISCOVERY_ARTIFACT_TYPE]
+    assert {"heads.parquet", "neurons.parquet", "probes.parquet", "sets.parquet", "target.yaml"} <= set(art["files"])
+
+
+@pytest.mark.parametrize("item, key", [
+    ("discover.exact=0", "discover.exact"), ("discover.exact=some", "discover.exact"),
+    ("discover.k=[]", "discover.k"), ("discover.k=[0, 2]", "discover.k"), ("discover.k=[true]", "discover.k"),
+    ("discover.controls=0", "discover.controls"), ("discover.prompts=wrong", "discover.prompts"),
+    ("discover.max_prompts=0", "discover.max_prompts"), ("discover.batch_size=0", "discover.batch_size"),
+    ("discover.exactly=3", "discover.exactly"),
+])
+def test_config_errors_name_the_key(item, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, [item])
+
+
+def test_prompt_choices_and_resume_keys():
+    assert config_mod.DISCOVER_PROMPTS == PROMPT_CHOICES
+    a, b, c = (load_config(None, o, file_default=False) for o in ([], ["discover.exact=3"], ["ablation.random_controls=3"]))
+    assert config_mod.config_differences(a, b) == []  # a sweep ignores the discover section
+    assert discovery_differences(a.to_dict(), b) == ["discover.exact: 64 -> 3"]
+    assert discovery_differences(a.to_dict(), c) == []  # the target set is no input of a discovery
+
+
+def test_no_prompt_for_the_objective_is_refused_before_loading(tiny_dir, tmp_path):
+    cfg = load_config(None, overrides(tiny_dir, "prompts.p_correct=1", "discover.prompts=incorrect"), str(tmp_path / "OUT"))
+    with pytest.raises(DiscoveryError, match="discover.prompts: 'incorrect' selects no prompt out of 8"):
+        run_discovery(cfg)
+    assert not (tmp_path / "OUT").exists()  # refused before anything was written: no folder left behind
+
+
+def test_two_models_get_their_own_rows_and_targets(tiny_dir, tmp_path):
+    other = build_seed_shaped_model(tmp_path / "other", seed=1, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=HEAD_DIM)
+    cfg = load_config(None, [f"model.path=[{tiny_dir}, {other}]", *SETTINGS, "prompts.n=4", "discover.max_prompts=1",
+                             "discover.exact=2", "discover.k=[1]", "discover.controls=1", "wandb.mode=disabled"],
+                      str(tmp_path / "OUT"))
+    report = run_discovery(cfg)
+    names = [f.model for f in report.findings]
+    assert names == [tiny_dir.name, "other"]
+    counts = {n: dict(read(tmp_path / "OUT", n).group_by("model").len().iter_rows()) for n in ("heads", "neurons", "probes")}
+    assert counts["heads"] == {names[0]: N_LAYERS * N_HEADS, "other": 3 * 2}
+    assert counts["neurons"] == {names[0]: N_LAYERS * N_NEURONS, "other": 3 * 2 * 2 * HEAD_DIM}
+    assert counts["probes"] == {names[0]: N_LAYERS, "other": 3}
+    assert sorted(p.name for p in (tmp_path / "OUT" / "discovery").glob("target*.yaml")) == sorted(
+        f"target-{n}.yaml" for n in names)
+
+
+def test_slices_are_even_and_stable():
+    assert slices(list(range(12)), 8) == [tuple(range(6)), tuple(range(6, 12))]
+    assert slices(list(range(7)), 3) == [(0, 1, 2), (3, 4), (5, 6)]
+    assert slices([5], 8) == [(5,)] and slices([], 8) == []
