@@ -9,7 +9,8 @@
 
 Scan shards differentiate the model, which needs float32 gradients at least: when the model scores in
 a lower precision (bf16 on a GPU) the worker loads a float32 copy for scan shards, once, on the first
-one; exact effects are always scored in the configured dtype, as a sweep scores them.
+one, and drops it when the later steps begin; exact effects are always scored in the configured dtype,
+as a sweep scores them.
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ class DiscoveryWorker(ModelWorker):
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.scorer = Scorer(self.loaded, self.ids, spec.engine)
-        self._float32: LoadedModel | None = None
+        self.float32_copy: LoadedModel | None = None  # for scans of a bf16 or float16 model
 
     def gradient_model(self) -> LoadedModel:
         """The scoring model when it is float32 or float64, else a float32 copy (loaded on first use)."""
         if next(self.loaded.model.parameters()).dtype in GRADIENT_DTYPES:
             return self.loaded
-        if self._float32 is None:
-            self._float32 = load_model(self.spec.model, "float32", self.spec.device)
-        return self._float32
+        if self.float32_copy is None:
+            self.float32_copy = load_model(self.spec.model, "float32", self.spec.device)
+        return self.float32_copy
 
     def run(self, shard: DiscoveryShard, inputs: Any) -> dict:
         """The shard's result: {"shard": id, "n_prompts": ..., "arrays": {name: array}, ...} (see each phase)."""
+        if shard.phase != "scan":
+            self.float32_copy = None  # scans come first: the later steps get its memory back
         if shard.phase == "scan":
             return {"shard": shard.id, **self.scan(shard.prompt_ids, inputs)}
         if shard.phase == "neurons":

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 import launch
 from jobs import config as config_mod
 from jobs.config import ConfigError, load_config
 from jobs.discover import DiscoveryError, discovery_differences, run_discovery, slices
-from jobs.discover_worker import DiscoveryWorker, ScanPrompts
+from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.storage import write_shard
 from jobs.sweep import run_sweep
 from jobs.tracking import DISCOVERY_ARTIFACT_TYPE
@@ -151,6 +152,29 @@ def test_combined_sums_equal_one_pass_over_all_prompts(finished, tiny_dir):
         # terms' magnitudes: 4 * 2.2e-16 * sum |term| per entry, divided by n like the mean.
         bound = 4 * np.finfo(np.float64).eps * sum(np.abs(np.asarray(s["arrays"][key]).ravel()) for s in singles) / n
         assert np.all(np.abs(got.to_numpy() - want) <= bound), key
+
+
+def test_a_bf16_model_gets_float32_gradients(finished, tiny_dir):
+    """A worker scoring in bf16 differentiates a float32 copy (bf16 gradients have 3 significant
+    digits), scores exact effects in bf16 like a sweep, and drops the copy once the scans are done."""
+    out, _ = finished
+    cfg = load_config(None, overrides(tiny_dir))
+    prompts = read(out, "prompts")
+    spec = WorkerSpec(model=str(tiny_dir), dtype="bfloat16", device="cpu", yes=tuple(cfg.scoring.yes),
+                      no=tuple(cfg.scoring.no), engine=cfg.engine)
+    worker = DiscoveryWorker(spec)
+    shard = DiscoveryShard("s", "m", "scan", tuple(prompts["prompt_id"]))
+    scan = worker.run(shard, ScanPrompts(tuple(prompts["prompt"]), tuple(prompts["target"]),
+                                         tuple(prompts["in_objective"]), 1))
+    assert next(worker.gradient_model().model.parameters()).dtype == torch.float32
+    assert next(worker.loaded.model.parameters()).dtype == torch.bfloat16
+    # The float32 copy is the job's float32 model: the same sums as the float32 run's scan, which
+    # were added in another order (float64 sums of float32 terms: 1e-9 of the scale is ample).
+    want = read(out, "heads")["atp"].to_numpy()
+    np.testing.assert_allclose(np.asarray(scan["arrays"]["atp_heads"]).ravel() / scan["n_prompts"], want,
+                               rtol=0, atol=1e-9 * np.abs(want).max())
+    worker.run(DiscoveryShard("d", "m", "deltas", (0,), "exact"), ([prompts["prompt"][0]], []))
+    assert worker.float32_copy is None
 
 
 def test_resume_recomputes_only_the_deleted_shard(finished, tiny_dir, tmp_path, capsys):
