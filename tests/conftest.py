@@ -7,7 +7,11 @@ at fused views of equal values, which is allowed: it changes no number).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
 from verif.model.loading import LoadedModel, load_model
 from tests.support.models import build_seed_shaped_model
 from tests.support.tokenizer import qwen25_tokenizer
+from tests.tolerances import float64_copy, forward_rounding
 
 # One intra-op thread unless told otherwise: the test models are small (per-op overhead dominates)
 # and on a shared 2-core machine two OpenMP threads competing with other processes made the same
@@ -33,6 +38,22 @@ SHORT_PROMPTS = (
     "Verify: using [44 19 35] make 98. Attempt: 44 + 19 + 35 = 63 + 35 = 98. "
     "Is the User's attempt correct? Therefore, the final answer is",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_ray_dir():
+    """Ray started by the tests keeps its sockets and logs in a folder of its own (a short path: Ray's socket
+    names must fit 107 bytes). Otherwise `ray.init()` joins whatever `ray start` cluster this machine runs,
+    or fails on the address a stopped one left in /tmp/ray/ray_current_cluster."""
+    folder = tempfile.mkdtemp(prefix="vray")
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = folder
+    yield folder
+    if before is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +91,29 @@ def short_prompts() -> tuple[str, ...]:
     """A few short verification prompts of different token lengths."""
     return SHORT_PROMPTS
 
+
+
+@pytest.fixture(scope="session")
+def seed_model64(seed_model) -> LoadedModel:
+    """The seed-shaped model in float64 (`tests.tolerances.float64_copy`, norms in float64 too): where
+    exactness is the point, float64 removes the float32 noise that would otherwise set the tolerance."""
+    return dataclasses.replace(seed_model, model=float64_copy(seed_model.model))
+
+
+@pytest.fixture(scope="session")
+def rounding(short_prompts) -> Callable[[LoadedModel], float]:
+    """`rounding(loaded)`: delta, the float32 rounding error of one whole forward of that model's logits
+    (`tests.tolerances.forward_rounding`), measured once per model at every position of the short prompts,
+    unablated and with a quarter of all heads ablated (every layer)."""
+    cache: dict[int, float] = {}
+
+    def delta(loaded: LoadedModel) -> float:
+        if id(loaded.model) not in cache:
+            arch, tok = loaded.arch, loaded.tokenizer
+            toks = [tok.encode(p, add_special_tokens=False) for p in short_prompts]
+            quarter = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)
+                       if (layer * arch.n_heads + h) % 4 == 0]  # fmt: skip
+            cache[id(loaded.model)] = forward_rounding(loaded, toks, [[], quarter])
+        return cache[id(loaded.model)]
+
+    return delta
