@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -38,22 +36,6 @@ SHORT_PROMPTS = (
     "Verify: using [44 19 35] make 98. Attempt: 44 + 19 + 35 = 63 + 35 = 98. "
     "Is the User's attempt correct? Therefore, the final answer is",
 )
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_ray_dir():
-    """Ray started by the tests keeps its sockets and logs in a folder of its own (a short path: Ray's socket
-    names must fit 107 bytes). Otherwise `ray.init()` joins whatever `ray start` cluster this machine runs,
-    or fails on the address a stopped one left in /tmp/ray/ray_current_cluster."""
-    folder = tempfile.mkdtemp(prefix="vray")
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = folder
-    yield folder
-    if before is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = before
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

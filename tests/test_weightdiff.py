@@ -291,7 +291,7 @@ def local_ray():
 
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a `ray start` cluster of this machine
     yield ray
     ray.shutdown()
     if old is None:

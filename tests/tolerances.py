@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,10 +29,10 @@ import torch
 from torch import nn
 
 from verif.model.ablation import HookedAblation, head_masks
+from tests.support.exact_models import float64_norms
 
 U32 = 2.0**-24
 U64 = 2.0**-53
-UNIT_ROUNDOFF = {torch.float32: U32, torch.float64: U64, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # A tolerance on p_yes_norm at or above this would let a bug that moves a probability by 1e-3 pass.
 MEANINGFUL_NORM = 1e-3
 
@@ -53,28 +52,17 @@ def reorder_rel(n: int, u: float = U64) -> float:
 # ---------------------------------------------------------------------------------------------- forwards
 
 
-def _rms_norm_float64(self, x: torch.Tensor) -> torch.Tensor:
-    """LLaMA-style RMSNorm (Qwen2, Llama, Mistral) without transformers' cast to float32."""
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-_LLAMA_STYLE_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
-
-
 def float64_copy(model: nn.Module) -> nn.Module:
     """A float64 copy that computes in float64 throughout.
 
     transformers' RMSNorm casts to float32 whatever the model dtype, which would leave float32 rounding at
-    every norm of a `.double()` copy; those norms are re-pointed at the same arithmetic in float64. A norm
-    class not known here is refused rather than left in float32 (add its formula to support a new family).
+    every norm of a `.double()` copy; `tests.support.exact_models.float64_norms` swaps them for the same
+    arithmetic in float64. A norm it does not know (another family's) is refused rather than left in float32.
     """
-    model64 = copy.deepcopy(model).double()
-    for module in model64.modules():
-        name = type(module).__name__
-        if name in _LLAMA_STYLE_NORMS:
-            module.forward = types.MethodType(_rms_norm_float64, module)
-        elif "RMSNorm" in name:
-            raise NotImplementedError(f"float64_copy: no float64 formula for {name}; add it in tests/tolerances.py")
+    model64 = float64_norms(copy.deepcopy(model).double())
+    left = sorted({type(m).__name__ for m in model64.modules() if "RMSNorm" in type(m).__name__} - {"Float64RMSNorm"})
+    if left:
+        raise NotImplementedError(f"float64_copy: norms {left} would round through float32; give them float64 arithmetic")
     return model64
 
 
