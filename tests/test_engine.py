@@ -21,9 +21,8 @@ from verif.model.ablation import HookedAblation, head_masks
 from verif.model.engine import EngineOptions, Scorer, plan_units
 from verif.model.forward import decoder_layer
 from verif.design.heads import parse_heads, random_head_sets
-from verif.model.loading import load_model
 from verif.model.score import resolve_yes_no, score_plain
-from tests.support.models import build_seed_shaped_model
+from tests.support.exact_models import small_seed_model
 from tests.tolerances import ScoreTol, assert_scores_close
 
 SMOL_SET = "L0 H3, L5 H0, L5 H8, L12 H4, L17 H1, L17 H2, L17 H5, L29 H8"
@@ -86,14 +85,14 @@ def _make_case(request, name, short_prompts) -> EngineCase:
         arch = loaded.arch
         sets = [[], study, *random_head_sets(3, len(study), arch.n_layers, arch.n_heads, seed=11, exclude=study),
                 [(35, 0)], [(35, 15)], [(0, 5)], [(17, h) for h in range(arch.n_heads)]]
-        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 60)
+        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 28)
     else:
         loaded = request.getfixturevalue("smollm2")
         arch = loaded.arch
         target = parse_heads(SMOL_SET)
         sets = [[], target, random_head_sets(1, len(target), arch.n_layers, arch.n_heads, seed=5, exclude=target)[0],
                 [(29, 8)], [(0, 0)]]
-        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 40)
+        toks = _prompt_tokens(loaded.tokenizer, short_prompts, 28)
     lengths = [len(t) for t in toks]
     assert len(set(lengths)) == 3 and max(Counter(lengths).values()) == 2, lengths
     rounding = request.getfixturevalue("rounding")
@@ -256,7 +255,7 @@ def test_single_head_sweep_row_layers(seed_model, short_prompts, rounding):
     n_layers = arch.n_layers
     ids = resolve_yes_no(seed_model.tokenizer)
     tok = seed_model.tokenizer
-    toks = [tok.encode(p, add_special_tokens=False)[:16] for p in short_prompts[:2]]
+    toks = [tok.encode(p, add_special_tokens=False)[:8] for p in short_prompts[:2]]
     sets = [[]] + [[(layer, head)] for layer in range(n_layers) for head in range(arch.n_heads)]
     # big chunks only to keep the test quick (row_layers does not depend on max_rows)
     shared = Scorer(seed_model, ids, EngineOptions(share_trunk=True, max_rows=256)).score_tokens(toks, sets)
@@ -335,9 +334,9 @@ def test_plan_units_same_length_and_big_units():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = build_seed_shaped_model(tmp_path_factory.mktemp("tiny_seed"), seed=1, n_layers=2)
-    return load_model(str(folder), dtype="float32", device="cpu")
+def tiny_model(qwen_tokenizer):
+    """The seed-shaped layout cut to 2 layers, float32, built in memory (nothing to write and read back)."""
+    return small_seed_model(qwen_tokenizer, seed=1, dtype=torch.float32, n_layers=2, n_heads=16)
 
 
 def test_compiled_equals_uncompiled(tiny_model, short_prompts, rounding):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -101,17 +102,24 @@ def test_stopped_driver_resumes_without_recomputing(seed_model_dir, tmp_path, re
     assert_same_results(out.read_results(), reference, tol)
 
 
-def test_existing_out_needs_resume(seed_model_dir, tmp_path):
-    cfg = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=1")
+@pytest.fixture(scope="module")
+def stopped_after_one(seed_model_dir, tmp_path_factory) -> Path:
+    """A sweep folder interrupted after its first shard; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("stopped_after_one")
     with pytest.raises(SweepInterrupted):
-        run_sweep(cfg)
+        run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0", "testing.stop_after_shards=1"))
+    assert len(list(OutDir(out).results.glob("*.parquet"))) == 1
+    return out
+
+
+def test_existing_out_needs_resume(seed_model_dir, tmp_path, stopped_after_one):
+    shutil.copytree(stopped_after_one, tmp_path, dirs_exist_ok=True)
     with pytest.raises(SweepError, match="--resume"):
         run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0"))
 
 
-def test_resume_with_changed_config_is_refused(seed_model_dir, tmp_path):
-    with pytest.raises(SweepInterrupted):
-        run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=1"))
+def test_resume_with_changed_config_is_refused(seed_model_dir, tmp_path, stopped_after_one):
+    shutil.copytree(stopped_after_one, tmp_path, dirs_exist_ok=True)
     before = sorted(p.name for p in OutDir(tmp_path).results.glob("*.parquet"))
     changed = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
     with pytest.raises(SweepError, match=r"ablation.random_controls: 2 -> 3.*prompts.seed: 0 -> 7"):

@@ -83,16 +83,6 @@ def _tiny(folder: Path, n_layers: int = 2, n_heads: int = 16, tie: bool = True) 
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these tests run: on a shared 2-core box, waiting for a second thread in
-    every small op made a diff of the seed-shaped model 4x slower. No number depends on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def seed_state(seed_model_dir) -> dict[str, torch.Tensor]:
     return load_file(Path(seed_model_dir) / "model.safetensors")
