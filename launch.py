@@ -63,7 +63,7 @@ def _weight_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
     from jobs.sweep import SweepInterrupted, prepare, run_sweep
 
@@ -75,9 +75,10 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     try:
         report = run_sweep(cfg, resume=args.resume)
-    except SweepInterrupted as e:
-        print(f"interrupted: {e}; continue with --resume --out {cfg.out}", file=sys.stderr)
-        return 3
+    except SweepInterrupted as e:  # SIGINT/SIGTERM: Ray is down, the shards on disk stay (jobs.interrupt)
+        print(e.line([sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]),
+              file=sys.stderr)
+        return e.exit_code
     print("\n".join(report.lines()))
     return 0
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if relog(args.relog, args.mode) else 1
         if args.weight_diff:
             return _weight_diff(args)
-        return _sweep(args)
+        return _sweep(args, argv)
     except InputError as e:
         if args.debug:
             raise

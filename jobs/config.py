@@ -65,6 +65,15 @@ def _workers(v: int | str) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _resources(v: dict) -> str | None:
+    bad = [k for k, n in v.items() if not isinstance(k, str) or isinstance(n, bool) or not isinstance(n, (int, float))
+           or n < 0]
+    if bad:
+        return f"must map resource names to amounts >= 0 (bad: {bad[0]!r})"
+    reserved = sorted(set(v) & {"CPU", "GPU", "memory"})
+    return f"{reserved[0]} is set by cpus_per_worker / gpus_per_worker, not here" if reserved else None
+
+
 def _heads(v: str | list) -> str | None:
     """A head set that parses (its range is checked against the model later, once its config is read)."""
     try:
@@ -148,11 +157,15 @@ class ShardsConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = doc("Empty: start a local Ray; 'auto' or ray://host:port: join a cluster.", "")
+    address: str = doc("Empty: start a local Ray (or join RAY_ADDRESS, as under `ray job submit`); 'auto' or "
+                       "ray://host:port: join a cluster.", "")
     workers: int | str = doc("Scoring actors; 0 = score in this process without Ray; "
                              "auto = one per GPU of the cluster (gpus_per_worker each).", 2, _workers)
     gpus_per_worker: float = doc("GPUs per actor (1 on a GPU cluster).", 0, at_least(0))
     cpus_per_worker: float = doc("CPUs per actor (also its torch threads).", 1, at_least(0))
+    resources_per_worker: dict = field(default_factory=dict, metadata={
+        "doc": "Custom Ray resources per actor, e.g. {accelerator_h100: 1} to pin workers to nodes started "
+               "with `ray start --resources`; {} = none.", "check": _resources})
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,8 @@ class WandbConfig:
     mode: str = doc("offline (files in OUT/wandb), online, disabled.", "offline", _one_of("offline", "online", "disabled"))
     project: str = doc("W&B project.", "verif-sweep")
     entity: str | None = doc("W&B entity (team or user); default: your default entity.", None)
+    init_timeout: float = doc("Seconds online mode waits for the W&B server before it logs offline instead.", 30,
+                              at_least(1))
 
 
 @dataclass(frozen=True)
@@ -175,13 +190,6 @@ class WeightDiffConfig:
     heads: str | list = doc("Heads summarised as one group: target (ablation.target_heads; none when unset), "
                             "study (the study's 29), none, or a head list.", "target")
     top_k: int = doc("Value vectors summarised separately, by largest change.", 50, at_least(0))
-
-
-@dataclass(frozen=True)
-class TestingConfig:
-    crash_worker_once: bool = doc("Test only: the first shard kills its worker process once.", False)
-    stop_after_shards: int = doc("Test only: the driver stops after this many new shards (0 = never).", 0,
-                                 at_least(0))
 
 
 def section(cls: type) -> Any:
@@ -204,7 +212,6 @@ class Config:
     stats: StatsConfig = section(StatsConfig)
     wandb: WandbConfig = section(WandbConfig)
     weight_diff: WeightDiffConfig = section(WeightDiffConfig)
-    testing: TestingConfig = section(TestingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,7 +221,7 @@ class Config:
 
 
 # Keys that do not change any number in the results: allowed to differ on --resume.
-RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "testing", "stats")
+RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "stats")
 
 
 # --------------------------------------------------------------------------------------------

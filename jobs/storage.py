@@ -1,19 +1,25 @@
-"""The output folder: its paths, atomic file writes and the manifest.
+"""The output folder: its paths, atomic file writes, and the manifest that says which shard files to trust.
 
-Every file is written under a temporary name and renamed into place, so a crash at any moment leaves
-either the whole file or none of it, and `--resume` can trust whatever shard files exist.
+Every file is written under a temporary name, fsynced and renamed into place, so a crash at any moment
+leaves either the whole file or none of it. That alone does not make a file trustworthy (a disk can
+truncate it, a user can copy half of it), so the manifest records each finished shard's size, row count
+and SHA-256, and `--resume` reads only files that still match them (`verify_shards`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import polars as pl
+
+from jobs.errors import InputError
 
 RESULT_SCHEMA = {
     "model": pl.Utf8,
@@ -25,6 +31,11 @@ RESULT_SCHEMA = {
     "log_odds": pl.Float64,
 }
 VERSIONED_PACKAGES = ("verif-sweep", "torch", "transformers", "accelerate", "ray", "wandb", "polars", "numpy")
+TMP_MARK = ".tmp-"  # temporary files are `.<name>.tmp-<pid>`
+
+
+class ManifestError(InputError):
+    """OUT/manifest.json cannot be read as a manifest; the message names the file and what to do."""
 
 
 class OutDir:
@@ -41,6 +52,9 @@ class OutDir:
     manifest = property(lambda self: self.root / "manifest.json")
     figures = property(lambda self: self.root / "figures")
     wandb = property(lambda self: self.root / "wandb")
+    # Held while a driver writes here (jobs.lock), and the local Ray it started (jobs.local_ray).
+    lock = property(lambda self: self.root / ".lock")
+    ray_processes = property(lambda self: self.root / ".ray_processes.json")
     # The weight-diff job's outputs (written by jobs.weight_diff, logged by jobs.tracking).
     weight_diff = property(lambda self: self.root / "weight_diff.parquet")
     weight_diff_selection = property(lambda self: self.root / "weight_diff_selection.parquet")
@@ -54,19 +68,39 @@ class OutDir:
     def shard(self, shard_id: str) -> Path:
         return self.results / f"{shard_id}.parquet"
 
-    def done_shards(self) -> set[str]:
-        """Shards whose result file exists (complete by construction: files appear by rename)."""
+    def shard_files(self) -> set[str]:
+        """Ids of the shard files present (trusted or not: see `verify_shards`)."""
         return {p.stem for p in self.results.glob("*.parquet")} if self.results.is_dir() else set()
 
-    def read_results(self) -> pl.DataFrame:
-        files = sorted(self.results.glob("*.parquet"))
-        if not files:
+    def read_results(self, shard_ids: list[str] | None = None) -> pl.DataFrame:
+        """The given shards' rows (default: every shard file), sorted by model, condition, prompt."""
+        ids = sorted(self.shard_files() if shard_ids is None else shard_ids)
+        if not ids:
             return pl.DataFrame(schema=RESULT_SCHEMA)
-        return pl.concat([pl.read_parquet(f) for f in files]).sort(["model", "condition", "prompt_id"])
+        return pl.concat([pl.read_parquet(self.shard(i)) for i in ids]).sort(["model", "condition", "prompt_id"])
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete the `.name.tmp-<pid>` files a killed writer left behind (call while holding the lock)."""
+        found = [p for d in (self.root, self.results, self.stats) if d.is_dir()
+                 for p in d.glob(f".*{TMP_MARK}*") if p.is_file()]
+        for p in found:
+            p.unlink(missing_ok=True)
+        return found
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
@@ -74,16 +108,93 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     df.write_parquet(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _fsync_replace(tmp, path)
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    _fsync_replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the manifest keeps about a finished shard: enough to recognise its file, and where it ran."""
+
+    rows: int
+    bytes: int
+    sha256: str
+
+    def entry(self) -> dict:
+        return {"status": "done", "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+
+
+def write_shard(df: pl.DataFrame, path: Path) -> ShardRecord:
+    """Write a shard file atomically and return the record that later proves it intact."""
+    write_parquet_atomic(df, path)
+    return ShardRecord(df.height, path.stat().st_size, file_digest(path))
+
+
+# --------------------------------------------------------------------------------------------
+# the manifest
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(out: OutDir) -> dict:
+    """The manifest, or a ManifestError naming the file and what to do (never a JSON traceback)."""
+    path = out.manifest
+    advice = (f"it cannot tell which shard files in {out.results} are complete, so none can be trusted. "
+              f"Start the sweep again in a new --out (or delete {out.root})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is unreadable or not valid JSON ({e}); {advice}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict) or "config" not in manifest:
+        raise ManifestError(f"{path} is not a sweep manifest (no 'config' and 'shards' entries); {advice}")
+    return manifest
+
+
+def shard_problem(out: OutDir, shard_id: str, entry: dict) -> str | None:
+    """Why the shard's file cannot be trusted, or None when it matches its manifest record."""
+    path = out.shard(shard_id)
+    if entry.get("status") != "done":
+        return "not recorded as finished (the driver stopped before recording it)" if path.exists() else None
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        return f"{size} bytes, the manifest recorded {entry.get('bytes')} (truncated or replaced)"
+    if file_digest(path) != entry.get("sha256"):
+        return "checksum differs from the manifest's (corrupt)"
+    try:
+        rows = pl.scan_parquet(path).select(pl.len()).collect().item()  # from the footer only
+    except Exception as e:  # noqa: BLE001 - any read failure means the same: not usable
+        return f"unreadable ({type(e).__name__})"
+    if rows != entry.get("rows"):
+        return f"{rows} rows, the manifest recorded {entry.get('rows')}"
+    return None
+
+
+def verify_shards(out: OutDir, manifest: dict) -> tuple[set[str], dict[str, str]]:
+    """(ids whose files match their records, {id: problem} for every file that does not)."""
+    good, bad = set(), {}
+    for shard_id, entry in manifest["shards"].items():
+        problem = shard_problem(out, shard_id, entry)
+        if problem:
+            bad[shard_id] = problem
+        elif entry.get("status") == "done":
+            good.add(shard_id)
+    return good, bad
 
 
 def package_versions() -> dict[str, str]:

@@ -1,17 +1,21 @@
 """The sweep driver: validate, plan shards, run them, write results, then hand over to finalize.
 
 `prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
-file) before any weights are loaded. `run_sweep` then cuts the (model x prompts x conditions) work
-into shards, runs the ones not yet on disk, and writes each as one parquet file the moment it
-returns, so an interrupted sweep resumes where it stopped. Once every shard is on disk and checked
-complete, `jobs.finalize` computes statistics, figures and the W&B run.
+file) before any weights are loaded. `run_sweep` then takes OUT's lock (one driver per folder), cleans
+up after a driver that was killed there (its local Ray's processes, temp files), cuts the (model x
+prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
+each as one parquet file (and its size, rows and SHA-256 into the manifest) the moment it returns, so
+an interrupted sweep resumes where it stopped and never trusts a damaged file. SIGINT and SIGTERM stop
+it cleanly (`SweepInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
+computes statistics, figures and the W&B run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,11 +24,23 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jobs import config as config_mod
+from jobs import local_ray
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.executors import LocalExecutor, RayExecutor, init_ray
+from jobs.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
 from jobs.finalize import Finalized, finalize
-from jobs.storage import RESULT_SCHEMA, OutDir, package_versions, write_json_atomic, write_parquet_atomic
+from jobs.interrupt import Interrupted, signal_number, stop_on_signals
+from jobs.lock import OutLock
+from jobs.storage import (
+    RESULT_SCHEMA,
+    OutDir,
+    package_versions,
+    read_manifest,
+    verify_shards,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_shard,
+)
 from jobs.weight_diff import check_weight_diff
 from jobs.worker import Shard, WorkerSpec
 from verif.design.conditions import Condition, build_conditions
@@ -42,8 +58,30 @@ class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
 
 
-class SweepInterrupted(RuntimeError):
-    """The driver stopped on purpose (`testing.stop_after_shards`); `--resume` continues."""
+class SweepInterrupted(Interrupted):
+    """SIGINT/SIGTERM stopped the sweep after cleanup; what is on disk stays, `--resume` continues."""
+
+    def __init__(self, signum: int, out: OutDir, on_disk: int, total: int):
+        super().__init__(signum)
+        self.out, self.on_disk, self.total = out, on_disk, total
+
+    def line(self, argv: list[str]) -> str:
+        """The one line the command line prints: shards on disk and the exact command that resumes."""
+        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
+                f"continue with: {resume_command(argv, self.out.root)}")
+
+
+def resume_command(argv: list[str], out) -> str:
+    """`argv` (program first) with `--resume` and `--out OUT`, ready to paste into a shell."""
+    args, rest, i = [], list(argv[1:]), 0
+    while i < len(rest):  # drop any earlier --out/--resume, then add them back explicitly
+        if rest[i] == "--out":
+            i += 2
+            continue
+        if rest[i] != "--resume" and not rest[i].startswith("--out="):
+            args.append(rest[i])
+        i += 1
+    return shlex.join([sys.executable or "python", argv[0], *args, "--resume", "--out", str(out)])
 
 
 @dataclass
@@ -71,7 +109,8 @@ class SweepReport:
     shards_skipped: int
     seconds: float
     startup_seconds: float = 0.0
-    retried: list[str] = field(default_factory=list)
+    retried: list[dict] = field(default_factory=list)
+    recomputed: dict[str, str] = field(default_factory=dict)
     finalized: Finalized | None = None
     prompt_source: PromptSource | None = None
 
@@ -89,8 +128,11 @@ class SweepReport:
             f"({self.shards_skipped} already on disk), {self.seconds:.1f} s "
             f"(startup {self.startup_seconds:.1f} s)",
         ]
-        if self.retried:
-            lines.append(f"shards retried after a worker died: {', '.join(self.retried)}")
+        for r in self.retried:
+            lines.append(f"shard {r['shard']} retried: {r['cause']} (node {r['node_id']}, host {r['host']}, "
+                         f"pid {r['pid']})")
+        if self.recomputed:
+            lines.append(f"shards recomputed because their files could not be trusted: {', '.join(self.recomputed)}")
         fin = self.finalized
         lines += self.prompt_source.lines() if self.prompt_source else []
         lines += [
@@ -237,13 +279,16 @@ def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
     )
 
 
-def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
-    """Create the folder, or on --resume check it was started with the same result-defining config."""
+def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[str, str]]:
+    """Create the folder, or on --resume check its config and which shard files can be trusted.
+
+    Returns the manifest (shards whose files fail verification set back to pending) and {shard: problem}.
+    """
     cfg = plan.cfg
     if out.manifest.exists():
-        old = json.loads(out.manifest.read_text())
         if not resume:
             raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
+        old = read_manifest(out)
         diffs = config_mod.config_differences(old["config"], cfg)
         old_digest = old.get("prompts", {}).get("template_digest")
         if old_digest != plan.prompt_source.template_digest:
@@ -251,8 +296,15 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
                          f"{plan.prompt_source.template_digest})")
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
-        return old
-    if resume and out.root.exists() and any(out.root.iterdir()):
+        _, bad = verify_shards(out, old)
+        for shard_id, problem in bad.items():
+            print(f"shard {shard_id}: {problem}; it will be recomputed", file=sys.stderr)
+            old["shards"][shard_id] = {k: v for k, v in old["shards"][shard_id].items()
+                                       if k in ("model", "prompts", "conditions")} | {"status": "pending"}
+            out.shard(shard_id).unlink(missing_ok=True)
+        return old, bad
+    ours = {out.lock.name, out.ray_processes.name}
+    if resume and out.root.exists() and any(p.name not in ours for p in out.root.iterdir()):
         raise SweepError(f"--resume: {out.root} has no manifest.json; it was not started by a sweep")
     out.root.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(plan.prompts, out.prompts)
@@ -267,12 +319,13 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> dict:
                           "conditions": len(s.conditions)} for s in plan.shards},
     }
     write_json_atomic(manifest, out.manifest)
-    return manifest
+    return manifest, {}
 
 
 def worker_env() -> dict[str, str]:
     """Environment every worker needs, shipped through Ray's runtime_env."""
-    keep = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
+    # Not HF_HOME: a cache path is a fact about one node; each node's own environment (`ray start`) sets it.
+    keep = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "CUDA_LAUNCH_BLOCKING")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["TQDM_DISABLE"] = "1"  # no loading bars from workers (GGUF conversion): the driver has the one bar
@@ -292,7 +345,7 @@ def resolve_workers(cfg: Config) -> int:
     return int(gpus // r.gpus_per_worker)
 
 
-def _make_executor(cfg: Config, model: str, out: OutDir, n_workers: int):
+def _make_executor(cfg: Config, model: str, n_workers: int):
     r = cfg.ray
     spec = WorkerSpec(
         model=model,
@@ -302,47 +355,61 @@ def _make_executor(cfg: Config, model: str, out: OutDir, n_workers: int):
         no=tuple(cfg.scoring.no),
         engine=cfg.engine,
         threads=max(1, int(r.cpus_per_worker)) if n_workers else None,
-        crash_marker=str(out.root.resolve() / ".crash_marker") if cfg.testing.crash_worker_once else None,
     )
     if n_workers == 0:
         return LocalExecutor(spec)
-    return RayExecutor(spec, n_workers, r.cpus_per_worker, r.gpus_per_worker, cfg.shards.max_attempts)
+    return RayExecutor(spec, n_workers, r.cpus_per_worker, r.gpus_per_worker, r.resources_per_worker,
+                       cfg.shards.max_attempts)
 
 
-def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, float, list[str]]:
-    """Run every shard not yet on disk; returns (rows written, shards run, startup seconds, retried)."""
+@dataclass
+class ShardsRun:
+    """What `run_shards` did."""
+
+    rows: int = 0
+    shards: int = 0
+    startup_seconds: float = 0.0
+    retried: list[dict] = field(default_factory=list)
+
+
+def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
+    """Run every shard the manifest does not hold as done; each is written and recorded as it returns.
+
+    A local Ray started here has its processes recorded in OUT (so that a killed driver's leftovers are
+    stopped by the next run) and is shut down, and its processes checked gone, however this returns.
+    """
     cfg = plan.cfg
-    done = out.done_shards()
-    pending = [s for s in plan.shards if s.id not in done]
+    pending = [s for s in plan.shards if manifest["shards"][s.id]["status"] != "done"]
+    done = ShardsRun()
     if not pending:
-        return 0, 0, 0.0, []
+        return done
     prompts_text = plan.prompts["prompt"].to_list()
     heads_of = {c.id: c.heads for c in plan.conditions}
-    stop_after = cfg.testing.stop_after_shards
-    use_ray = cfg.ray.workers != 0
-    startup = 0.0
-    rows = shards_run = 0
-    retried: list[str] = []
-    started_ray = False
-    if use_ray:
-        import ray
-
-        t = time.perf_counter()
-        r = cfg.ray
-        wanted = r.workers if isinstance(r.workers, int) else 1
-        started_ray = init_ray(r.address, worker_env(), wanted * r.cpus_per_worker, str(config_mod.REPO_ROOT))
-        startup += time.perf_counter() - t
-    n_workers = resolve_workers(cfg) if use_ray else 0
+    r = cfg.ray
+    started_ray = local = False
+    bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
     try:
-        bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
+        if r.workers != 0:
+            t = time.perf_counter()
+            local = started_local_ray(r.address)
+            wanted = r.workers if isinstance(r.workers, int) else 1
+            started_ray = init_ray(r.address, worker_env(), wanted * r.cpus_per_worker, str(config_mod.REPO_ROOT))
+            local = local and started_ray
+            if local:
+                local_ray.record(out.ray_processes)
+            done.startup_seconds += time.perf_counter() - t
+        n_workers = resolve_workers(cfg) if r.workers != 0 else 0
         for model in plan.model_names:
             todo = [s for s in pending if s.model == model]
             if not todo:
                 continue
             source = plan.sources[plan.model_names.index(model)]
             bar.set_description(f"loading {model}")
-            executor = _make_executor(cfg, source.spec, out, n_workers)
-            startup += executor.startup_seconds
+            executor = _make_executor(cfg, source.spec, n_workers)
+            if local:
+                local_ray.record(out.ray_processes)  # now with the workers
+            done.startup_seconds += executor.startup_seconds
+            manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
             bar.set_description(f"scoring {model}")
             t_rows = time.perf_counter()
 
@@ -350,25 +417,31 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> tuple[int, int, 
                 return [prompts_text[i] for i in s.prompt_ids], [heads_of[c] for c in s.conditions], name
 
             try:
-                for shard, columns in executor.run(todo, payload):
+                for shard, columns, where in executor.run(todo, payload):
+                    t_write = time.perf_counter()
                     frame = pl.DataFrame(columns, schema=RESULT_SCHEMA)
-                    write_parquet_atomic(frame, out.shard(shard.id))
-                    manifest["shards"][shard.id]["status"] = "done"
+                    record = write_shard(frame, out.shard(shard.id))
+                    entry = manifest["shards"][shard.id]
+                    entry.update(record.entry(), **where)
                     write_json_atomic(manifest, out.manifest)
-                    rows += frame.height
-                    shards_run += 1
+                    entry["write_seconds"] = time.perf_counter() - t_write  # the driver's cost of a shard
+                    done.rows += frame.height
+                    done.shards += 1
                     bar.update(1)
-                    bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t_rows, 1e-9):.1f}")
-                    if stop_after and shards_run >= stop_after:
-                        raise SweepInterrupted(f"stopped after {shards_run} shards (testing.stop_after_shards)")
+                    bar.set_postfix(rows_per_s=f"{done.rows / max(time.perf_counter() - t_rows, 1e-9):.1f}")
             finally:
-                retried += executor.retried
+                done.retried += executor.retried
+                manifest.setdefault("retried", []).extend(executor.retried)
                 executor.close()
-        bar.close()
     finally:
+        bar.close()
         if started_ray:
+            import ray
+
             ray.shutdown()
-    return rows, shards_run, startup, retried
+        if local:
+            local_ray.stop_recorded(out.ray_processes)
+    return done
 
 
 def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
@@ -379,24 +452,58 @@ def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
 
 
+def _recover(out: OutDir, lock: OutLock) -> None:
+    """Clean up after a driver that was killed in this folder: its lock, its local Ray, its temp files."""
+    if lock.stale:
+        print(f"{out.root}: taking over the lock of {lock.stale}, which no longer runs", file=sys.stderr)
+    stopped = local_ray.stop_recorded(out.ray_processes)
+    if stopped:
+        print(f"{out.root}: stopped {len(stopped)} Ray processes left running by an earlier driver "
+              f"(pids {' '.join(map(str, stopped))})", file=sys.stderr)
+    out.remove_temp_files()
+
+
 def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
-    """The whole job: plan, score, check completeness, then finalize. Returns where everything is."""
+    """The whole job: plan, score, check completeness, then finalize. Returns where everything is.
+
+    Holds OUT's lock throughout (a second driver into the same folder is refused at once). SIGINT and
+    SIGTERM stop it cleanly: `SweepInterrupted` says how many shards are on disk.
+    """
     start = time.perf_counter()
-    plan = prepare(cfg)
     out = OutDir(cfg.out)
-    manifest = _open_out(plan, out, resume)
-    skipped = len(out.done_shards() & {s.id for s in plan.shards})
-    rows, shards_run, startup, retried = run_shards(plan, out, manifest)
-    results = out.read_results()
-    check_complete(results, plan)
-    report = SweepReport(out, rows, shards_run, skipped, time.perf_counter() - start, startup, retried,
-                         prompt_source=plan.prompt_source)
-    report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
-    report.seconds = time.perf_counter() - start
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "rows_written": rows}
-    write_json_atomic(manifest, out.manifest)
-    return report
+    manifest: dict = {}
+    n_total = 0
+    existed = out.root.exists()
+    with stop_on_signals():
+        try:
+            with OutLock(out.lock) as lock:
+                try:
+                    plan = prepare(cfg)
+                except InputError:
+                    if not existed:  # refused before anything was written: leave no empty folder behind
+                        lock.release()
+                        out.root.rmdir()
+                    raise
+                n_total = len(plan.shards)
+                _recover(out, lock)
+                manifest, recomputed = _open_out(plan, out, resume)
+                skipped = n_total - sum(e["status"] != "done" for e in manifest["shards"].values())
+                ran = run_shards(plan, out, manifest)
+                results = out.read_results([s.id for s in plan.shards])
+                check_complete(results, plan)
+                report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
+                                     ran.startup_seconds, ran.retried, recomputed,
+                                     prompt_source=plan.prompt_source)
+                report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
+                report.seconds = time.perf_counter() - start
+                manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
+                                      "rows_written": ran.rows}
+                write_json_atomic(manifest, out.manifest)
+                return report
+        except KeyboardInterrupt as e:
+            on_disk = sum(entry.get("status") == "done" for entry in manifest.get("shards", {}).values())
+            raise SweepInterrupted(signal_number(e), out, on_disk, n_total) from None
 
 
 def _pair(row: dict) -> str:

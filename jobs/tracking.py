@@ -1,8 +1,10 @@
 """W&B tracking of a finished sweep (or weight-diff job): one run per job, written by the driver only.
 
 Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
-a result: if W&B fails (no network, bad key, full disk) a warning says where the results are and how to
-re-log them (`python launch.py --relog OUT`), and the sweep carries on.
+a result: if W&B fails (full disk, a broken frame) a warning says where the results are and how to
+re-log them (`python launch.py --relog OUT`), and the sweep carries on. An online run that cannot start
+within `wandb.init_timeout` seconds (no network, bad key) is logged offline in OUT instead, and one
+warning gives the `wandb sync` command that uploads it later.
 
 Offline runs (the default) live entirely under OUT/wandb: the W&B folders (`WANDB_DIR`, cache, data,
 config, artifact staging) are pointed there for the duration of the call, and the previous environment
@@ -33,6 +35,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,12 +196,13 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _settings(mode: str):
+def _settings(mode: str, init_timeout: float):
     """Keep init fast and the run folder small: no console capture, code, git, stats or machine probe."""
     import wandb
 
     return wandb.Settings(
         mode=mode,
+        init_timeout=init_timeout,
         console="off",
         save_code=False,
         disable_code=True,
@@ -219,38 +223,68 @@ def _relog_hint(out: OutDir) -> str:
     return f"python launch.py --relog {out.root} [--mode offline|online]"
 
 
-def _log_run(cfg: Config, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
-    """Open one run (group = sweep name), let `fill` log into it, close it; never raises.
+class _InitFailed(Exception):
+    """wandb.init itself failed (no network, bad key, server down): nothing was logged yet."""
 
-    Returns the offline run folder, the online URL, or None (disabled, or W&B failed).
-    """
+
+def _run_once(cfg: Config, root: Path, mode: str, job_type: str, fill: Callable[[Any], None]) -> str:
+    """Open one run in `mode`, let `fill` log into it, close it; returns the run folder or URL."""
     w = cfg.wandb
-    mode = w.mode
-    if mode == "disabled":
-        return None
-    root = out.wandb.resolve()
     run = None
-    try:
-        with _environment(_wandb_env(root, mode)):
-            import wandb
+    with _environment(_wandb_env(root, mode)):
+        import wandb
 
+        try:
+            root.mkdir(parents=True, exist_ok=True)
             try:
-                root.mkdir(parents=True, exist_ok=True)
                 run = wandb.init(
                     project=w.project, entity=w.entity, group=cfg.name, job_type=job_type,
                     name=f"{cfg.name}-{job_type}", config=cfg.to_dict(), dir=str(root), reinit="create_new",
-                    settings=_settings(mode),
+                    settings=_settings(mode, w.init_timeout),
                 )
-                fill(run)
-                where = run.url if mode == "online" else str(Path(run.settings.sync_dir))
-                run.finish()
-                run = None
-            finally:
-                if run is not None:
-                    run.finish(exit_code=1)
-                # Stop the W&B service: it keeps the environment it started with, and the next run
-                # (another OUT) must not inherit this one's folders.
-                wandb.teardown()
+            except Exception as e:  # noqa: BLE001 - any init failure means the same: try offline
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # W&B's advice lines name its API
+                raise _InitFailed(f"{type(e).__name__}: {first}") from e
+            fill(run)
+            where = run.url if mode == "online" else str(Path(run.settings.sync_dir))
+            run.finish()
+            run = None
+            return where
+        finally:
+            if run is not None:
+                run.finish(exit_code=1)
+            # Stop the W&B service: it keeps the environment it started with, and the next run
+            # (another OUT, or the offline fallback) must not inherit this one's folders.
+            wandb.teardown()
+
+
+def _log_run(cfg: Config, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
+    """Open one run (group = sweep name), let `fill` log into it, close it; never raises.
+
+    Online mode waits at most `wandb.init_timeout` seconds for the server; if it cannot start the run
+    (no network, bad key) the run is logged offline in OUT instead, with one warning that gives the
+    `wandb sync` command. Returns the offline run folder, the online URL, or None (disabled, or failed).
+    """
+    mode = cfg.wandb.mode
+    if mode == "disabled":
+        return None
+    root = out.wandb.resolve()
+    try:
+        if mode == "online":
+            started = time.perf_counter()
+            try:
+                where = _run_once(cfg, root, "online", job_type, fill)
+            except _InitFailed as e:
+                waited = time.perf_counter() - started
+                where = _run_once(cfg, root, "offline", job_type, fill)
+                print(
+                    f"WARNING: W&B online run could not start after {waited:.0f} s (wandb.init_timeout = "
+                    f"{cfg.wandb.init_timeout:g} s; {e}). Logged it offline instead; upload it with: wandb sync {where}",
+                    file=sys.stderr,
+                )
+                return where
+        else:
+            where = _run_once(cfg, root, mode, job_type, fill)
     except Exception as e:  # noqa: BLE001 - tracking must never cost the computed results
         print(
             f"WARNING: W&B logging failed ({type(e).__name__}: {e}). Nothing is lost: every result is on disk "

@@ -2,8 +2,11 @@
 
 Run alone (`launch.py --weight-diff`) or after a sweep whose config sets `weight_diff.base` and
 `weight_diff.tuned`. The arithmetic lives in `verif.analysis.weightdiff`; this module plans, spreads
-the per-layer work over Ray workers when asked (each worker opens the files itself: it is sent paths,
-never tensors), writes the outputs atomically and logs them:
+the per-layer work over Ray workers when asked, writes the outputs atomically and logs them. A Ray
+worker is sent the checkpoint names (hub id or path) and the tensor names of its layer, never tensors
+or the driver's file paths: it opens both checkpoints as its own node sees them (a hub id from that
+node's Hugging Face cache, a local path that must exist on that node), so no shared disk is needed,
+and a checkpoint a node cannot open is an error naming that node. Only result rows travel back:
 
   OUT/weight_diff.parquet                one row per head / kv head / neuron vector / whole tensor
   OUT/weight_diff_selection.parquet      one summary row per selection, with its one-line verdict
@@ -18,8 +21,10 @@ A head outside the checkpoint is an error before any tensor is read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +32,17 @@ import polars as pl
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.executors import in_slots, init_ray
+from jobs.executors import here, in_slots, init_ray
 from jobs.storage import OutDir, write_json_atomic, write_parquet_atomic
 from jobs.tracking import log_weight_diff
 from verif.analysis.weightdiff import (
+    Checkpoint,
     DiffPlan,
     PairTask,
     check_selection,
     diff_checkpoints,
     diff_pairs,
+    open_checkpoint,
     plan_diff,
     select_rows,
     summarise,
@@ -90,26 +97,74 @@ def _unit_bytes(unit: tuple[PairTask, ...]) -> int:
     return sum(t.n_bytes for t in unit)
 
 
-def _diff_ray(plan: DiffPlan, workers: int) -> pl.DataFrame:
+class CheckpointNotOnNode(InputError):
+    """A Ray worker's node cannot open a checkpoint the driver could (or holds a different one)."""
+
+
+_OPENED: dict[tuple[str, str], Checkpoint] = {}  # per worker process: headers are read once
+
+
+def _on_this_node(unit: tuple[PairTask, ...], base: str, tuned: str) -> tuple[PairTask, ...]:
+    """The unit's tasks pointed at the files of this node's copies of `base` and `tuned`."""
+    for spec, role in ((base, "base"), (tuned, "tuned")):
+        if (spec, role) not in _OPENED:
+            try:
+                _OPENED[spec, role] = open_checkpoint(spec, role)
+            except (OSError, ValueError) as e:
+                where = here()
+                raise CheckpointNotOnNode(
+                    f"weight diff: node {where['node_id']} (host {where['host']}) cannot open the {role} "
+                    f"checkpoint {spec!r}: {e}. Every Ray node opens the checkpoints itself: a local path must "
+                    "exist on every node, a hub id must be reachable from (or cached on) every node"
+                ) from None
+    b, t = _OPENED[base, "base"].tensors, _OPENED[tuned, "tuned"].tensors
+    moved = []
+    for task in unit:
+        mine = (b.get(task.base_name), t.get(task.tuned_name))
+        if any(info is None or info.shape != task.shape for info in mine):
+            where = here()
+            raise CheckpointNotOnNode(
+                f"weight diff: on node {where['node_id']} (host {where['host']}) {task.tensor} is missing or has "
+                f"another shape than on the driver: the node holds a different copy of {base!r} or {tuned!r}"
+            )
+        moved.append(dataclasses.replace(task, base_file=mine[0].file, tuned_file=mine[1].file))
+    return tuple(moved)
+
+
+def _diff_unit_here(unit: tuple[PairTask, ...], base: str, tuned: str) -> tuple[pl.DataFrame, str | None]:
+    """Ray task: one unit's rows, read from this node's files, and the node id that computed them."""
+    return diff_pairs(_on_this_node(unit, base, tuned)), here()["node_id"]
+
+
+def _diff_ray(plan: DiffPlan, workers: int) -> tuple[pl.DataFrame, dict[str, int]]:
     """One Ray task per layer (plus one for the non-layer tensors), at most `workers` in flight.
 
-    Uses the running Ray if there is one (a sweep's cluster), else starts a local one and stops it after.
-    Tasks get file paths, so on a multi-node cluster the checkpoints must lie on storage every node sees.
-    Largest units go first so the embedding does not end up alone at the tail.
+    Uses the running Ray if there is one (a sweep's cluster), else joins RAY_ADDRESS or starts a local one
+    and stops it after. Largest units go first so the embedding does not end up alone at the tail.
+    Returns the table and how many units each node computed.
     """
     import ray
+    from ray.exceptions import RayTaskError
 
     started = init_ray("", {}, workers)
     try:
-        remote = ray.remote(num_cpus=1)(diff_pairs)
+        remote = ray.remote(num_cpus=1)(_diff_unit_here)
         order = sorted(range(len(plan.units)), key=lambda i: -_unit_bytes(plan.units[i]))
         results: list[pl.DataFrame | None] = [None] * len(plan.units)
-        for i, _, ref in in_slots(order, range(workers), lambda i, _slot: remote.remote(plan.units[i])):
-            results[i] = ray.get(ref)
+        nodes: Counter = Counter()
+        specs = (plan.base.spec, plan.tuned.spec)
+        for i, _, ref in in_slots(order, range(workers), lambda i, _slot: remote.remote(plan.units[i], *specs)):
+            try:
+                results[i], node = ray.get(ref)
+            except RayTaskError as e:
+                if isinstance(e.cause, CheckpointNotOnNode):
+                    raise CheckpointNotOnNode(str(e.cause)) from None
+                raise
+            nodes[node] += 1
     finally:
         if started:
             ray.shutdown()
-    return pl.concat(results)
+    return pl.concat(results), dict(nodes)
 
 
 def run_weight_diff(
@@ -134,7 +189,7 @@ def run_weight_diff(
     check_selection(plan.arch, target_heads, value_vectors)
     dirs = OutDir(out)
     log.info("weight diff %s vs %s: %d tensors", base, tuned, sum(len(u) for u in plan.units))
-    table = _diff_ray(plan, ray_workers) if ray_workers > 0 else diff_checkpoints(plan)
+    table, nodes = _diff_ray(plan, ray_workers) if ray_workers > 0 else (diff_checkpoints(plan), {})
     selected = select_rows(table, plan.arch, target_heads, value_vectors, top_k)
     selection = summarise(table, selected, plan.arch)
     verdicts = tuple(selection["verdict"].to_list())
@@ -152,6 +207,7 @@ def run_weight_diff(
         "value_vectors": [list(v) for v in value_vectors or []],
         "top_k": top_k,
         "ray_workers": ray_workers,
+        "units_per_node": nodes,
         "n_rows": table.height,
         "seconds": round(seconds, 3),
         "verdicts": list(verdicts),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -44,7 +43,6 @@ class WorkerSpec:
     no: tuple[str, ...]
     engine: EngineOptions
     threads: int | None = None
-    crash_marker: str | None = None  # test only: die on the first shard while this file is absent
 
 
 class ShardScorer:
@@ -71,10 +69,6 @@ class ShardScorer:
         self, shard: Shard, prompts: list[str], head_sets: list[tuple[Head, ...]], model_name: str
     ) -> dict[str, list]:
         """Result columns for every (prompt, condition) of the shard, prompt-major, and this process id."""
-        marker = self.spec.crash_marker
-        if marker and not Path(marker).exists():
-            Path(marker).touch()
-            os._exit(1)  # simulate a worker killed mid-shard (OOM killer, CUDA error, preemption)
         table = self.scorer.score_prompts(prompts, head_sets)
         n, c = len(shard.prompt_ids), len(shard.conditions)
         return {

@@ -17,6 +17,7 @@ import torch
 from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
 from verif.model.loading import LoadedModel, load_model
 from tests.support.models import build_seed_shaped_model
+from tests.support.sweeps import sweep_cfg
 from tests.support.tokenizer import qwen25_tokenizer
 from tests.tolerances import float64_copy, forward_rounding
 
@@ -74,7 +75,6 @@ def short_prompts() -> tuple[str, ...]:
     return SHORT_PROMPTS
 
 
-
 @pytest.fixture(scope="session")
 def seed_model64(seed_model) -> LoadedModel:
     """The seed-shaped model in float64 (`tests.tolerances.float64_copy`, norms in float64 too): where
@@ -99,3 +99,18 @@ def rounding(short_prompts) -> Callable[[LoadedModel], float]:
         return cache[id(loaded.model)]
 
     return delta
+
+
+@pytest.fixture(scope="session")
+def sweep_reference(seed_model_dir, tmp_path_factory):
+    """`tests.support.sweeps`' small sweep scored in this process, without Ray: (results frame, finished OUT).
+
+    Tests that need a finished folder copy OUT; none may change it.
+    """
+    from jobs.storage import OutDir
+    from jobs.sweep import run_sweep
+
+    out = tmp_path_factory.mktemp("reference") / "OUT"
+    report = run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
+    assert report.shards_run == 6 and report.rows_written == 24
+    return OutDir(out).read_results(), out

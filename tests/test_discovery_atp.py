@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from verif.analysis.discovery.atp import atp_sums
-from verif.analysis.discovery.exact import ComponentSet, delta_sums, heads_to_screen, score_log_odds, single_head_sets
+from verif.design.conditions import Ablation
+from verif.analysis.discovery.exact import delta_sums, heads_to_screen, single_head_sets
 from verif.analysis.discovery.inputs import length_batches, same_length_batches
 from verif.analysis.discovery.metric import choose_prompts
 from verif.analysis.discovery.sums import PromptSums, combine
-from verif.model.ablation import HookedAblation, head_masks
+from verif.model.ablation import AblationMasks, HookedAblation, head_masks
 from verif.model.engine import EngineOptions, Scorer
 from verif.model.score import resolve_yes_no, score_plain
 from tests.support.exact_models import small_seed_model
@@ -136,7 +137,7 @@ def test_exact_equals_single_condition_runs(small, tokens):
     """One engine call for several sets (two shards) against the plain path, one prompt and one
     condition per forward."""
     ids = resolve_yes_no(small.tokenizer)
-    sets = [ComponentSet(heads=((0, 1),)), ComponentSet(heads=((2, 3),)), ComponentSet(heads=((1, 0), (3, 2), (3, 3)))]
+    sets = [Ablation(heads=((0, 1),)), Ablation(heads=((2, 3),)), Ablation(heads=((1, 0), (3, 2), (3, 3)))]
     scorer = Scorer(small, ids, EngineOptions(pad_id=PAD))
     got = delta_sums(scorer, tokens[:3], sets) + delta_sums(scorer, tokens[3:], sets)
     masks = head_masks([(), *[s.heads for s in sets]], small.arch)
@@ -151,10 +152,21 @@ def test_exact_equals_single_condition_runs(small, tokens):
     assert float(got.mean("log_odds")) == pytest.approx(lo[:, 0].mean(), rel=F64)
 
 
-def test_neuron_sets_wait_for_the_engine(small, tokens):
-    scorer = Scorer(small, resolve_yes_no(small.tokenizer), EngineOptions(pad_id=PAD))
-    with pytest.raises(NotImplementedError, match="ablates heads only"):
-        score_log_odds(scorer, tokens, [ComponentSet(neurons=((1, 5),))])
+def test_exact_neuron_and_mixed_sets_equal_single_condition_runs(small, tokens):
+    """Neuron sets (and a set of heads and neurons) through the engine against the plain hook path."""
+    ids = resolve_yes_no(small.tokenizer)
+    sets = [Ablation(neurons=((1, 5),)), Ablation(neurons=((0, 3), (2, 7), (2, 8))),
+            Ablation(heads=((1, 0),), neurons=((3, 1),))]
+    got = delta_sums(Scorer(small, ids, EngineOptions(pad_id=PAD)), tokens, sets)
+    masks = AblationMasks.build([Ablation(), *sets], small.arch)
+    lo = np.zeros((len(tokens), len(sets) + 1))
+    with HookedAblation(small.model, small.arch) as hooks:
+        for i, toks in enumerate(tokens):
+            for c in range(len(sets) + 1):
+                lo[i, c] = score_plain(small.model, hooks, [toks], masks.select([c]), ids, PAD).log_odds[0]
+    expected = (lo[:, 1:] - lo[:, :1]).mean(0)
+    assert np.abs(expected).min() > 1e-6  # every set has an effect to get right
+    np.testing.assert_allclose(got.mean("delta"), expected, rtol=F64, atol=0)
 
 
 def test_heads_to_screen():

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from verif.analysis.discovery import figures
-from verif.analysis.discovery.exact import ComponentSet, delta_sums, single_head_sets
+from verif.design.conditions import Ablation
+from verif.analysis.discovery.exact import delta_sums, single_head_sets
 from verif.analysis.discovery.ranking import pearson, ranked, spearman
 from verif.analysis.discovery.sets import best_set, format_components, plan_sets, sets_table, target_yaml
 from verif.analysis.discovery.tables import exact_map, heads_table, neurons_table
@@ -45,7 +46,7 @@ def test_plan_sets_top_k_and_shared_random_nulls():
     by = {(s.ranking, s.k): s for s in plan.sets}
     assert sorted(by) == [("atp", 1), ("atp", 2), ("atp", 12), ("exact", 1), ("exact", 2), ("exact", 8)]
     assert by[("atp", 2)].members == tuple(ranked(a, "atp")[:2])
-    assert plan.conditions[by[("exact", 8)].condition] == ComponentSet(heads=tuple(sorted(ranked(b, "exact"))))
+    assert plan.conditions[by[("exact", 8)].condition] == Ablation(heads=tuple(sorted(ranked(b, "exact"))))
     assert by[("atp", 2)].controls == by[("exact", 2)].controls  # one null per (kind, k)
     for s in plan.sets:
         assert len(s.controls) == 5

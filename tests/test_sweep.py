@@ -1,133 +1,107 @@
-"""The sweep engine end to end: Ray workers, fault tolerance, resume, configuration errors."""
+"""The sweep engine end to end: Ray workers, resume, what --resume trusts, configuration errors.
+
+Ray runs, and faults injected from outside (signals, killed processes, lost nodes), are in
+test_faults.py (drivers on a local Ray) and test_cluster.py (a simulated multi-node cluster, equal to
+the in-process run bit for bit); the small sweep they all share is tests.support.sweeps.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 import launch
-from jobs.config import Config, ConfigError, load_config, reference_markdown
+from jobs.config import ConfigError, load_config, reference_markdown
 from jobs.storage import OutDir
-from jobs.sweep import SweepError, SweepInterrupted, prepare, run_sweep
+from jobs.sweep import SweepError, prepare, run_sweep
+from tests.support.sweeps import N_ROWS, N_SHARDS, assert_same_results, manifest, sweep_cfg, sweep_overrides
 from verif.design.heads import STUDY_HEADS_TEXT, canonical, parse_heads
-from tests.tolerances import ScoreTol, assert_scores_close
 
 REPO = Path(__file__).resolve().parent.parent
-KEY = ["model", "prompt_id", "condition"]
 
 
-def sweep_cfg(model_dir, out, *extra: str) -> Config:
-    """A small sweep on the seed-shaped model: 6 prompts x 4 conditions in 3 shards."""
-    overrides = [
-        f"model.path={model_dir}",
-        "model.device=cpu",
-        "prompts.n=6",
-        "ablation.target_heads=L3 H13, L17 H14, L25 H11",
-        "ablation.random_controls=2",
-        "ablation.match_layers=false",
-        "shards.prompts_per_shard=2",
-        "engine.max_rows=16",
-        "wandb.mode=disabled",
-        "stats.n_boot=50",
-        *extra,
-    ]
-    return load_config(None, overrides, str(out))
-
-
-@pytest.fixture(scope="module")
-def reference(seed_model_dir, tmp_path_factory) -> pl.DataFrame:
-    """The same shards scored in this process, without Ray."""
-    out = tmp_path_factory.mktemp("ref")
-    report = run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
-    assert report.shards_run == 3 and report.rows_written == 6 * 4
-    return OutDir(out).read_results()
-
-
-@pytest.fixture(scope="module")
-def tol(seed_model, rounding) -> ScoreTol:
-    """Ray workers run one torch thread, this process VERIF_TEST_THREADS: float32 forwards of the seed-shaped
-    model that may reduce in different orders (tests/tolerances.py)."""
-    return ScoreTol.between_forwards(rounding(seed_model))
-
-
-def assert_same_results(a: pl.DataFrame, b: pl.DataFrame, tol: ScoreTol) -> None:
-    assert a.height == b.height
-    joined = a.join(b, on=KEY, suffix="_b")
-    assert joined.height == a.height
-    cols = ("p_yes", "p_no", "p_yes_norm", "log_odds")
-    assert_scores_close({c: joined[c].to_numpy() for c in cols}, {c: joined[f"{c}_b"].to_numpy() for c in cols}, tol)
-
-
-def assert_each_row_once(df: pl.DataFrame, n: int) -> None:
-    assert df.height == n
-    assert df.select(KEY).unique().height == n
-
-
-def test_ray_sweep_equals_single_process(seed_model_dir, tmp_path, reference, tol):
-    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=2"))
-    results = OutDir(tmp_path).read_results()
-    assert_each_row_once(results, 24)
-    assert_same_results(results, reference, tol)
-    assert report.shards_run == 3 and not report.retried
-    out = OutDir(tmp_path)
-    for path in (out.prompts, out.conditions, out.summary, out.manifest):
-        assert path.is_file(), path
-    summary = pl.read_parquet(out.summary)
-    assert set(summary["condition"]) == {"baseline", "target", "random-000", "random-001"}
-    assert pl.read_parquet(out.conditions).filter(pl.col("kind") == "target")["n_heads"].item() == 3
-
-
-def test_worker_killed_mid_shard_is_rerun(seed_model_dir, tmp_path, reference, tol):
-    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=2", "testing.crash_worker_once=true"))
-    assert report.retried, "the injected crash did not happen"
-    assert (tmp_path / ".crash_marker").exists()
-    results = OutDir(tmp_path).read_results()
-    assert_each_row_once(results, 24)
-    assert_same_results(results, reference, tol)
-
-
-def test_stopped_driver_resumes_without_recomputing(seed_model_dir, tmp_path, reference, tol):
-    cfg = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "testing.stop_after_shards=2")
-    with pytest.raises(SweepInterrupted):
-        run_sweep(cfg)
-    out = OutDir(tmp_path)
-    first = {p.name: p.stat().st_mtime_ns for p in out.results.glob("*.parquet")}
-    assert len(first) == 2
-    report = run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0"), resume=True)
-    assert report.shards_run == 1 and report.shards_skipped == 2
-    assert {p.name: p.stat().st_mtime_ns for p in out.results.glob("*.parquet") if p.name in first} == first
-    assert_same_results(out.read_results(), reference, tol)
-
-
-@pytest.fixture(scope="module")
-def stopped_after_one(seed_model_dir, tmp_path_factory) -> Path:
-    """A sweep folder interrupted after its first shard; tests work on copies of it."""
-    out = tmp_path_factory.mktemp("stopped_after_one")
-    with pytest.raises(SweepInterrupted):
-        run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0", "testing.stop_after_shards=1"))
-    assert len(list(OutDir(out).results.glob("*.parquet"))) == 1
+def finished_copy(sweep_reference, tmp_path: Path) -> Path:
+    """A copy of the reference's finished OUT folder to damage."""
+    out = tmp_path / "OUT"
+    shutil.copytree(sweep_reference[1], out)
     return out
 
 
-def test_existing_out_needs_resume(seed_model_dir, tmp_path, stopped_after_one):
-    shutil.copytree(stopped_after_one, tmp_path, dirs_exist_ok=True)
+def test_existing_out_needs_resume(seed_model_dir, sweep_reference, tmp_path):
+    out = finished_copy(sweep_reference, tmp_path)
     with pytest.raises(SweepError, match="--resume"):
-        run_sweep(sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0"))
+        run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
 
 
-def test_resume_with_changed_config_is_refused(seed_model_dir, tmp_path, stopped_after_one):
-    shutil.copytree(stopped_after_one, tmp_path, dirs_exist_ok=True)
-    before = sorted(p.name for p in OutDir(tmp_path).results.glob("*.parquet"))
-    changed = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
+def test_resume_with_changed_config_is_refused(seed_model_dir, sweep_reference, tmp_path):
+    out = finished_copy(sweep_reference, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in OutDir(out).results.iterdir()}
+    changed = sweep_cfg(seed_model_dir, out, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
     with pytest.raises(SweepError, match=r"ablation.random_controls: 2 -> 3.*prompts.seed: 0 -> 7"):
         run_sweep(changed, resume=True)
-    assert sorted(p.name for p in OutDir(tmp_path).results.glob("*.parquet")) == before
     # Keys that change no number (workers, engine chunking, W&B) may differ on resume.
-    ok = sweep_cfg(seed_model_dir, tmp_path, "ray.workers=0", "engine.max_rows=5")
-    assert run_sweep(ok, resume=True).shards_run == 2
+    ok = sweep_cfg(seed_model_dir, out, "ray.workers=0", "engine.max_rows=5")
+    assert run_sweep(ok, resume=True).shards_run == 0
+    assert {p.name: p.stat().st_mtime_ns for p in OutDir(out).results.iterdir()} == before
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_resume_recomputes_every_untrustworthy_shard(seed_model_dir, sweep_reference, tmp_path, capsys):
+    """Truncated, corrupt, missing and unrecorded shard files are named and recomputed, never read;
+    a killed writer's temp file and its stale lock are cleaned up; intact shards are not touched."""
+    out = OutDir(finished_copy(sweep_reference, tmp_path))
+    ids = sorted(out.shard_files())
+    truncated, corrupt, missing, unrecorded = ids[:4]
+    with open(out.shard(truncated), "r+b") as fh:
+        fh.truncate(fh.seek(0, os.SEEK_END) // 2)
+    data = bytearray(out.shard(corrupt).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the column data, footer intact
+    out.shard(corrupt).write_bytes(bytes(data))
+    out.shard(missing).unlink()
+    m = json.loads(out.manifest.read_text())
+    m["shards"][unrecorded]["status"] = "pending"  # killed after the rename, before the manifest update
+    out.manifest.write_text(json.dumps(m))
+    leftover = out.results / f".{ids[4]}.parquet.tmp-{_dead_pid()}"
+    leftover.write_bytes(b"PAR1 half a file")
+    out.lock.write_text(json.dumps({"pid": _dead_pid(), "host": "gone", "started": "then"}))
+    intact = {i: out.shard(i).stat().st_mtime_ns for i in ids[4:]}
+
+    report = run_sweep(sweep_cfg(seed_model_dir, out.root, "ray.workers=0"), resume=True)
+    err = capsys.readouterr().err
+    assert sorted(report.recomputed) == sorted([truncated, corrupt, missing, unrecorded])
+    assert "truncated" in report.recomputed[truncated] and "corrupt" in report.recomputed[corrupt]
+    assert report.recomputed[missing] == "missing" and "not recorded" in report.recomputed[unrecorded]
+    for shard_id in report.recomputed:
+        assert f"shard {shard_id}: " in err
+    assert "taking over the lock of pid" in err and "host gone" in err
+    assert report.shards_run == 4 and report.shards_skipped == N_SHARDS - 4
+    assert {i: out.shard(i).stat().st_mtime_ns for i in ids[4:]} == intact
+    assert not leftover.exists() and not out.lock.exists()
+    assert_same_results(out.read_results(), sweep_reference[0])
+    entries = manifest(out.root)["shards"]
+    assert all(e["status"] == "done" and e["rows"] == N_ROWS // N_SHARDS for e in entries.values())
+
+
+def test_corrupt_manifest_is_a_clear_error(seed_model_dir, sweep_reference, tmp_path, capsys):
+    out = finished_copy(sweep_reference, tmp_path)
+    (out / "manifest.json").write_text('{"config": {"name": "sweep"}, "shards": {')
+    args = ["--sweep", "--resume", "--out", str(out)]
+    for item in sweep_overrides(seed_model_dir):
+        args += ["--set", item]
+    assert launch.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'manifest.json'} is unreadable or not valid JSON" in err
+    assert "Start the sweep again in a new --out" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -307,17 +307,29 @@ def test_failure_inside_run_warns_and_keeps_results(tmp_path, capsys):
     assert out.summary.is_file() and out.shard("m0-p000000-c000").is_file()
 
 
-def test_online_without_network_warns(tmp_path, monkeypatch, capsys):
-    """Online mode against an unreachable server: no crash, a warning, None."""
+def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    """Online mode against a closed port on this machine: after wandb.init_timeout the run is logged
+    offline in OUT instead, one warning says how long it waited and gives the `wandb sync` command."""
+    import dataclasses
+    import socket
+
     cfg, out, tables, figures = _write_out(tmp_path / "OUT", mode="online")
+    cfg = cfg.replace(wandb=dataclasses.replace(cfg.wandb, init_timeout=3))
     _isolated_home(monkeypatch, tmp_path / "home")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    with socket.socket() as s:  # a port nobody listens on: connections are refused, nothing leaves the host
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 86)
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
-    assert tracking.log_sweep(cfg, out, tables, figures, None, None) is None
+    where = tracking.log_sweep(cfg, out, tables, figures, None, None)
+    assert where is not None and Path(where).parent == (out.wandb / "wandb").resolve()
     err = capsys.readouterr().err
-    assert "W&B logging failed" in err and "127.0.0.1:9" in err
-    assert out.summary.is_file()
+    warnings = [line for line in err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, err
+    assert "wandb.init_timeout = 3 s" in warnings[0] and warnings[0].endswith(f"wandb sync {where}")
+    assert f"127.0.0.1:{port}" in warnings[0]
+    _assert_summary_logged(read_run(Path(where))["summary"], tables["summary"])
+    assert not any((tmp_path / "home").rglob("*"))
 
 
 def test_relog_from_files(tmp_path):

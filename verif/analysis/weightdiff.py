@@ -18,8 +18,13 @@ One output row per vector (columns in `SCHEMA`):
     from the weight rows because they live on another scale; merged, the larger part would hide a change
     in the smaller one;
   o_proj weight: the head_dim columns that read one head's output (what zero-ablation removes);
-  mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j;
-  anything else (embeddings, final and per-layer norms, an untied lm_head): the whole tensor, index null.
+  mlp.down_proj weight: column j, the value vector of neuron j (`mlp_value`); up_proj / gate_proj: row j
+    (and their biases, `mlp_up_bias` / `mlp_gate_bias`, entry j);
+  anything else (embeddings, final and per-layer norms, q/k norms, output biases, an untied lm_head): the
+    whole tensor, index null.
+Tensor names and fused layouts come from the model family (`verif.model.families`): Phi-3's fused
+`qkv_proj` and `gate_up_proj` and GPT-NeoX's per-head interleaved `query_key_value` are cut into the same
+components as separate projections, so rows mean the same thing in every family.
 A tied model has no lm_head.weight: its embeddings are compared once. If only one checkpoint stores
 lm_head.weight and the other ties, the stored one is compared with the tied model's embeddings (row
 `lm_head.weight`). Where one vector is zero and the other not, cos / 1-cos / rel_norm_change are null.
@@ -27,6 +32,7 @@ lm_head.weight and the other ties, the stored one is compared with the tied mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -39,8 +45,10 @@ import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 
+from verif.model.families.base import CheckpointLayout, Split
+
 if TYPE_CHECKING:
-    from verif.model.loading import Arch
+    from verif.model.arch import Arch
 
 # Elements per float64 chunk (16 MiB per array); a handful of such arrays is the whole working set.
 CHUNK_ELEMENTS = 1 << 21
@@ -49,15 +57,15 @@ NORM_CHANGE_CLAIM = 1e-5
 # A cosine rounds to 1.0 in bf16 exactly when 1 - cos <= 2^-9: half a bf16 step below 1 (ties go to 1.0).
 BF16_COS_ONE = 2.0**-9
 HUB_PATTERNS = ["*.json", "*.safetensors"]
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 ATTENTION_COMPONENTS = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj")
 MLP_COMPONENTS = ("mlp_value", "mlp_up", "mlp_gate")
+MLP_BIAS_COMPONENTS = ("mlp_up_bias", "mlp_gate_bias")  # only in families with MLP biases
 _QUERY_SIDE = ("q_proj", "q_bias", "o_proj")
+# The matrices the study compared row by row per head (W_Q, W_K, W_V, W_O).
+ROW_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _KV_SIDE = ("k_proj", "k_bias", "v_proj", "v_bias")
 
 # Config keys whose values must agree (Arch field -> config.json key, for error messages).
@@ -89,6 +97,17 @@ SCHEMA = {
 }
 
 
+# One row per (layer, query head, matrix, row) in the per-row view (`diff_head_rows`).
+ROW_SCHEMA = {
+    "layer": pl.Int32,
+    "head": pl.Int32,
+    "kv_head": pl.Int32,
+    "matrix": pl.String,
+    "row": pl.Int32,
+    **{k: v for k, v in SCHEMA.items() if v == pl.Float64},
+}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a tensor lies and what its header says."""
@@ -111,15 +130,7 @@ class Checkpoint:
     folder: str
     arch: Arch
     tensors: dict[str, TensorInfo]
-
-
-@dataclass(frozen=True)
-class Split:
-    """How a tensor is cut into vectors: `rows` or `cols` groups of `group`, or `whole`."""
-
-    component: str
-    axis: str
-    group: int = 1
+    layout: CheckpointLayout
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     # Imported here so that Ray workers, which only run `diff_pairs`, never pay for importing transformers.
     from transformers import AutoConfig
 
+    from verif.model.families import family_of
     from verif.model.loading import arch_from_config, resolve_source
 
     try:
@@ -225,7 +237,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
         wrong = sorted(n for n, f in weight_map.items() if n not in tensors or Path(tensors[n].file).name != f)
         if wrong:
             raise OSError(f"{role} checkpoint {spec!r}: index and shards disagree on {_few(wrong)}")
-    return Checkpoint(role, spec, str(folder), arch, tensors)
+    return Checkpoint(role, spec, str(folder), arch, tensors, family_of(arch.family).checkpoint)
 
 
 def _few(names: list[str], n: int = 8) -> str:
@@ -248,11 +260,12 @@ def _name_pairs(base: Checkpoint, tuned: Checkpoint) -> list[tuple[str, str]]:
     only_base = sorted(set(base.tensors) - set(tuned.tensors))
     only_tuned = sorted(set(tuned.tensors) - set(base.tensors))
     pairs = [(n, n) for n in sorted(set(base.tensors) & set(tuned.tensors))]
-    if only_base == [LM_HEAD] and not only_tuned and tuned.arch.tie_word_embeddings:
-        pairs.append((LM_HEAD, EMBED))
+    embed, unembed = base.layout.embed, base.layout.unembed
+    if only_base == [unembed] and not only_tuned and tuned.arch.tie_word_embeddings:
+        pairs.append((unembed, embed))
         only_base = []
-    elif only_tuned == [LM_HEAD] and not only_base and base.arch.tie_word_embeddings:
-        pairs.append((EMBED, LM_HEAD))
+    elif only_tuned == [unembed] and not only_base and base.arch.tie_word_embeddings:
+        pairs.append((embed, unembed))
         only_tuned = []
     if only_base or only_tuned:
         parts = [
@@ -262,24 +275,6 @@ def _name_pairs(base: Checkpoint, tuned: Checkpoint) -> list[tuple[str, str]]:
         ]
         raise ValueError("tensor names differ: " + "; ".join(parts))
     return pairs
-
-
-def _layer_split(suffix: str, arch: Arch) -> tuple[Split, tuple[int, ...]] | None:
-    """The split of a per-layer tensor and the shape config.json implies for it; None: whole tensor."""
-    hd, h, kv, hid, inter = arch.head_dim, arch.n_heads, arch.n_kv_heads, arch.hidden_size, arch.intermediate_size
-    table = {
-        "self_attn.q_proj.weight": (Split("q_proj", "rows", hd), (h * hd, hid)),
-        "self_attn.q_proj.bias": (Split("q_bias", "rows", hd), (h * hd,)),
-        "self_attn.k_proj.weight": (Split("k_proj", "rows", hd), (kv * hd, hid)),
-        "self_attn.k_proj.bias": (Split("k_bias", "rows", hd), (kv * hd,)),
-        "self_attn.v_proj.weight": (Split("v_proj", "rows", hd), (kv * hd, hid)),
-        "self_attn.v_proj.bias": (Split("v_bias", "rows", hd), (kv * hd,)),
-        "self_attn.o_proj.weight": (Split("o_proj", "cols", hd), (hid, h * hd)),
-        "mlp.down_proj.weight": (Split("mlp_value", "cols", 1), (hid, inter)),
-        "mlp.up_proj.weight": (Split("mlp_up", "rows", 1), (inter, hid)),
-        "mlp.gate_proj.weight": (Split("mlp_gate", "rows", 1), (inter, hid)),
-    }
-    return table.get(suffix)
 
 
 def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
@@ -296,25 +291,26 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     ]
     if bad_shapes:
         raise ValueError(f"shape mismatch ({len(bad_shapes)} tensors): " + "; ".join(bad_shapes[:8]))
-    arch = base.arch
+    arch, layout = base.arch, base.layout
+    layer_name = re.compile(rf"^{re.escape(layout.layer_prefix)}(\d+)\.(.+)$")
     units: list[list[PairTask]] = [[] for _ in range(arch.n_layers + 1)]
     layout_errors = []
     for bn, tn in pairs:
         shape = base.tensors[bn].shape
-        m = _LAYER_NAME.match(bn)
+        m = layer_name.match(bn)
         layer, suffix = (int(m.group(1)), m.group(2)) if m else (None, bn)
         if layer is not None and layer >= arch.n_layers:
             layout_errors.append(f"{bn}: layer {layer} but num_hidden_layers={arch.n_layers}")
             continue
-        found = _layer_split(suffix, arch) if layer is not None else None
+        found = layout.splits(suffix, arch) if layer is not None else None
         if found is None:
-            split = Split(LM_HEAD if LM_HEAD in (bn, tn) else suffix, "whole")
+            split = Split(layout.unembed if layout.unembed in (bn, tn) else suffix, "whole")
         else:
             split, expected = found
             if shape != expected:
                 layout_errors.append(f"{bn} is {list(shape)}, config.json implies {list(expected)}")
                 continue
-        tied = {EMBED: ", tied", LM_HEAD: ""}
+        tied = {layout.embed: ", tied", layout.unembed: ""}
         tensor = bn if bn == tn else f"{bn} (base{tied[bn]}) vs {tn} (tuned{tied[tn]})"
         units[0 if layer is None else layer + 1].append(
             PairTask(layer, tensor, bn, tn, base.tensors[bn].file, tuned.tensors[tn].file, shape, split,
@@ -329,9 +325,11 @@ def plan_diff(base_spec: str, tuned_spec: str) -> DiffPlan:
     missing_layers = [i for i in range(arch.n_layers) if not units[i + 1]]
     if missing_layers:
         raise ValueError(f"num_hidden_layers={arch.n_layers} but no tensors for layers {missing_layers[:8]}")
-    rank = {c: i for i, c in enumerate(ATTENTION_COMPONENTS + MLP_COMPONENTS)}
+    rank = {c: i for i, c in enumerate(ATTENTION_COMPONENTS + MLP_COMPONENTS + MLP_BIAS_COMPONENTS)}
+
     def order(p: PairTask) -> tuple[int, str]:
-        return rank.get(p.split.component, len(rank)), p.base_name
+        first = p.split.parts[0][0] if p.split.parts else p.split.component
+        return rank.get(first, len(rank)), p.base_name
 
     return DiffPlan(base, tuned, tuple(tuple(sorted(u, key=order)) for u in units))
 
@@ -422,15 +420,15 @@ def diff_pair(task: PairTask) -> pl.DataFrame:
     metrics = metrics_from_sums(_vector_sums(task))
     n = len(metrics["cos"])
     whole = task.split.axis == "whole"
-    kv_side = task.split.component in _KV_SIDE
+    components, index = task.split.labels(n)
     group = task.n_heads // task.n_kv_heads
-    shared_by = [list(range(k * group, (k + 1) * group)) for k in range(n)] if kv_side else [None] * n
+    shared_by = [list(range(k * group, (k + 1) * group)) if c in _KV_SIDE else None for c, k in zip(components, index)]
     numel = (math.prod(task.shape) if task.shape else 1) // n
     return pl.DataFrame(
         {
             "layer": [task.layer] * n,
-            "component": [task.split.component] * n,
-            "index": [None] * n if whole else np.arange(n, dtype=np.int32),
+            "component": components,
+            "index": [None] * n if whole else np.asarray(index, dtype=np.int32),
             "tensor": [task.tensor] * n,
             "shared_by": shared_by,
             "numel": [numel] * n,
@@ -450,6 +448,71 @@ def diff_pairs(tasks: tuple[PairTask, ...]) -> pl.DataFrame:
 def diff_checkpoints(plan: DiffPlan) -> pl.DataFrame:
     """The whole table, serially."""
     return pl.concat([diff_pairs(u) for u in plan.units])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study's per-row view of the attention matrices
+
+
+def row_tasks(plan: DiffPlan, layers: set[int]) -> list[PairTask]:
+    """The attention weight tensors (q, k, v, o; fused ones too) of `layers`, to be compared row by row."""
+    def attention(task: PairTask) -> bool:
+        names = [c for c, _ in task.split.parts] or [task.split.component]
+        return any(n in ROW_MATRICES for n in names)
+
+    return [t for unit in plan.units[1:] for t in unit if t.layer in layers and attention(t)]
+
+
+def diff_rows(task: PairTask, heads: set[int] | None = None) -> pl.DataFrame:
+    """One row per (query head, matrix, row) of one attention tensor, as the study compared W_Q, W_K, W_V
+    and W_O: row r of a head is row r of its q/k/v slice, or column r of its o_proj slice (W_O's row in
+    TransformerLens' layout). A key/value head's rows appear once for every query head it serves.
+
+    The tensor is read as single rows (`_vector_sums` with groups of 1); row j*head_dim + r is row r of
+    the head-level vector j, whose (component, index) the family's split names. `heads`: query heads
+    to keep (None: all).
+    """
+    d = task.split.group
+    single = Split(task.split.component, task.split.axis, 1)
+    metrics = metrics_from_sums(_vector_sums(dataclasses.replace(task, split=single)))
+    n = len(metrics["cos"])
+    components, index = task.split.labels(n // d)
+    frame = pl.DataFrame(
+        {"matrix": np.repeat(components, d), "index": np.repeat(np.asarray(index, dtype=np.int32), d),
+         "row": np.tile(np.arange(d, dtype=np.int32), n // d), **metrics},
+        nan_to_null=True,
+    ).filter(pl.col("matrix").is_in(ROW_MATRICES))
+    group = task.n_heads // task.n_kv_heads
+    serves = pl.DataFrame({"kv_head": np.arange(task.n_heads, dtype=np.int32) // group,
+                           "head": np.arange(task.n_heads, dtype=np.int32)})
+    query = frame.filter(pl.col("matrix").is_in(_QUERY_SIDE)).with_columns(
+        head=pl.col("index"), kv_head=(pl.col("index") // group).cast(pl.Int32))
+    kv = frame.filter(~pl.col("matrix").is_in(_QUERY_SIDE)).rename({"index": "kv_head"}).join(serves, on="kv_head")
+    rows = pl.concat([query.drop("index"), kv], how="diagonal").with_columns(layer=pl.lit(task.layer, pl.Int32))
+    if heads is not None:
+        rows = rows.filter(pl.col("head").is_in(sorted(heads)))
+    return rows.select(list(ROW_SCHEMA)).cast(ROW_SCHEMA)
+
+
+def diff_head_rows(plan: DiffPlan, heads: list[tuple[int, int]] | None) -> pl.DataFrame:
+    """The per-row table of the attention matrices of `heads` ((layer, head) pairs; None: every head)."""
+    wanted: dict[int, set[int] | None] = {}
+    for layer, head in heads if heads is not None else []:
+        wanted.setdefault(layer, set()).add(head)
+    layers = set(range(plan.arch.n_layers)) if heads is None else set(wanted)
+    frames = [diff_rows(t, wanted.get(t.layer) if heads is not None else None) for t in row_tasks(plan, layers)]
+    rows = pl.concat(frames) if frames else pl.DataFrame(schema=ROW_SCHEMA)
+    return rows.sort(["layer", "head", "matrix", "row"])
+
+
+def summarise_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """Per (layer, head, matrix): how many rows, the smallest cosine and the largest and median 1 - cos."""
+    omc = pl.col("one_minus_cos")
+    return rows.group_by("layer", "head", "matrix").agg(
+        n_rows=pl.len(), min_cos=pl.col("cos").min(), max_one_minus_cos=omc.max(),
+        median_one_minus_cos=omc.median(), max_abs_rel_norm_change=pl.col("rel_norm_change").abs().max(),
+        cos_is_1_in_bf16=(omc.fill_null(math.inf) <= BF16_COS_ONE).all(),
+    ).sort("layer", "head", "matrix")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,8 +553,8 @@ def head_rows(table: pl.DataFrame, heads: list[tuple[int, int]], arch: Arch) -> 
 
 
 def neuron_rows(table: pl.DataFrame, neurons: list[tuple[int, int]]) -> pl.DataFrame:
-    """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows."""
-    keys = [(layer, c, j) for layer, j in neurons for c in MLP_COMPONENTS]
+    """A neuron's value vector (down_proj column) with its up_proj and gate_proj rows (and their biases)."""
+    keys = [(layer, c, j) for layer, j in neurons for c in MLP_COMPONENTS + MLP_BIAS_COMPONENTS]
     return table.join(_keys(keys).unique(), on=["layer", "component", "index"], how="semi")
 
 
@@ -588,7 +651,8 @@ def summarise(table: pl.DataFrame, selected: pl.DataFrame, arch: Arch) -> pl.Dat
     lazy, component = table.lazy(), pl.col("component")
     groups += [
         ("all_heads", arch.n_layers * arch.n_heads, lazy.filter(component.is_in(ATTENTION_COMPONENTS))),
-        ("all_neurons", arch.n_layers * arch.intermediate_size, lazy.filter(component.is_in(MLP_COMPONENTS))),
+        ("all_neurons", arch.n_layers * arch.intermediate_size,
+         lazy.filter(component.is_in(MLP_COMPONENTS + MLP_BIAS_COMPONENTS))),
         ("whole_tensors", table["index"].null_count(), lazy.filter(pl.col("index").is_null())),
         ("all", table.height, lazy),
     ]

@@ -1,1 +1,1 @@
-"""The experimental design: which components to ablate (target sets, random controls, sweeps)."""
+"""The experimental design: which components to ablate (heads, neurons, target sets, random controls, sweeps)."""

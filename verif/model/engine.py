@@ -1,24 +1,31 @@
 """The scorer a worker owns: tokenises prompts, plans units of work, returns Yes/No scores.
 
-A unit is a group of prompts scored under a group of conditions in one branching pass
-(`verif.model.forward.FastForward`). Prompts are sorted by token length and grouped so that a unit holds one
-length wherever the rows allow it: no padding, so attention runs causal-only, and prompts that must
-share a unit with others of different lengths are left padded with correct position ids.
+A unit is a group of prompts scored under a group of conditions in one pass: a branching pass of the
+fast path (`verif.model.forward.FastForward`), or batched rows of the model's own forward with
+ablation hooks (`verif.model.hooked.HookForward`) for a model the fast path does not implement
+(`verif.model.families.fast_path_gaps`: the scorer says so in one warning and never refuses). Prompts
+are sorted by token length and grouped so that a unit holds one length wherever the rows allow it: no
+padding, so attention runs causal-only, and prompts that must share a unit with others of different
+lengths are left padded with correct position ids.
 
 Nothing here imports Ray, W&B or polars: the GPU benchmark drives this class directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from verif.model.ablation import head_masks
-from verif.model.forward import FastForward, to_device
+from verif.design.conditions import Ablation
 from verif.design.heads import Head
+from verif.model.ablation import AblationMasks
+from verif.model.families import fast_path_gaps
+from verif.model.forward import FastForward, to_device
+from verif.model.hooked import HookForward
 from verif.model.loading import Arch, LoadedModel
 from verif.model.options import EngineOptions
 from verif.model.score import YesNoIds, YesNoScores, left_pad, scores_from_log_probs
@@ -97,11 +104,23 @@ def plan_units(lengths: Sequence[int], n_conditions: int, opts: EngineOptions) -
     return units
 
 
+def choose_path(loaded: LoadedModel, path: str = "auto") -> tuple[str, list[str]]:
+    """("fast" or "hook", why not fast) for `EngineOptions.path`; "fast" on a model the fast path
+    does not implement is refused, naming what it lacks."""
+    gaps = fast_path_gaps(loaded.model)
+    if path == "fast" and gaps:
+        raise ValueError(f"{loaded.name} ({loaded.arch.family}) cannot run on the fast path: " + "; ".join(gaps))
+    if path == "hook" or gaps:
+        return "hook", gaps
+    return "fast", []
+
+
 class Scorer:
-    """Owns a loaded model and scores prompts under head-ablation conditions.
+    """Owns a loaded model and scores prompts under ablation conditions (heads and/or neurons).
 
     A tokenizer is needed only to tokenise text (`score_prompts`) and, by default, for the padding
     id; `score_tokens` with `EngineOptions.pad_id` (or a model config that names one) needs none.
+    `path` says which path runs ("fast" or "hook"), `gaps` why the fast path does not.
     """
 
     def __init__(self, loaded: LoadedModel, ids: YesNoIds, opts: EngineOptions | None = None):
@@ -110,7 +129,17 @@ class Scorer:
         self.opts = opts or EngineOptions()
         param = next(loaded.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.forward = FastForward(loaded.model, loaded.arch, 64, self.opts.compile, self.opts.last_position_only)
+        self.path, self.gaps = choose_path(loaded, self.opts.path)
+        self.forward: FastForward | HookForward
+        if self.path == "fast":
+            self.forward = FastForward(loaded.model, loaded.arch, 64, self.opts.compile, self.opts.last_position_only)
+        else:
+            if self.opts.path == "auto":
+                warnings.warn(
+                    f"{loaded.name} ({loaded.arch.family}): scoring on the hook path (the model's own forward "
+                    f"with ablation hooks, no shared trunk): {'; '.join(self.gaps)}", stacklevel=2,
+                )  # fmt: skip
+            self.forward = HookForward(loaded.model, loaded.arch, 64)
         self.pad_id = self._pad_id()
         self._yes_idx = torch.tensor(ids.yes, device=self.device)
         self._no_idx = torch.tensor(ids.no, device=self.device)
@@ -151,15 +180,17 @@ class Scorer:
         return [self.loaded.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
     @torch.inference_mode()
-    def score_tokens(self, token_ids: Sequence[Sequence[int]], head_sets: Sequence[Sequence[Head]]) -> ScoreTable:
-        """Score every prompt under every head set (an empty set is the baseline).
+    def score_tokens(
+        self, token_ids: Sequence[Sequence[int]], ablations: Sequence[Ablation | Iterable[Head]]
+    ) -> ScoreTable:
+        """Score every prompt under every ablation (an empty one is the baseline).
 
-        Results stay on the device until every unit is queued and are copied back once at the end:
-        the only point where the host waits for the GPU.
+        An ablation is an `Ablation` (heads and neurons) or a plain head set. Each is checked against
+        the model before any work. Results stay on the device until every unit is queued and are
+        copied back once at the end: the only point where the host waits for the GPU.
         """
-        arch = self.loaded.arch
-        masks = head_masks(head_sets, arch)  # on the CPU: the row plan is made there
-        n, c = len(token_ids), len(head_sets)
+        masks = AblationMasks.build(ablations, self.loaded.arch)  # on the CPU: the row plan is made there
+        n, c = len(token_ids), len(ablations)
         lengths = [len(t) for t in token_ids]
         max_rows = self._rows_for(max(lengths, default=1))
         opts = replace(self.opts, max_rows=max_rows)
@@ -170,11 +201,10 @@ class Scorer:
             toks = [token_ids[i] for i in unit.prompts]
             ids, attn = (to_device(t, self.device) for t in left_pad(toks, self.pad_id)[:2])
             same_length = len({len(t) for t in toks}) == 1
-            hidden = self.forward.last_hidden(ids, None if same_length else attn, masks[unit.conditions], self.opts.share_trunk)
-            flat = hidden.reshape(-1, hidden.shape[-1])
             ly, ln = [], []
-            for a in range(0, flat.shape[0], max_rows):
-                y, no = self._yes_no_log_probs(self.forward.lm_head(flat[a:a + max_rows]))
+            unit_masks = masks.select(unit.conditions)
+            for logits in self.forward.logits(ids, None if same_length else attn, unit_masks, self.opts.share_trunk):
+                y, no = self._yes_no_log_probs(logits)
                 ly.append(y)
                 ln.append(no)
             done.append((unit, torch.cat(ly), torch.cat(ln)))
@@ -194,5 +224,5 @@ class Scorer:
         return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before,
                           int(s.nonfinite.sum()))
 
-    def score_prompts(self, prompts: Sequence[str], head_sets: Sequence[Sequence[Head]]) -> ScoreTable:
-        return self.score_tokens(self.tokenize(prompts), head_sets)
+    def score_prompts(self, prompts: Sequence[str], ablations: Sequence[Ablation | Iterable[Head]]) -> ScoreTable:
+        return self.score_tokens(self.tokenize(prompts), ablations)

@@ -9,12 +9,18 @@ A sweep scores every prompt under many conditions. Two facts make that cheaper t
   of a preallocated buffer and no tensor is ever concatenated.
 * Only the last position's logits are needed, so the LM head runs on one position per row.
 
-The arithmetic mirrors the transformers implementation of the Qwen2 / Llama decoder (RMSNorm in
-float32 with the weight applied after the cast, rotary embeddings from the model's own `rotary_emb`,
-SDPA attention) and is tested against the model's own forward with hook ablation
-(`verif.model.score.score_plain`). q/k/v and gate/up projections run as one matmul each: the fused
-weights are built once per model and the model's own parameters become views into them, so no
-memory is duplicated.
+The arithmetic mirrors the transformers implementation of the Llama decoder (RMSNorm in float32
+with the weight applied after the cast, rotary embeddings from the model's own `rotary_emb`, SDPA
+attention) with the variations of the families that have a fast path (`verif.model.families`: Qwen2,
+Qwen3, Mistral, Phi-3, OLMo 2): biases on any projection, q/k norms, post-norms, partial rotary,
+sliding-window layers (`BlockSpec`). It is tested against the model's own forward with hook
+ablation (`verif.model.score.score_plain`) for every family. q/k/v and gate/up projections run as one
+matmul each: the fused weights are built once per model and the model's own parameters become views
+into them, so no memory is duplicated (Phi-3 stores them fused already).
+
+Heads are ablated by a `[rows, H]` keep-mask on the attention output before o_proj, neurons by a
+`[rows, I]` keep-mask on the down projection's input, built per forward call only for the layers
+where one of its rows ablates a neuron.
 
 GPU notes. The whole row plan (which rows are live, which chunk ablates at which layer) is computed
 on the CPU before the first kernel and copied over without a stream sync, so the host never waits
@@ -33,7 +39,7 @@ recompile limit); if compiling fails the block runs eagerly and the error is kep
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +49,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from verif.model.ablation import apply_head_mask
-from verif.model.loading import Arch, decoder_layers
+from verif.model.ablation import AblationMasks, apply_head_mask, apply_neuron_mask
+from verif.model.arch import Arch
+from verif.model.families import final_norm, model_family
+from verif.model.families.base import BlockSpec, get_path
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors in the layout the fast path uses (plain tensors, not Parameters)."""
+    """One decoder layer's tensors in the layout the fast path uses (plain tensors, not Parameters).
+
+    `ln1` / `ln2` are the norms before attention and before the MLP, or with `post_norm` the norms of
+    their outputs. Biases are None where the model has none.
+    """
 
     ln1: torch.Tensor
     ln1_eps: float
@@ -60,10 +72,24 @@ class LayerWeights:
     ln2_eps: float
     gate_up_w: torch.Tensor
     down_w: torch.Tensor
+    o_b: torch.Tensor | None = None
+    gate_up_b: torch.Tensor | None = None
+    down_b: torch.Tensor | None = None
+    qk_norm: str | None = None  # BlockSpec.qk_norm
+    q_norm_w: torch.Tensor | None = None
+    k_norm_w: torch.Tensor | None = None
+    qk_norm_eps: float = 0.0
+    post_norm: bool = False
+    norm_f32: bool = False
+    window: int | None = None
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of linears sharing an input; re-point them at views."""
+def _fuse(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears sharing an input; re-point them at views.
+    A single (already fused) linear is used as it is."""
+    if len(linears) == 1:
+        lin = linears[0]
+        return lin.weight.data, None if lin.bias is None else lin.bias.data
     weight = torch.cat([lin.weight.data for lin in linears], dim=0)
     has_bias = [lin.bias is not None for lin in linears]
     if any(has_bias) and not all(has_bias):
@@ -83,15 +109,19 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _still_fused(layer: nn.Module, w: LayerWeights) -> bool:
+def _bias(lin: nn.Module) -> torch.Tensor | None:
+    return None if lin.bias is None else lin.bias.data
+
+
+def _still_fused(layer: nn.Module, w: LayerWeights, modules: Callable) -> bool:
     """Whether the model's q and gate weights are still the views made by an earlier `prepare_weights`
     (a later `model.to(...)`, `.float()` or weight load replaces them, and the cache is stale)."""
-    attn, mlp = layer.self_attn, layer.mlp
+    mods = modules(layer)
     return (
-        attn.q_proj.weight.data_ptr() == w.qkv_w.data_ptr()
-        and attn.q_proj.weight.dtype == w.qkv_w.dtype
-        and mlp.gate_proj.weight.data_ptr() == w.gate_up_w.data_ptr()
-        and layer.input_layernorm.weight.data_ptr() == w.ln1.data_ptr()
+        mods.qkv[0].weight.data_ptr() == w.qkv_w.data_ptr()
+        and mods.qkv[0].weight.dtype == w.qkv_w.dtype
+        and mods.gate_up[0].weight.data_ptr() == w.gate_up_w.data_ptr()
+        and mods.norm_attn.weight.data_ptr() == w.ln1.data_ptr()
     )
 
 
@@ -99,26 +129,32 @@ def prepare_weights(model: nn.Module, arch: Arch) -> list[LayerWeights]:
     """Fuse q/k/v and gate/up per layer (in place, as views) and collect the layer tensors.
 
     The result is cached on the model, so several engines over one model (benchmarks, option sweeps)
-    share the fused weights instead of each holding its own copy.
+    share the fused weights instead of each holding its own copy. Only for families with a fast path.
     """
-    layers = decoder_layers(model)
+    fam = model_family(model)
+    if fam.fast is None:
+        raise ValueError(f"{fam.model_type} has no fast path: score it on the hook path")
+    layers = get_path(model, fam.layers)
+    modules = fam.fast.modules
     cached = getattr(model, "_verif_fused_weights", None)
-    if cached is not None and len(cached) == len(layers) and all(_still_fused(l, w) for l, w in zip(layers, cached)):
+    if cached is not None and len(cached) == len(layers) and all(_still_fused(l, w, modules) for l, w in zip(layers, cached)):
         return cached
+    spec: BlockSpec = fam.fast.block(model.config)
     out = []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn.o_proj.bias is not None:
-            raise ValueError("o_proj has a bias: zeroing its input would not remove a head exactly")
-        qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        gate_up_w, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-        out.append(
-            LayerWeights(
-                layer.input_layernorm.weight.data, _eps(layer.input_layernorm), qkv_w, qkv_b,
-                attn.o_proj.weight.data, layer.post_attention_layernorm.weight.data,
-                _eps(layer.post_attention_layernorm), gate_up_w, mlp.down_proj.weight.data,
-            )
-        )
+    for i, layer in enumerate(layers):
+        mods = modules(layer)
+        qkv_w, qkv_b = _fuse(mods.qkv)
+        gate_up_w, gate_up_b = _fuse(mods.gate_up)
+        w = LayerWeights(
+            mods.norm_attn.weight.data, _eps(mods.norm_attn), qkv_w, qkv_b, mods.o.weight.data,
+            mods.norm_mlp.weight.data, _eps(mods.norm_mlp), gate_up_w, mods.down.weight.data,
+            o_b=_bias(mods.o), gate_up_b=gate_up_b, down_b=_bias(mods.down),
+            post_norm=spec.post_norm, norm_f32=spec.norm_weight_f32, window=spec.windows[i],
+        )  # fmt: skip
+        if spec.qk_norm is not None:
+            w.qk_norm, w.qk_norm_eps = spec.qk_norm, _eps(mods.q_norm)
+            w.q_norm_w, w.k_norm_w = mods.q_norm.weight.data, mods.k_norm.weight.data
+        out.append(w)
     model._verif_fused_weights = out
     return out
 
@@ -134,15 +170,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_f32: bool) -> torch.Tensor:
+    """`rms_norm`, or with `weight_f32` OLMo 2's order: the weight multiplies the float32 result,
+    then the product is cast back (equal in float32, rounds differently in bf16)."""
+    if not weight_f32:
+        return rms_norm(x, weight, eps)
+    return (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps)).to(x.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of `[rows, T, heads, d]` with `[rows or 1, T, d]` tables (transformers' arithmetic)."""
+    """Rotary embedding of `[rows, T, heads, d]` with `[rows or 1, T, r]` tables (transformers'
+    arithmetic); tables narrower than d rotate the first r dimensions and pass the rest (partial rotary)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, x[..., r:]), dim=-1)
+
+
+def _qk_norm(q: torch.Tensor, k: torch.Tensor, w: LayerWeights, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k norms on flat `[rows, T, heads * d]` projections: per head over d (`head`), or over the
+    whole projection (`proj`); returns `[rows, T, heads, d]` views."""
+    if w.qk_norm == "proj":
+        q, k = (_norm(t, nw, w.qk_norm_eps, w.norm_f32) for t, nw in ((q, w.q_norm_w), (k, w.k_norm_w)))
+        return q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim))
+    q, k = q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim))
+    return _norm(q, w.q_norm_w, w.qk_norm_eps, w.norm_f32), _norm(k, w.k_norm_w, w.qk_norm_eps, w.norm_f32)
 
 
 def _attend(
@@ -167,16 +226,26 @@ def _attend(
 
 
 def _block_output(
-    h: torch.Tensor, a: torch.Tensor, w: LayerWeights, head_mask: torch.Tensor | None, head_dim: int,
-    act: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor, a: torch.Tensor, w: LayerWeights, head_mask: torch.Tensor | None,
+    neuron_mask: torch.Tensor | None, head_dim: int, act: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Head ablation, o_proj and residual, then the gated MLP and residual (`[rows, (T,) width]`)."""
+    """Head ablation, o_proj and residual, then the gated MLP (neuron ablation at the down projection's
+    input) and residual (`[rows, (T,) width]`); with `post_norm` the norms apply to the two outputs."""
     if head_mask is not None:
         a = apply_head_mask(a, head_mask, head_dim)
-    h = h + F.linear(a, w.o_w)
-    x = rms_norm(h, w.ln2, w.ln2_eps)
-    gate, up = F.linear(x, w.gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(act(gate) * up, w.down_w)
+    attn = F.linear(a, w.o_w, w.o_b)
+    if w.post_norm:
+        h = h + _norm(attn, w.ln1, w.ln1_eps, w.norm_f32)
+        x = h
+    else:
+        h = h + attn
+        x = _norm(h, w.ln2, w.ln2_eps, w.norm_f32)
+    gate, up = F.linear(x, w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
+    z = act(gate) * up
+    if neuron_mask is not None:
+        z = apply_neuron_mask(z, neuron_mask)
+    mlp = F.linear(z, w.down_w, w.down_b)
+    return h + (_norm(mlp, w.ln2, w.ln2_eps, w.norm_f32) if w.post_norm else mlp)
 
 
 def decoder_layer(
@@ -191,19 +260,26 @@ def decoder_layer(
     head_dim: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     gqa_in_kernel: bool,
+    neuron_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One pre-norm decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads.
+    """One decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads, `neuron_mask`
+    `[rows, I]` MLP neurons.
 
-    `cos`/`sin` are `[rows or 1, T, head_dim]`; `attn_mask` `[rows, 1, T, T]` or None (causal).
+    `cos`/`sin` are `[rows or 1, T, rotary dims]`; `attn_mask` `[rows or 1, 1, T, T]` or None (causal).
     """
     rows, seq, _ = h.shape
     nh, nkv, d = n_heads, n_kv_heads, head_dim
-    x = rms_norm(h, w.ln1, w.ln1_eps)
+    x = h if w.post_norm else _norm(h, w.ln1, w.ln1_eps, w.norm_f32)
     qkv = F.linear(x, w.qkv_w, w.qkv_b)
-    qk = _rope(qkv[..., : (nh + nkv) * d].view(rows, seq, nh + nkv, d), cos, sin)  # q and k in one pass
     v = qkv[..., (nh + nkv) * d:].view(rows, seq, nkv, d)
-    a = _attend(qk[:, :, :nh], qk[:, :, nh:], v, attn_mask, True, gqa_in_kernel)
-    return _block_output(h, a, w, head_mask, d, act)
+    if w.qk_norm is None:
+        qk = _rope(qkv[..., : (nh + nkv) * d].view(rows, seq, nh + nkv, d), cos, sin)  # q and k in one pass
+        q, k = qk[:, :, :nh], qk[:, :, nh:]
+    else:
+        q, k = _qk_norm(qkv[..., : nh * d], qkv[..., nh * d: (nh + nkv) * d], w, d)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    a = _attend(q, k, v, attn_mask, True, gqa_in_kernel)
+    return _block_output(h, a, w, head_mask, neuron_mask, d, act)
 
 
 def last_position_layer(
@@ -218,6 +294,7 @@ def last_position_layer(
     head_dim: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     gqa_in_kernel: bool,
+    neuron_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last decoder block, for the last position only: `[rows, T, hidden]` -> `[rows, hidden]`.
 
@@ -228,17 +305,21 @@ def last_position_layer(
     """
     rows, seq, _ = h.shape
     nh, nkv, d = n_heads, n_kv_heads, head_dim
-    x = rms_norm(h, w.ln1, w.ln1_eps)
+    x = h if w.post_norm else _norm(h, w.ln1, w.ln1_eps, w.norm_f32)
     kv = F.linear(x, w.qkv_w[nh * d:], None if w.qkv_b is None else w.qkv_b[nh * d:])
-    q = F.linear(x[:, -1], w.qkv_w[: nh * d], None if w.qkv_b is None else w.qkv_b[: nh * d])
-    q = _rope(q.view(rows, 1, nh, d), cos[:, -1:], sin[:, -1:])
-    k = _rope(kv[..., : nkv * d].view(rows, seq, nkv, d), cos, sin)
+    q = F.linear(x[:, -1:], w.qkv_w[: nh * d], None if w.qkv_b is None else w.qkv_b[: nh * d])
+    k = kv[..., : nkv * d]
+    if w.qk_norm is None:
+        q, k = q.view(rows, 1, nh, d), k.view(rows, seq, nkv, d)
+    else:
+        q, k = _qk_norm(q, k, w, d)
+    q, k = _rope(q, cos[:, -1:], sin[:, -1:]), _rope(k, cos, sin)
     v = kv[..., nkv * d:].view(rows, seq, nkv, d)
     mask = attn_mask[:, :, -1:] if attn_mask is not None else None
     a = _attend(q, k, v, mask, False, gqa_in_kernel)
     if head_mask is not None:
         a = apply_head_mask(a, head_mask, d)
-    return _block_output(h[:, -1], a[:, 0], w, None, d, act)
+    return _block_output(h[:, -1], a[:, 0], w, None, neuron_mask, d, act)
 
 
 def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
@@ -248,6 +329,26 @@ def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
     keys = attn.bool()[:, None, None, :]
     diag = torch.eye(seq, dtype=torch.bool, device=attn.device)
     return (causal & keys) | diag
+
+
+def window_masks(
+    attn_mask: torch.Tensor | None, windows: set[int | None], seq: int, device: torch.device
+) -> dict[int | None, torch.Tensor | None]:
+    """The attention mask of each window size (None: full attention) for a unit of length `seq`.
+
+    A query at index i sees keys j with i - j < window, as transformers' sliding-window mask (indices,
+    so left padding shifts query and key alike). A window no shorter than the unit changes nothing
+    and keeps the unit's own mask, so short prompts keep the causal-only fast kernels.
+    """
+    out: dict[int | None, torch.Tensor | None] = {None: attn_mask}
+    for win in windows - {None}:
+        if seq <= win:
+            out[win] = attn_mask
+            continue
+        i = torch.arange(seq, device=device)
+        band = (i[:, None] - i[None, :] < win) & (i[:, None] >= i[None, :])  # [T, T] causal, in the window
+        out[win] = band[None, None] if attn_mask is None else attn_mask & band
+    return out
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -305,18 +406,21 @@ class RowPlan:
     row_prompt: np.ndarray  # [rows] prompt index of each row
     row_cond: np.ndarray  # [rows] condition of a branch row, -1 for a trunk row
     row_ablates: np.ndarray  # [rows, L] whether the row ablates any head at layer l
+    row_neurons: np.ndarray  # [rows, L] whether the row ablates any neuron at layer l
     live: list[tuple[int, int]]
     source: np.ndarray  # [P, C]
 
 
-def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan:
-    """The row layout for `n_prompts` prompts under `[C, L, H]` keep-masks (CPU work only).
+def plan_rows(masks: AblationMasks, n_prompts: int, share_trunk: bool) -> RowPlan:
+    """The row layout for `n_prompts` prompts under C conditions' masks (CPU work only).
 
-    With `share_trunk` a condition that ablates nothing reads the trunk row, and the trunk stops
-    after the last branch layer when no condition needs its final state. Without it every
-    (prompt, condition) pair runs all layers on its own: the reference for what sharing saves.
+    A condition branches off the trunk at the first layer where it ablates a head or a neuron. With
+    `share_trunk` a condition that ablates nothing reads the trunk row, and the trunk stops after the
+    last branch layer when no condition needs its final state. Without it every (prompt, condition)
+    pair runs all layers on its own: the reference for what sharing saves.
     """
-    ablated = (masks.detach().cpu() != 1).any(-1).numpy()  # [C, L]
+    heads = (masks.heads != 1).any(-1).numpy()  # [C, L]
+    ablated = heads | masks.neuron_layers
     n_cond, n_layers = ablated.shape
     first = np.where(ablated.any(-1), ablated.argmax(-1), n_layers)
     if not share_trunk:
@@ -328,7 +432,9 @@ def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan
     row_cond = np.concatenate([np.full(n_trunk, -1)] + [np.full(n_prompts, c) for c in branch]).astype(np.int64)
     row_enter = np.concatenate([np.zeros(n_trunk, np.int64)] + [np.full(n_prompts, first[c]) for c in branch])
     row_ablates = np.zeros((len(row_prompt), n_layers), dtype=bool)
-    row_ablates[n_trunk:] = ablated[row_cond[n_trunk:]]
+    row_ablates[n_trunk:] = heads[row_cond[n_trunk:]]
+    row_neurons = np.zeros((len(row_prompt), n_layers), dtype=bool)
+    row_neurons[n_trunk:] = masks.neuron_layers[row_cond[n_trunk:]]
     source = np.empty((n_prompts, n_cond), dtype=np.int64)
     source[:, first >= n_layers] = prompts[:, None]  # un-ablated conditions: the trunk's final state
     for j, c in enumerate(branch):
@@ -340,14 +446,15 @@ def plan_rows(masks: torch.Tensor, n_prompts: int, share_trunk: bool) -> RowPlan
         lo = 0 if layer < trunk_end else n_trunk
         hi = int(np.searchsorted(row_enter[n_trunk:], layer, side="right")) + n_trunk
         live.append((lo, hi))
-    return RowPlan(row_prompt, row_cond, row_ablates, live, source)
+    return RowPlan(row_prompt, row_cond, row_ablates, row_neurons, live, source)
 
 
 class FastForward:
-    """Runs a unit of work (prompts x head masks) through the fused decoder with branching.
+    """Runs a unit of work (prompts x conditions) through the fused decoder with branching.
 
     `max_rows` caps the rows of one decoder-block call; `last_position_only` runs the last block for
-    the last position only (`last_position_layer`).
+    the last position only (`last_position_layer`). Only for models without fast-path gaps
+    (`verif.model.families.fast_path_gaps`); the engine checks that before building one.
     """
 
     def __init__(
@@ -363,6 +470,8 @@ class FastForward:
         self.max_rows = max_rows
         self.last_position_only = last_position_only
         self.weights = prepare_weights(model, arch)
+        self.windows = {w.window for w in self.weights}
+        self.final_norm = final_norm(model)
         self.act = activation(model.config.hidden_act)
         self.layer_fn = compiled_decoder_layer() if compile_layers else decoder_layer
         self.compile_error: str | None = None
@@ -382,7 +491,9 @@ class FastForward:
         if self.layer_fn is decoder_layer:
             return decoder_layer(*args)
         h, _, cos, sin, attn_mask, head_mask = args[:6]
-        for t, dims in ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (attn_mask, (0, 2, 3)), (head_mask, (0,))):
+        neuron_mask = args[11] if len(args) > 11 else None
+        marks = ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (attn_mask, (0, 2, 3)), (head_mask, (0,)), (neuron_mask, (0,)))
+        for t, dims in marks:
             for dim in dims if t is not None else ():
                 torch._dynamo.maybe_mark_dynamic(t, dim)  # compile for any rows/length at once
         try:
@@ -398,14 +509,14 @@ class FastForward:
         self,
         input_ids: torch.Tensor,
         attn: torch.Tensor | None,
-        masks: torch.Tensor,
+        masks: AblationMasks,
         share_trunk: bool = True,
     ) -> torch.Tensor:
-        """Final-normed last-position states `[P, C, hidden]` for P prompts under C head masks.
+        """Final-normed last-position states `[P, C, hidden]` for P prompts under C conditions.
 
-        `input_ids` `[P, T]` (left padded when `attn` is given), `masks` `[C, L, H]` (best on the CPU:
-        the row plan is made there). With `share_trunk=False` every (prompt, condition) row runs all
-        layers: the reference for sharing.
+        `input_ids` `[P, T]` (left padded when `attn` is given), `masks` the conditions' ablations
+        (on the CPU: the row plan is made there). With `share_trunk=False` every (prompt, condition)
+        row runs all layers: the reference for sharing.
         """
         arch, dev = self.arch, input_ids.device
         n_prompts, seq = input_ids.shape
@@ -421,12 +532,12 @@ class FastForward:
         else:
             positions = (attn.cumsum(-1) - 1).clamp(min=0)
             attn_mask = padded_attention_mask(attn)
+        layer_masks = window_masks(attn_mask, self.windows, seq, dev)
         cos, sin = self.model.model.rotary_emb(h[:1], positions)
         per_prompt = attn is not None
-        gqa_in_kernel = attn_mask is None  # as transformers decides (`use_gqa_in_sdpa`)
         row_masks = torch.ones(n_rows, arch.n_layers, arch.n_heads, dtype=h.dtype)
         branch = plan.row_cond >= 0
-        row_masks[torch.from_numpy(branch)] = masks.detach().cpu()[torch.from_numpy(plan.row_cond[branch])].to(h.dtype)
+        row_masks[torch.from_numpy(branch)] = masks.heads[torch.from_numpy(plan.row_cond[branch])].to(h.dtype)
         row_masks = to_device(row_masks, dev)
 
         compiled = self.layer_fn is not decoder_layer
@@ -438,24 +549,37 @@ class FastForward:
                 h[filled:hi] = embed(input_ids[src]) if layer == 0 else h[src]
                 filled = hi
             w = self.weights[layer]
+            mask = layer_masks[w.window]
             final = self.last_position_only and layer == arch.n_layers - 1
             for a, b in self._chunks(lo, hi):
                 idx = row_prompt[a:b]
                 c, s = (cos[idx], sin[idx]) if per_prompt else (cos, sin)
-                m = attn_mask[idx] if attn_mask is not None else None
+                m = mask[idx] if mask is not None and mask.shape[0] > 1 else mask
                 # Eager: skip the multiply where no row ablates. Compiled: always pass the mask (the
                 # multiply fuses into a copy that runs anyway), so half as many graphs get compiled.
                 ablates = compiled or plan.row_ablates[a:b, layer].any()
                 hm = row_masks[a:b, layer] if ablates else None
-                args = (h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act, gqa_in_kernel)
+                args = (h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act,
+                        m is None)  # grouped-query heads read in place only without a mask, as transformers decides
+                if plan.row_neurons[a:b, layer].any():
+                    args += (to_device(masks.neuron_keep(plan.row_cond[a:b], layer).to(h.dtype), dev),)
                 if final:  # eager: 1/36 of the work, not worth a compiled graph of its own
                     h[a:b, -1] = last_position_layer(*args)
                 else:
                     h[a:b] = self._layer(*args)
             self.stats.row_layers += hi - lo
 
-        last = self.model.model.norm(h[:, -1])  # [rows, hidden]
+        last = self.final_norm(h[:, -1])  # [rows, hidden]
         return last[to_device(plan.source, dev)]
+
+    def logits(
+        self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Last-position logits `[rows, vocab]` of a unit, `max_rows` rows at a time, prompt-major."""
+        hidden = self.last_hidden(input_ids, attn, masks, share_trunk)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        for a in range(0, flat.shape[0], self.max_rows):
+            yield self.lm_head(flat[a:a + self.max_rows])
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A model is named by one string (`model.path` in a config): a hub id (`Qwen/Qwen2.5-3B`), a local
 model folder, a `.gguf` file, or a packaged model (`packaged:smollm2-135m`). `resolve_source` turns it
 into a `ModelSource` without touching weights, `read_arch` reads only the config (so head sets can be
-validated before anything expensive happens), and `load_model` loads weights and tokenizer.
+validated before anything expensive happens), and `load_model` loads weights and tokenizer. Which
+model types are supported, and where their heads and neurons are, is `verif.model.families`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-# Decoder families whose attention is `self_attn.{q,k,v,o}_proj` with an o_proj input laid out as
-# [head0 | head1 | ...] of head_dim each, and whose MLP is gate/up/down (SwiGLU).
-SUPPORTED_FAMILIES = ("qwen2", "llama", "mistral")
+from verif.model.arch import Arch
+from verif.model.families import (  # noqa: F401  (decoder_layers, o_projs, down_projs: re-exported)
+    SUPPORTED_FAMILIES, decoder_layers, down_projs, family_of, o_projs,
+)
 
 PACKAGED_MODELS = {
     # name: (python package shipping the file, file name inside it)
@@ -44,21 +46,6 @@ class ModelSource:
         if self.spec.startswith("packaged:"):
             return self.spec.split(":", 1)[1]
         return Path(self.gguf_file or self.location).name if self.kind != "hub" else self.location
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Numbers of a decoder that head ablation needs."""
-
-    family: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
 
 
 @dataclass
@@ -120,24 +107,7 @@ def _from_pretrained_kwargs(source: ModelSource) -> dict:
 
 def arch_from_config(config: PretrainedConfig) -> Arch:
     """Read the head layout from a transformers config; unsupported families are refused."""
-    family = getattr(config, "model_type", "?")
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return Arch(
-        family=family,
-        n_layers=config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-        head_dim=head_dim,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        vocab_size=config.vocab_size,
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-    )
+    return family_of(getattr(config, "model_type", "?")).arch(config)
 
 
 def read_arch(source: ModelSource) -> Arch:
@@ -164,14 +134,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load weights and tokenizer for scoring (eval mode, SDPA attention, left padding)."""
+    """Load weights and tokenizer for scoring (eval mode, left padding).
+
+    Attention runs in SDPA unless the family needs eager attention (soft-capped attention logits,
+    which SDPA cannot compute). The family is checked from the config before any weight is read.
+    """
     source = resolve_source(spec)
     device = default_device() if device == "auto" else device
     torch_dtype = resolve_dtype(dtype, device)
     kwargs = _from_pretrained_kwargs(source)
     try:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        family = family_of(getattr(config, "model_type", "?"))
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+            source.location, config=config, dtype=torch_dtype,
+            attn_implementation=family.attn_implementation(config), **kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except OSError as e:
@@ -181,14 +158,22 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, arch_from_config(model.config), source.name, source)
+    arch = arch_from_config(model.config)
+    check_layout(model, arch)
+    return LoadedModel(model, tokenizer, arch, source.name, source)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM of a supported family."""
-    return model.model.layers
-
-
-def o_projs(model: nn.Module) -> list[nn.Linear]:
-    """Each layer's attention output projection, whose input holds the heads side by side."""
-    return [layer.self_attn.o_proj for layer in decoder_layers(model)]
+def check_layout(model: nn.Module, arch: Arch) -> None:
+    """Refuse a model whose projections do not have the widths ablation assumes: the o_proj input must
+    be n_heads x head_dim (one slice per head) and the down projection's input the MLP width."""
+    bad = [
+        f"layer {i} {what} input width {proj.in_features}, expected {want}"
+        for projs, what, want in ((o_projs(model), "attention output projection", arch.n_heads * arch.head_dim),
+                                  (down_projs(model), "MLP down projection", arch.intermediate_size))
+        for i, proj in enumerate(projs)
+        if getattr(proj, "in_features", want) != want
+    ]  # fmt: skip
+    if len(decoder_layers(model)) != arch.n_layers:
+        bad.insert(0, f"{len(decoder_layers(model))} decoder layers, config says {arch.n_layers}")
+    if bad:
+        raise ValueError(f"{arch.family} model does not match its config: " + "; ".join(bad[:4]))

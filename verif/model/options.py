@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PATHS = ("auto", "fast", "hook")
 DEVICES = ("auto", "cpu", "cuda")
 # The study sums these spelling variants (each one token of the Qwen2.5 vocabulary).
 DEFAULT_YES = (" Yes", "Yes", " yes", "yes")
@@ -48,3 +49,7 @@ class EngineOptions:
     # float32 rounding of the shorter last-block GEMMs differs from the plain path by ~1e-5 in log-odds.
     last_position_only: bool = doc("Run the last decoder block for the last position only.", False)
     pad_id: int | None = doc("Padding token id; null = the tokenizer's, else the model config's.", None)
+    # share_trunk, compile and last_position_only act on the fast path only.
+    path: str = doc("auto (the fast path where it implements the model, else the hook path with a warning), "
+                    "fast (refuse a model it does not implement) or hook (the model's own forward with hooks).",
+                    "auto", lambda v: None if v in PATHS else f"must be one of {', '.join(map(repr, PATHS))}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from verif.model.ablation import HookedAblation
+from verif.model.ablation import AblationMasks, HookedAblation
 from verif.model.options import DEFAULT_NO, DEFAULT_YES
 
 
@@ -104,18 +104,23 @@ def score_plain(
     model: nn.Module,
     hooks: HookedAblation,
     token_ids: Sequence[Sequence[int]],
-    masks: torch.Tensor,
+    masks: torch.Tensor | AblationMasks,
     ids: YesNoIds,
     pad_id: int,
     full_logits: bool = False,
 ) -> YesNoScores:
     """The model's own forward with hook ablation: the reference the fast engine is checked against.
 
-    `full_logits=True` computes logits at every position, as a notebook would (for benchmarks only).
+    `masks`: one row per prompt, head keep-masks `[rows, L, H]` or `AblationMasks` (heads and
+    neurons). `full_logits=True` computes logits at every position, as a notebook would (for
+    benchmarks only).
     """
     device = next(model.parameters()).device
     input_ids, attn, positions = left_pad(token_ids, pad_id, device)
-    hooks.masks = masks.to(device)
+    if isinstance(masks, AblationMasks):
+        hooks.set(masks, device)
+    else:
+        hooks.masks = masks.to(device)
     try:
         out = model(
             input_ids=input_ids,
@@ -125,6 +130,6 @@ def score_plain(
             use_cache=False,
         )
     finally:
-        hooks.masks = None
+        hooks.set(None)
     log_yes, log_no = yes_no_log_probs(out.logits[:, -1], ids)
     return scores_from_log_probs(log_yes.cpu().numpy(), log_no.cpu().numpy())

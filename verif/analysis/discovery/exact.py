@@ -12,39 +12,20 @@ prompt before summing over prompts, so the small effects do not cancel against t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 
 from verif.analysis.discovery.sums import PromptSums
+from verif.design.conditions import Ablation
 from verif.design.heads import Head
 from verif.model.engine import Scorer
 
-Neuron = tuple[int, int]  # (layer, index of the down_proj input coordinate)
+
+def score_log_odds(scorer: Scorer, token_ids: Sequence[Sequence[int]], sets: Sequence[Ablation]) -> np.ndarray:
+    """`[n_prompts, n_sets]` float64 log-odds of each prompt under each set (the engine adapter)."""
+    return scorer.score_tokens(token_ids, sets).log_odds
 
 
-@dataclass(frozen=True)
-class ComponentSet:
-    """What one condition zero-ablates: heads (o_proj input slices) and neurons (down_proj inputs)."""
-
-    heads: tuple[Head, ...] = ()
-    neurons: tuple[Neuron, ...] = ()
-
-
-def score_log_odds(scorer: Scorer, token_ids: Sequence[Sequence[int]], sets: Sequence[ComponentSet]) -> np.ndarray:
-    """`[n_prompts, n_sets]` float64 log-odds of each prompt under each set (the engine adapter).
-
-    Today's engine ablates heads only; neuron sets wait for its neuron ablation.
-    """
-    with_neurons = [i for i, s in enumerate(sets) if s.neurons]
-    if with_neurons:
-        raise NotImplementedError(
-            f"sets {with_neurons[:5]} ablate neurons: verif.model.engine.Scorer.score_tokens ablates heads only"
-        )
-    return scorer.score_tokens(token_ids, [s.heads for s in sets]).log_odds
-
-
-def delta_sums(scorer: Scorer, token_ids: Sequence[Sequence[int]], sets: Sequence[ComponentSet]) -> PromptSums:
+def delta_sums(scorer: Scorer, token_ids: Sequence[Sequence[int]], sets: Sequence[Ablation]) -> PromptSums:
     """Sums over these prompts: `delta` `[n_sets]` of log_odds(set) - log_odds(none), and `log_odds`.
 
     `.mean("delta")` of the combined sums is each set's exact effect on M; non-finite log-odds (a
@@ -52,7 +33,7 @@ def delta_sums(scorer: Scorer, token_ids: Sequence[Sequence[int]], sets: Sequenc
     """
     if not token_ids:
         raise ValueError("delta_sums: no prompts given")
-    scores = score_log_odds(scorer, token_ids, [ComponentSet(), *sets])
+    scores = score_log_odds(scorer, token_ids, [Ablation(), *sets])
     base = scores[:, :1]
     return PromptSums({"delta": (scores[:, 1:] - base).sum(0), "log_odds": base.sum()}, len(token_ids))
 
@@ -72,6 +53,6 @@ def heads_to_screen(atp_heads: np.ndarray, exact: int | str) -> list[Head]:
     return [every[i] for i in order[: min(exact, len(every))]]
 
 
-def single_head_sets(heads: Sequence[Head]) -> list[ComponentSet]:
+def single_head_sets(heads: Sequence[Head]) -> list[Ablation]:
     """One condition per head, each ablating that head alone."""
-    return [ComponentSet(heads=(head,)) for head in heads]
+    return [Ablation(heads=(head,)) for head in heads]

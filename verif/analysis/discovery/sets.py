@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from verif.analysis.discovery.exact import ComponentSet
+from verif.design.conditions import Ablation
 from verif.analysis.discovery.ranking import ranked
 from verif.design.heads import format_heads
 
@@ -50,7 +50,7 @@ class PlannedSet:
 class SetPlan:
     """The distinct conditions to score (no baseline: `delta_sums` adds it) and the sets they serve."""
 
-    conditions: list[ComponentSet]
+    conditions: list[Ablation]
     sets: list[PlannedSet]
 
 
@@ -61,9 +61,9 @@ def format_components(kind: str, members: Sequence[Component]) -> str:
     return ", ".join(f"L{layer} N{index}" for layer, index in sorted(set(members)))
 
 
-def _component_set(kind: str, members: Sequence[Component]) -> ComponentSet:
+def _component_set(kind: str, members: Sequence[Component]) -> Ablation:
     members = tuple(sorted(members))
-    return ComponentSet(heads=members) if kind == "head" else ComponentSet(neurons=members)
+    return Ablation(heads=members) if kind == "head" else Ablation(neurons=members)
 
 
 def _check(kind: str, ks: Sequence[int], n_controls: int) -> None:
@@ -92,8 +92,8 @@ def plan_sets(
     shapes = {name: np.shape(scores) for name, scores in rankings.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"rankings of one kind must share a shape, got {shapes}")
-    conditions: list[ComponentSet] = []
-    index: dict[ComponentSet, int] = {}
+    conditions: list[Ablation] = []
+    index: dict[Ablation, int] = {}
 
     def condition(members: Sequence[Component]) -> int:
         cs = _component_set(kind, members)

@@ -1,0 +1,83 @@
+"""One writer per output folder: OUT/.lock names the driver (pid, host) and holds an OS lock while it runs.
+
+The OS lock (`flock`) is what excludes a second driver, and the kernel drops it when its holder dies
+however it dies, so a lock file left by a killed driver is recognised as stale by simply being lockable
+again. The pid and host inside are for the message a refused second driver prints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from jobs.errors import InputError
+
+
+class OutLocked(InputError):
+    """Another live process is writing the same output folder."""
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+class OutLock:
+    """`with OutLock(path):` holds the folder's lock, or raises OutLocked at once (never waits).
+
+    `stale` is the holder description of a lock file found from a process that no longer runs.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+        self.stale: str | None = None
+
+    def acquire(self) -> OutLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held_by = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                os.close(fd)
+                raise OutLocked(
+                    f"{self.path.parent} is in use by another sweep: {held_by}, lock file {self.path}. "
+                    "Wait for it to finish (or stop it), or choose another --out"
+                ) from None
+            # The holder we waited on may have unlinked the file before we locked it: retry on the new one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        self.stale = _holder(old) if old else None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a fresh file
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> OutLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
