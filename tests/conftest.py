@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,21 +83,28 @@ def seed_model64(seed_model) -> LoadedModel:
     return dataclasses.replace(seed_model, model=float64_copy(seed_model.model))
 
 
-@pytest.fixture(scope="session")
-def rounding(short_prompts) -> Callable[[LoadedModel], float]:
-    """`rounding(loaded)`: delta, the float32 rounding error of one whole forward of that model's logits
-    (`tests.tolerances.forward_rounding`), measured once per model at every position of the short prompts,
-    unablated and with a quarter of all heads ablated (every layer)."""
-    cache: dict[int, float] = {}
+# The earliest position any test reads scores at: the last token of an 8-token prompt.
+SCORED_FROM = 7
 
-    def delta(loaded: LoadedModel) -> float:
+
+@pytest.fixture(scope="session")
+def rounding(short_prompts) -> Callable[..., float]:
+    """`rounding(loaded, first=SCORED_FROM)`: delta, the float32 rounding error of one whole forward of that
+    model's logits (`tests.tolerances.forward_rounding`) at positions >= `first`, measured once per model on
+    the short prompts, unablated and with a quarter of all heads ablated (every layer).
+
+    Tests that compare logits at every position ask for first=0: SmolLM2 rounds ~4x worse at its first
+    tokens (its attention sink) when heads are ablated."""
+    cache: dict[int, np.ndarray] = {}
+
+    def delta(loaded: LoadedModel, first: int = SCORED_FROM) -> float:
         if id(loaded.model) not in cache:
             arch, tok = loaded.arch, loaded.tokenizer
             toks = [tok.encode(p, add_special_tokens=False) for p in short_prompts]
             quarter = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)
                        if (layer * arch.n_heads + h) % 4 == 0]  # fmt: skip
             cache[id(loaded.model)] = forward_rounding(loaded, toks, [[], quarter])
-        return cache[id(loaded.model)]
+        return float(cache[id(loaded.model)][first:].max())
 
     return delta
 

@@ -27,7 +27,7 @@ SEQ = 28  # tokens per row (prompts cut to one length so a batch needs no paddin
 class Case:
     def __init__(self, loaded, heads, single, busy_layer, prompts, delta):
         self.loaded = loaded
-        self.delta = delta  # float32 rounding of a whole forward's logits (tests/tolerances.py)
+        self.delta = delta  # float32 rounding of a whole forward's logits, every position (tests/tolerances.py)
         self.model = loaded.model
         self.arch = loaded.arch
         self.heads = list(validate_heads(heads, loaded.arch.n_layers, loaded.arch.n_heads))
@@ -45,10 +45,10 @@ def case(request, short_prompts, rounding):
         loaded = request.getfixturevalue("seed_model")
         heads = request.getfixturevalue("study_heads")
         single = [(17, 14), (3, 13), (0, 0), (35, 15)]
-        return Case(loaded, heads, single, 17, short_prompts[:2], rounding(loaded))
+        return Case(loaded, heads, single, 17, short_prompts[:2], rounding(loaded, 0))
     loaded = request.getfixturevalue("smollm2")
     single = [(5, 8), (17, 1), (0, 0), (29, 8)]
-    return Case(loaded, parse_heads(SMOL_HEADS_TEXT), single, 17, short_prompts[:2], rounding(loaded))
+    return Case(loaded, parse_heads(SMOL_HEADS_TEXT), single, 17, short_prompts[:2], rounding(loaded, 0))
 
 
 class Capture:
