@@ -7,21 +7,33 @@
     python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
     python launch.py --config-reference                        print the configuration reference
 
-The jobs are imported only once the configuration is valid: they pull in torch, transformers and
-Ray (seconds), and a typo in a key should cost a fraction of one.
+The jobs are imported only once the configuration, the output folder and the prompt file are
+checked: they pull in torch, transformers and Ray (seconds), and a typo should cost a fraction of one.
+Bad input (`jobs.errors.InputError`, and a command line argparse refuses) is one line on stderr and
+exit code 2; a traceback means a bug (`--debug` shows one for bad input too).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from jobs import config
+from jobs import config, inputs
 from jobs.errors import InputError
+
+EXIT_INPUT = 2  # bad input, as argparse exits for a bad command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (the usage is in --help) like every input error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch.py", description="verif-sweep: head-ablation verification studies")
+    p = _Parser(prog="launch.py", description="verif-sweep: head-ablation verification studies")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sweep", action="store_true", help="run the sweep described by the config")
     mode.add_argument("--discover", action="store_true",
@@ -48,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """One line on stderr (a message that quotes another, e.g. a library's, may hold line breaks)."""
+    print("error: " + re.sub(r"\s*\n\s*", " ", message.strip()), file=sys.stderr)
+    return EXIT_INPUT
 
 
 def _weight_diff(args: argparse.Namespace) -> int:
@@ -70,6 +83,7 @@ def _weight_diff(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
+    inputs.check_sweep_inputs(cfg, args.resume)  # before the seconds of imports below
     from jobs.sweep import SweepInterrupted, prepare, run_sweep
 
     if args.check:

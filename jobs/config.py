@@ -30,6 +30,7 @@ from verif.design.heads import parse_heads
 from verif.design.neurons import parse_neurons
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
 from verif.task.cot import ATTEMPT_CHOICES, EXTRACT_RULES
+from verif.task.prompt_file import LINE_BREAK_CHOICES
 from verif.task.prompts import load_template
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +139,13 @@ class PromptsConfig:
     template: str = doc("Verification prompt: study (the string the study's code built), post (one sentence "
                         "per line, as the post shows it) or a file with {numbers}, {target}, {attempt}.",
                         "study", _template)
+    line_breaks: str = doc("An attempt of prompts.file containing a line break: error (named by file:line) or "
+                           "join (each break, with the spaces around it, becomes one space).", "error",
+                           _one_of(*LINE_BREAK_CHOICES))
+    max_tokens: int = doc("Longest prompt, in tokens of each model's tokenizer (the study's are ~200); the "
+                          "model's context length is a limit too.", 1024, at_least(1))
+    too_long: str = doc("A prompt over the limit: error (naming it and its token count) or skip (left out, "
+                        "counted in the run's summary and manifest).", "error", _one_of("error", "skip"))
 
 
 @dataclass(frozen=True)

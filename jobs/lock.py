@@ -29,6 +29,31 @@ def _holder(text: str) -> str:
         return "another process"
 
 
+def _locked(path: Path, fd: int) -> OutLocked:
+    held_by = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+    return OutLocked(f"{path.parent} is in use by another sweep: {held_by}, lock file {path}. "
+                     "Wait for it to finish (or stop it), or choose another --out")
+
+
+def refuse_if_locked(path: Path) -> None:
+    """Raise OutLocked at once when a live process holds the lock at `path`; creates nothing.
+
+    For checks made before a job takes its lock (which it does only once its inputs are valid), so a
+    second driver is refused before it spends any work. Taking the lock stays the real exclusion.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (or none we can open): nobody holds it, or acquire() will say why
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _locked(Path(path), fd) from None
+    finally:
+        os.close(fd)
+
+
 class OutLock:
     """`with OutLock(path):` holds the folder's lock, or raises OutLocked at once (never waits).
 
@@ -47,12 +72,9 @@ class OutLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                held_by = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                error = _locked(self.path, fd)
                 os.close(fd)
-                raise OutLocked(
-                    f"{self.path.parent} is in use by another sweep: {held_by}, lock file {self.path}. "
-                    "Wait for it to finish (or stop it), or choose another --out"
-                ) from None
+                raise error from None
             # The holder we waited on may have unlinked the file before we locked it: retry on the new one.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino

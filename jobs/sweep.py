@@ -1,7 +1,8 @@
 """The sweep driver: validate, plan shards, run them, write results, then hand over to finalize.
 
 `prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
-file) before any weights are loaded. `run_sweep` then takes OUT's lock (one driver per folder), cleans
+file, prompt lengths) before any weights are loaded. `run_sweep` checks OUT (`jobs.inputs`) and runs
+`prepare` before it creates anything there, then takes OUT's lock (one driver per folder), cleans
 up after a driver that was killed there (its local Ray's processes, temp files), cuts the (model x
 prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
 each as one parquet file (and its size, rows and SHA-256 into the manifest) the moment it returns, so
@@ -27,6 +28,7 @@ from jobs import local_ray
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
+from jobs.inputs import TooLong, check_out_dir, check_prompt_file, check_prompt_lengths, token_limits
 from jobs.interrupt import Interrupted, signal_number, stop_on_signals
 from jobs.lock import OutLock
 from jobs.storage import (
@@ -44,7 +46,7 @@ from jobs.worker import Shard, ShardScorer
 from verif.design.conditions import Ablation, Condition, build_conditions
 from verif.design.heads import parse_heads, validate_heads
 from verif.design.neurons import parse_neurons, validate_neurons
-from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
+from verif.model.loading import Arch, ModelSource, read_arch, read_context_length, resolve_source
 from verif.model.score import resolve_yes_no
 from verif.task.cot import ATTEMPT_SCHEMA
 from verif.task.countdown import generate_problems, make_attempts
@@ -115,9 +117,10 @@ class SweepReport:
 
     def bookkeeping(self) -> dict[str, float]:
         """The job's own numbers, as W&B summary values."""
+        skipped = len(self.prompt_source.too_long) if self.prompt_source else 0
         return {"rows_written": self.rows_written, "shards_run": self.shards_run,
                 "shards_skipped": self.shards_skipped, "startup_seconds": self.startup_seconds,
-                "n_retried": len(self.retried)}
+                "n_retried": len(self.retried), "prompts_skipped_too_long": skipped}
 
     def lines(self) -> list[str]:
         """The end-of-run report: what was written and where to look."""
@@ -157,12 +160,17 @@ class PromptSource:
     n_records: int = 0  # rows of prompts.file
     no_attempt_rows: tuple[int, ...] = ()  # model outputs without any attempt line (reported, not dropped)
     n_rules_differ: int = 0  # attempts whose text differs between the study's and the remarks rule
+    too_long: tuple[dict, ...] = ()  # prompts left out by prompts.too_long: skip (TooLong.record())
 
     def lines(self) -> list[str]:
         text = [f"prompts: template {self.template}"]
         if self.file:
             text.append(f"prompts.file {self.file}: {self.n_records} records, {len(self.no_attempt_rows)} without an "
                         f"attempt line, {self.n_rules_differ} attempts where the study's rule and remarks differ")
+        if self.too_long:
+            first = self.too_long[0]
+            text.append(f"prompts skipped as too long: {len(self.too_long)} (first: {first['where']}, "
+                        f"{first['tokens']} tokens, over {first['limit']})")
         return text
 
 
@@ -186,28 +194,37 @@ def _generated_attempts(cfg: Config) -> pl.DataFrame:
     )
 
 
-def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource]:
-    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts."""
+def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource, list[str]]:
+    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts, and
+    where each came from (`file:line`, or which generated attempt) for messages about it."""
     p = cfg.prompts
     template = load_template(p.template)
     source = PromptSource(template.name, template.digest)
     if p.file:
-        table = load_prompt_file(p.file, p.extract, p.attempts)
+        check_prompt_file(p.file)
+        table = load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
         if table.frame.height == 0:
             raise SweepError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
                              f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
         frame = table.frame
         source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
                               table.n_rules_differ)
+        where = [table.locations[row] for row in frame["source_row"]]
     else:
         frame = _generated_attempts(cfg)
+        where = [f"generated attempt {i} (prompts.seed {p.seed})" for i in range(frame.height)]
     rendered = [template.render(r["numbers"], r["target"], r["attempt"]) for r in frame.iter_rows(named=True)]
     frame = frame.with_columns(pl.lit(template.name).alias("template"), pl.Series("prompt", rendered, pl.String))
-    return frame.with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64)), source
+    return _numbered(frame), source, where
 
 
-def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
-    """Yes/No variants must be single tokens of every model's vocabulary (tokenizer only, no weights)."""
+def _numbered(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
+
+
+def _tokenizers(sources: list[ModelSource], cfg: Config) -> dict[str, object]:
+    """Every model's tokenizer (no weights), its Yes/No variants checked to be single tokens."""
+    found = {}
     for src in sources:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:
@@ -218,6 +235,27 @@ def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
             resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
         except ValueError as e:
             raise SweepError(f"{e} (model {src.spec!r})") from e
+        found[src.name] = tok
+    return found
+
+
+def _limit_lengths(cfg: Config, sources: list[ModelSource], tokenizers: dict[str, object], prompts: pl.DataFrame,
+                   where: list[str], source: PromptSource) -> tuple[pl.DataFrame, PromptSource]:
+    """Every prompt within prompts.max_tokens, each model's context length and the engine's budgets, or
+    an error naming the first one over; with prompts.too_long: skip those are left out and recorded."""
+    try:
+        contexts = {s.name: read_context_length(s) for s in sources}
+    except OSError as e:
+        raise SweepError(str(e)) from e
+    limits = {name: token_limits(cfg.prompts.max_tokens, contexts[name], cfg.engine.max_prompt_tokens, name)
+              for name in tokenizers}
+    skipped: list[TooLong] = check_prompt_lengths(prompts["prompt"].to_list(), where, tokenizers, limits,
+                                                  cfg.prompts.too_long)
+    if not skipped:
+        return prompts, source
+    dropped = {t.index for t in skipped}
+    keep = pl.Series([i not in dropped for i in range(prompts.height)])
+    return _numbered(prompts.filter(keep)), dataclasses.replace(source, too_long=tuple(t.record() for t in skipped))
 
 
 def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
@@ -264,10 +302,11 @@ def prepare(cfg: Config) -> SweepPlan:
     except ValueError as e:
         raise SweepError(f"ablation.random_controls: {e}") from e
     try:
-        prompts, prompt_source = build_prompts(cfg)
+        prompts, prompt_source, where = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
-    _check_tokens(sources, cfg)
+    tokenizers = _tokenizers(sources, cfg)
+    prompts, prompt_source = _limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
@@ -305,9 +344,6 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
                                        if k in ("model", "prompts", "conditions")} | {"status": "pending"}
             out.shard(shard_id).unlink(missing_ok=True)
         return old, bad
-    ours = {out.lock.name, out.ray_processes.name}
-    if resume and out.root.exists() and any(p.name not in ours for p in out.root.iterdir()):
-        raise SweepError(f"--resume: {out.root} has no manifest.json; it was not started by a sweep")
     out.root.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(plan.prompts, out.prompts)
     write_parquet_atomic(_conditions_frame(plan.conditions), out.conditions)
@@ -400,24 +436,19 @@ def _recover(out: OutDir, lock: OutLock) -> None:
 def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     """The whole job: plan, score, check completeness, then finalize. Returns where everything is.
 
-    Holds OUT's lock throughout (a second driver into the same folder is refused at once). SIGINT and
-    SIGTERM stop it cleanly: `SweepInterrupted` says how many shards are on disk.
+    OUT and every input are checked before anything is created there (`jobs.inputs.check_out_dir`,
+    `prepare`; a second driver into the same folder is refused at once); then OUT's lock is held
+    throughout. SIGINT and SIGTERM stop it cleanly: `SweepInterrupted` says how many shards are on disk.
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
     manifest: dict = {}
     n_total = 0
-    existed = out.root.exists()
+    check_out_dir(out, resume)
     with stop_on_signals():
         try:
+            plan = prepare(cfg)
             with OutLock(out.lock) as lock:
-                try:
-                    plan = prepare(cfg)
-                except InputError:
-                    if not existed:  # refused before anything was written: leave no empty folder behind
-                        lock.release()
-                        out.root.rmdir()
-                    raise
                 n_total = len(plan.shards)
                 _recover(out, lock)
                 manifest, recomputed = _open_out(plan, out, resume)

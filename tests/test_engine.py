@@ -167,6 +167,10 @@ VARIANTS = [
     dict(max_rows=7, max_unit_rows=5),  # fewer unit rows than conditions: conditions split over units
     dict(share_trunk=False, bucket_by_length=False, max_rows=7, max_unit_rows=20),
     dict(max_rows="auto"),  # 64 on a CPU, memory-derived on a GPU
+    # The cases' lengths (n, n-6, n-6, n-14) differ by more than the default bucket_ratio: these let
+    # units mix them, so the padded path runs under the options above too.
+    dict(bucket_ratio=2.0),
+    dict(bucket_ratio=2.0, max_chunk_tokens=200, max_unit_tokens=600),  # token budgets cut chunks and units
 ]
 
 
@@ -213,7 +217,7 @@ def _spy_padding(scorer):
 
 
 def test_mixed_length_unit_equals_same_length_units(case):
-    opts = EngineOptions(max_rows=64)
+    opts = EngineOptions(max_rows=64, bucket_ratio=2.0)  # the cases' lengths differ by up to 1.9x
     units = plan_units([len(t) for t in case.token_ids], len(case.head_sets), opts)
     assert any(len({len(case.token_ids[i]) for i in u.prompts}) > 1 for u in units), "no padded unit planned"
     scorer = Scorer(case.loaded, case.ids, opts)
@@ -301,6 +305,9 @@ def test_plan_units_cover_each_pair_once_and_respect_limits():
             max_rows=rng.choice([1, 3, 7, 64]),
             max_unit_rows=rng.choice([2, 5, 20, 64, 2048]),
             bucket_by_length=rng.random() < 0.5,
+            bucket_ratio=rng.choice([1.0, 1.125, 2.0, 10.0]),
+            max_chunk_tokens=rng.choice([120, 500, 65536]),
+            max_unit_tokens=rng.choice([240, 1000, 524288]),
         )
         units = plan_units(lengths, n_cond, opts)
         seen = Counter((p, c) for u in units for p in u.prompts for c in u.conditions)
@@ -308,14 +315,20 @@ def test_plan_units_cover_each_pair_once_and_respect_limits():
         assert set(seen.values()) == {1}, (trial, opts)
         for u in units:
             assert u.prompts and u.conditions
-            assert len(u.prompts) * (len(u.conditions) + 1) <= opts.max_unit_rows, (trial, opts, u)
+            rows, padded = len(u.prompts) * (len(u.conditions) + 1), max(lengths[i] for i in u.prompts)
+            assert rows <= opts.max_unit_rows and rows * padded <= opts.max_unit_tokens, (trial, opts, u)
+            assert 1 <= u.chunk_rows <= opts.max_rows and u.chunk_rows * padded <= opts.max_chunk_tokens
             if opts.bucket_by_length:
                 unit_lengths = [lengths[i] for i in u.prompts]
                 assert unit_lengths == sorted(unit_lengths)
-                # a unit changes length only once it already fills a forward chunk
+                assert unit_lengths[-1] <= unit_lengths[0] * opts.bucket_ratio, (trial, opts, u)
+                # a unit changes length only while it is smaller than a forward chunk, and a unit of
+                # mixed lengths holds no more prompts x padded length than a chunk's token budget
                 for j in range(1, len(u.prompts)):
                     if unit_lengths[j] != unit_lengths[j - 1]:
-                        assert j * (len(u.conditions) + 1) < opts.max_rows, (trial, opts, u)
+                        assert j * (len(u.conditions) + 1) < u.chunk_rows, (trial, opts, u)
+                if unit_lengths[0] != unit_lengths[-1]:
+                    assert len(u.prompts) * padded <= opts.max_chunk_tokens, (trial, opts, u)
 
 
 def test_plan_units_same_length_and_big_units():
@@ -326,8 +339,32 @@ def test_plan_units_same_length_and_big_units():
     units = plan_units([40] * 3, 2047, opts)
     assert [u.prompts for u in units] == [[0], [1], [2]]
     # bucketing separates lengths once a unit fills a forward chunk
-    units = plan_units([50, 40, 50, 40], 63, opts)
+    units = plan_units([50, 40, 50, 40], 63, EngineOptions(bucket_ratio=2.0))
     assert [sorted(u.prompts) for u in units] == [[1, 3], [0, 2]]
+
+
+def test_plan_units_long_prompt_never_pads_short_ones():
+    """Issue 14: one 5,164-token prompt among three short ones used to share their unit (4 x 7 rows < one
+    chunk), padding them to 5,164 tokens; a shard of 170- and 300-token prompts mixed them too."""
+    opts = EngineOptions()
+    units = plan_units([170, 175, 5164, 168], 6, opts)
+    assert sorted(sorted(u.prompts) for u in units) == [[0, 1, 3], [2]]
+    assert next(u for u in units if u.prompts == [2]).chunk_rows == 65536 // 5164  # the token budget
+    units = plan_units([170, 300] * 8, 12, opts)
+    assert sorted(sorted(u.prompts) for u in units) == [list(range(0, 16, 2)), list(range(1, 16, 2))]
+    # a unit of one length is never cut by the ratio, and ratio 1 allows no padding at all
+    assert len(plan_units([170] * 8, 12, opts)) == 1
+    assert all(len({[170, 171][i % 2] for i in u.prompts}) == 1
+               for u in plan_units([170, 171] * 4, 3, EngineOptions(bucket_ratio=1.0)))
+
+
+def test_plan_units_refuses_a_prompt_over_the_token_budgets():
+    opts = EngineOptions(max_chunk_tokens=1000, max_unit_tokens=1500)
+    assert opts.max_prompt_tokens == 750  # a trunk row and one branch row must fit a unit
+    assert plan_units([750, 20], 3, opts)
+    with pytest.raises(ValueError, match=r"prompt 1 has 751 tokens; the engine scores at most 750 .*"
+                                         r"engine.max_chunk_tokens = 1000.*engine.max_unit_tokens = 1500"):
+        plan_units([20, 751], 3, opts)
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -20,6 +20,7 @@ import pytest
 
 import launch
 from jobs.config import ConfigError, load_config, reference_markdown
+from jobs.errors import InputError
 from jobs.storage import OutDir
 from jobs.sweep import SweepError, prepare, run_sweep
 from tests.support.families import score_tolerance
@@ -43,7 +44,7 @@ def finished_copy(sweep_reference, tmp_path: Path) -> Path:
 
 def test_existing_out_needs_resume(seed_model_dir, sweep_reference, tmp_path):
     out = finished_copy(sweep_reference, tmp_path)
-    with pytest.raises(SweepError, match="--resume"):
+    with pytest.raises(InputError, match="already holds a sweep; pass --resume"):
         run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
 
 

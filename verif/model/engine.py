@@ -4,9 +4,16 @@ A unit is a group of prompts scored under a group of conditions in one pass: a b
 fast path (`verif.model.forward.FastForward`), or batched rows of the model's own forward with
 ablation hooks (`verif.model.hooked.HookForward`) for a model the fast path does not implement
 (`verif.model.families.fast_path_gaps`: the scorer says so in one warning and never refuses). Prompts
-are sorted by token length and grouped so that a unit holds one length wherever the rows allow it: no
-padding, so attention runs causal-only, and prompts that must share a unit with others of different
-lengths are left padded with correct position ids.
+are sorted by token length into buckets (longest at most `bucket_ratio` x shortest) that no unit spans,
+so a long prompt never pads short ones, and grouped so that a unit holds one length wherever the rows
+allow it: no padding, so attention runs causal-only; prompts that share a unit with others of
+different lengths (only to fill a forward chunk) are left padded with correct position ids.
+
+Memory is bounded by two token budgets whatever the prompts: a unit holds at most `max_unit_tokens`
+tokens of hidden states (rows x padded length), a forward chunk at most `max_chunk_tokens` tokens of
+temporaries (`activation_bytes_per_token` each; attention runs in SDPA's blocked kernels, and a
+padded chunk adds its boolean mask, rows x length^2 bytes, at most `max_chunk_tokens` x length). A
+prompt longer than `EngineOptions.max_prompt_tokens` is refused before anything is allocated.
 
 Nothing here imports Ray, W&B or polars: the GPU benchmark drives this class directly.
 """
@@ -14,8 +21,8 @@ Nothing here imports Ray, W&B or polars: the GPU benchmark drives this class dir
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,8 +40,10 @@ from verif.model.score import YesNoIds, YesNoScores, left_pad, scores_from_log_p
 
 # "auto" aims at this many tokens per decoder-block call: GEMMs at the 3B model's shapes reach their
 # full rate well below it (the anchor: bs 64 x 170 tokens already within 4% of bs 256), while larger
-# calls only add memory.
+# calls only add memory. `EngineOptions.max_chunk_tokens` caps every chunk, "auto" or not.
 AUTO_TOKENS_PER_CALL = 32768
+# Rows of a forward chunk for `max_rows="auto"` off the GPU (where free memory says nothing useful).
+CPU_AUTO_ROWS = 64
 
 
 def activation_bytes_per_token(arch: Arch, dtype: torch.dtype) -> int:
@@ -50,21 +59,27 @@ def activation_bytes_per_token(arch: Arch, dtype: torch.dtype) -> int:
 
 def auto_max_rows(arch: Arch, seq_len: int, device: torch.device, dtype: torch.dtype, mem_fraction: float = 0.5) -> int:
     """Rows per decoder-block call for `max_rows="auto"`: `AUTO_TOKENS_PER_CALL` tokens, fewer when
-    `mem_fraction` of the free GPU memory cannot hold their temporaries; 64 on a CPU."""
+    `mem_fraction` of the free GPU memory cannot hold their temporaries; `CPU_AUTO_ROWS` on a CPU."""
     if device.type != "cuda":
-        return 64
+        return CPU_AUTO_ROWS
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
     by_memory = int(free * mem_fraction) // (activation_bytes_per_token(arch, dtype) * seq_len)
     return max(1, min(AUTO_TOKENS_PER_CALL // seq_len, by_memory))
 
 
+def chunk_rows(max_rows: int, seq_len: int, opts: EngineOptions) -> int:
+    """Rows of one forward chunk at `seq_len` tokens: `max_rows`, fewer where `max_chunk_tokens` demands."""
+    return max(1, min(int(max_rows), opts.max_chunk_tokens // max(seq_len, 1)))
+
+
 @dataclass
 class Unit:
-    """Prompts (by index) scored under conditions (by index) in one pass."""
+    """Prompts (by index) scored under conditions (by index) in one pass, `chunk_rows` rows per forward chunk."""
 
     prompts: list[int]
     conditions: list[int]
+    chunk_rows: int
 
 
 @dataclass
@@ -79,28 +94,76 @@ class ScoreTable:
     nonfinite: int = 0  # rows with a NaN or infinite value (YesNoScores.nonfinite)
 
 
-def plan_units(lengths: Sequence[int], n_conditions: int, opts: EngineOptions) -> list[Unit]:
-    """Group prompts (sorted by length) and conditions into units of at most `max_unit_rows` rows.
+def check_lengths(lengths: Sequence[int], opts: EngineOptions) -> None:
+    """Refuse a prompt longer than the token budgets allow (ValueError naming it and the budgets)."""
+    limit = opts.max_prompt_tokens
+    over = [(n, i) for i, n in enumerate(lengths) if n > limit]
+    if over:
+        n, i = max(over)
+        raise ValueError(
+            f"prompt {i} has {n} tokens; the engine scores at most {limit} (one row within "
+            f"engine.max_chunk_tokens = {opts.max_chunk_tokens}, two within engine.max_unit_tokens = "
+            f"{opts.max_unit_tokens}); {len(over)} prompt(s) are longer"
+        )
 
-    A unit changes length only when it already fills a forward chunk, so padding happens only where
-    a single length has too few rows to fill one.
+
+def length_buckets(order: Sequence[int], lengths: Sequence[int], ratio: float) -> list[list[int]]:
+    """`order` (sorted by length) cut wherever a length exceeds its bucket's shortest by more than `ratio`."""
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] <= lengths[buckets[-1][0]] * ratio:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def plan_units(
+    lengths: Sequence[int], n_conditions: int, opts: EngineOptions, rows_for: Callable[[int], int] | None = None
+) -> list[Unit]:
+    """Group prompts and conditions into units, each within the row and token budgets.
+
+    With `bucket_by_length` prompts are sorted by length and cut into buckets whose longest is at most
+    `bucket_ratio` times their shortest; a unit never spans two buckets, so a long prompt never pads
+    short ones whatever else the call holds. Inside a bucket a unit changes length only while it is
+    smaller than one forward chunk (padding buys a fuller chunk there, nowhere else), and a unit that
+    mixes lengths holds at most `max_chunk_tokens` // length prompts, so its padded attention mask
+    (prompts x length^2 booleans) is within the bound of one chunk's.
+    A unit holds at most `max_unit_rows` rows and `max_unit_tokens` tokens. `rows_for(seq_len)` is
+    the rows of a forward chunk at that length (default: `max_rows`, an int here, within
+    `max_chunk_tokens`). A prompt over `opts.max_prompt_tokens` is a ValueError (`check_lengths`).
     """
-    cond_per_unit = max(1, min(n_conditions, opts.max_unit_rows - 1))
-    cond_groups = [list(range(a, min(a + cond_per_unit, n_conditions))) for a in range(0, n_conditions, cond_per_unit)]
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if opts.bucket_by_length else list(range(len(lengths)))
+    check_lengths(lengths, opts)
+    if rows_for is None:
+        rows_for = lambda seq_len: chunk_rows(opts.max_rows, seq_len, opts)  # noqa: E731
+    bucketing = opts.bucket_by_length
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if bucketing else list(range(len(lengths)))
+    buckets = length_buckets(order, lengths, opts.bucket_ratio) if bucketing else [order]
     units: list[Unit] = []
-    for conds in cond_groups:
-        rows_per_prompt = len(conds) + 1  # + the trunk row
-        current: list[int] = []
-        for i in order:
-            full = (len(current) + 1) * rows_per_prompt > opts.max_unit_rows
-            new_length = opts.bucket_by_length and current and lengths[i] != lengths[current[-1]]
-            if current and (full or (new_length and len(current) * rows_per_prompt >= opts.max_rows)):
-                units.append(Unit(current, conds))
-                current = []
-            current.append(i)
-        if current:
-            units.append(Unit(current, conds))
+    for bucket in buckets:
+        if not bucket:
+            continue
+        longest = max(lengths[i] for i in bucket)
+        unit_rows = min(opts.max_unit_rows, opts.max_unit_tokens // max(longest, 1))
+        chunk = rows_for(longest)
+        per_unit = max(1, min(n_conditions, unit_rows - 1))
+        for first in range(0, n_conditions, per_unit):
+            conds = list(range(first, min(first + per_unit, n_conditions)))
+            rows_per_prompt = len(conds) + 1  # + the trunk row
+            current: list[int] = []
+            for i in bucket:
+                full = (len(current) + 1) * rows_per_prompt > unit_rows
+                new_length = bucketing and current and lengths[i] != lengths[current[-1]]
+                filled = len(current) * rows_per_prompt >= chunk
+                # a padded unit's mask is [prompts, 1, T, T]: no bigger than a chunk's bound allows
+                mask_full = bucketing and current and lengths[i] != lengths[current[0]] and \
+                    (len(current) + 1) * lengths[i] > opts.max_chunk_tokens
+                if current and (full or mask_full or (new_length and filled)):
+                    units.append(Unit(current, conds, rows_for(max(lengths[j] for j in current))))
+                    current = []
+                current.append(i)
+            if current:
+                units.append(Unit(current, conds, rows_for(max(lengths[j] for j in current))))
     return units
 
 
@@ -145,9 +208,11 @@ class Scorer:
         self._no_idx = torch.tensor(ids.no, device=self.device)
 
     def _rows_for(self, seq_len: int) -> int:
-        if self.opts.max_rows == "auto":
-            return auto_max_rows(self.loaded.arch, seq_len, self.device, self.dtype)
-        return int(self.opts.max_rows)
+        """Rows of a forward chunk at `seq_len` tokens (`max_rows`, or auto), within `max_chunk_tokens`."""
+        rows = self.opts.max_rows
+        if rows == "auto":
+            rows = auto_max_rows(self.loaded.arch, seq_len, self.device, self.dtype)
+        return chunk_rows(rows, seq_len, self.opts)
 
     def _pad_id(self) -> int:
         """Any id works for padding (padded keys are masked); take the first one that is named."""
@@ -192,12 +257,10 @@ class Scorer:
         masks = AblationMasks.build(ablations, self.loaded.arch)  # on the CPU: the row plan is made there
         n, c = len(token_ids), len(ablations)
         lengths = [len(t) for t in token_ids]
-        max_rows = self._rows_for(max(lengths, default=1))
-        opts = replace(self.opts, max_rows=max_rows)
-        self.forward.max_rows = max_rows
         before = self.forward.stats.row_layers
         done: list[tuple[Unit, torch.Tensor, torch.Tensor]] = []
-        for unit in plan_units(lengths, c, opts):
+        for unit in plan_units(lengths, c, self.opts, self._rows_for):
+            self.forward.max_rows = unit.chunk_rows
             toks = [token_ids[i] for i in unit.prompts]
             ids, attn = (to_device(t, self.device) for t in left_pad(toks, self.pad_id)[:2])
             same_length = len({len(t) for t in toks}) == 1

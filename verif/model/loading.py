@@ -119,6 +119,17 @@ def read_arch(source: ModelSource) -> Arch:
     return arch_from_config(config)
 
 
+def read_context_length(source: ModelSource) -> int | None:
+    """The longest input the model was built for (`max_position_embeddings`), None when its config
+    does not say; read from the config alone, like `read_arch`."""
+    try:
+        config = AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+    except OSError as e:
+        raise OSError(f"model.path {source.spec!r}: cannot read its config ({e})") from e
+    length = getattr(config, "max_position_embeddings", None)
+    return int(length) if isinstance(length, int) and length > 0 else None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -43,8 +43,19 @@ class EngineOptions:
     max_rows: int | str = doc("Rows (prompt x condition) per forward chunk; auto = from free GPU memory.", 64,
                               positive_or_auto)
     max_unit_rows: int = doc("Rows held at once while conditions branch off a shared trunk.", 2048, at_least(2))
+    # The two token budgets bound a worker's memory whatever the prompts' lengths (a prompt longer than
+    # `max_prompt_tokens` is refused): a chunk's temporaries grow with its tokens, a unit's held states
+    # with its tokens (see verif.model.engine).
+    max_chunk_tokens: int = doc("Tokens (rows x padded length) of one forward chunk at most, on CPU as on GPU: "
+                                "max_rows is lowered for long prompts.", 65536, at_least(1))
+    max_unit_tokens: int = doc("Tokens (rows x padded length) a unit holds at once at most: max_unit_rows is "
+                               "lowered for long prompts.", 524288, at_least(2))
     share_trunk: bool = doc("Compute layers below a condition's first ablated layer once per prompt.", True)
-    bucket_by_length: bool = doc("Group prompts of one token length into a unit (no padding).", True)
+    bucket_by_length: bool = doc("Sort prompts by token length into units; a unit mixes lengths only to fill a "
+                                 "forward chunk, and within bucket_ratio.", True)
+    bucket_ratio: float = doc("Longest / shortest prompt a unit may mix (padding costs the difference in every "
+                              "layer): a long prompt never pads short ones. 1 = one length per unit.", 1.125,
+                              at_least(1))
     compile: bool = doc("torch.compile the decoder layer (on a GPU; see README, Speed).", False)
     # float32 rounding of the shorter last-block GEMMs differs from the plain path by ~1e-5 in log-odds.
     last_position_only: bool = doc("Run the last decoder block for the last position only.", False)
@@ -53,3 +64,8 @@ class EngineOptions:
     path: str = doc("auto (the fast path where it implements the model, else the hook path with a warning), "
                     "fast (refuse a model it does not implement) or hook (the model's own forward with hooks).",
                     "auto", lambda v: None if v in PATHS else f"must be one of {', '.join(map(repr, PATHS))}")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the engine scores: one row must fit a chunk, a trunk and a branch row a unit."""
+        return min(self.max_chunk_tokens, self.max_unit_tokens // 2)

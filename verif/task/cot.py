@@ -67,13 +67,15 @@ class AttemptTable:
 
     `no_attempt_rows` are the source rows of outputs without any attempt line (reported, never
     dropped silently); `n_rules_differ` counts selected attempts whose text differs between the
-    study's rule and the remarks rule.
+    study's rule and the remarks rule; `locations` name each source row in its file (`file:line`
+    or `file:row N`), empty when the attempts did not come from a file.
     """
 
     frame: pl.DataFrame
     n_rows: int
     no_attempt_rows: tuple[int, ...]
     n_rules_differ: int
+    locations: tuple[str, ...] = ()
 
     @property
     def attempts(self) -> list[Attempt]:

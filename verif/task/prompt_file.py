@@ -12,12 +12,16 @@ Either way the result is one `AttemptTable` with the same columns, so a sweep tr
 `load_problems` reads just the problems (`nums` or `numbers`, and `target`) of any such file, for
 generating from them.
 Every malformed record is an error naming the file and the line (JSONL, 1-based) or row (parquet,
-0-based), before any model is loaded.
+0-based), before any model is loaded: text that is not UTF-8, a file without any record (empty, or
+every line blank), and an attempt containing a line break (the templates put the attempt on a line of
+its own), unless `line_breaks="join"` turns each break into a space.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -27,6 +31,35 @@ from verif.task.countdown import attempt_from_record
 from verif.task.validator import Problem, validate
 
 ATTEMPT_FIELDS = ("numbers", "target", "attempt")
+LINE_BREAK_CHOICES = ("error", "join")
+# What str.splitlines() breaks at; `\s` covers all of them, so a run of whitespace holding one is one match.
+_BREAK = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_BREAK_RUN = re.compile(rf"\s*[{_BREAK}]\s*")
+
+
+def has_line_break(text: str) -> bool:
+    return _BREAK_RUN.search(text) is not None
+
+
+def join_lines(text: str) -> str:
+    """Each line break with the whitespace around it as one space (none at either end)."""
+    return _BREAK_RUN.sub(lambda m: "" if m.start() == 0 or m.end() == len(text) else " ", text)
+
+
+def _jsonl_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line, or a ValueError naming the first line that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"prompts.file {str(path)!r}: cannot read it ({e.strerror or e})") from None
+    lines = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                             "a prompts.file is UTF-8 JSONL or parquet") from None
+    return lines
 
 
 def read_records(path: str | Path) -> list[tuple[str, object]]:
@@ -39,16 +72,21 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
             rows = pl.read_parquet(path).to_dicts()
         except Exception as e:  # polars raises several kinds for a file that is not parquet
             raise ValueError(f"prompts.file {str(path)!r}: cannot read as parquet ({e})") from None
+        if not rows:
+            raise ValueError(f"prompts.file {str(path)!r}: no records (the parquet file has no rows)")
         return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    lines = _jsonl_lines(path)
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not records:
+        what = "the file is empty" if lines == [(1, "")] else "every line is blank"
+        raise ValueError(f"prompts.file {str(path)!r}: no records ({what}); expected one JSON object per line")
     return records
 
 
@@ -65,15 +103,43 @@ def _kind(where: str, record: object) -> str:
     return "outputs" if is_outputs else "attempts"
 
 
-def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str = "last") -> AttemptTable:
-    """The labelled attempts of `prompts.file` (see the module docstring)."""
+def _joined(record: object, field: str, per_line: bool) -> object:
+    """The record with line breaks in `field` joined (`per_line`: within each "\\n"-separated line)."""
+    if not (isinstance(record, dict) and isinstance(record.get(field), str)):
+        return record  # malformed: the record's own check names it
+    text = record[field]
+    joined = "\n".join(join_lines(line) for line in text.split("\n")) if per_line else join_lines(text)
+    return {**record, field: joined}
+
+
+def _refuse_line_breaks(table: AttemptTable, locations: tuple[str, ...]) -> None:
+    """A ValueError naming the first attempt with a line break by its file and line."""
+    for row, text in zip(table.frame["source_row"], table.frame["attempt"]):
+        if has_line_break(text):
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise ValueError(
+                f"{locations[row]}: the attempt {shown!r} contains a line break, which would break the prompt's "
+                "line structure; remove it, or set prompts.line_breaks=join to make each break a space"
+            )
+
+
+def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str = "last",
+                     line_breaks: str = "error") -> AttemptTable:
+    """The labelled attempts of `prompts.file` (see the module docstring); `locations` name each record."""
     check_options(extract, attempts)
+    if line_breaks not in LINE_BREAK_CHOICES:
+        raise ValueError(f"prompts.line_breaks {line_breaks!r}: valid values are {', '.join(LINE_BREAK_CHOICES)}")
     records = read_records(path)
-    if not records:
-        raise ValueError(f"prompts.file {str(path)!r}: no records")
-    if _kind(*records[0]) == "outputs":
+    locations = tuple(where for where, _ in records)
+    is_outputs = _kind(*records[0]) == "outputs"
+    if line_breaks == "join":  # before labelling: the validator judges the text the prompt will show
+        field = "output_text" if is_outputs else "attempt"
+        records = [(where, _joined(rec, field, per_line=is_outputs)) for where, rec in records]
+    if is_outputs:
         outputs = [output_from_record(rec, where, i) for i, (where, rec) in enumerate(records)]
-        return extract_attempts(outputs, extract, attempts)
+        table = dataclasses.replace(extract_attempts(outputs, extract, attempts), locations=locations)
+        _refuse_line_breaks(table, locations)
+        return table
     loaded = [attempt_from_record(rec, where) for where, rec in records]
     frame = pl.DataFrame(
         {
@@ -90,7 +156,9 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
         },
         schema=ATTEMPT_SCHEMA,
     )
-    return AttemptTable(frame, len(loaded), (), 0)
+    table = AttemptTable(frame, len(loaded), (), 0, locations)
+    _refuse_line_breaks(table, locations)
+    return table
 
 
 def load_problems(path: str | Path) -> list[Problem]:

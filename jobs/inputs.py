@@ -1,0 +1,183 @@
+"""Checks every job makes on its inputs before it creates its output folder or loads any weights.
+
+Each failure is an `InputError`: one line naming the folder, the file (and line) or the key, the bad
+value and what would be valid. The folder and file checks import nothing heavy, so the command line
+runs them before it imports torch (a bad path costs a fraction of a second); the prompt-length check
+takes the tokenizers the job has loaded anyway. What a file holds (records, line breaks, UTF-8) is
+checked by its reader in `verif.task.prompt_file`, which names the line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import Config
+from jobs.errors import InputError
+from jobs.lock import refuse_if_locked
+from jobs.storage import OutDir
+from verif.task.prompt_file import load_prompt_file
+
+
+def _shown(names: list[str], at_most: int = 3) -> str:
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(sorted(names)[:at_most]) + more
+
+
+def check_out_dir(out: OutDir, resume: bool, job: str = "sweep") -> None:
+    """OUT can be started (new or empty, creatable) or, with `resume`, continued; nothing is created.
+
+    Refused: a file where OUT or one of its parents should be, a folder this user cannot write, a
+    non-empty folder holding no `job` (its marker is `out.manifest`), one that already holds one
+    without `resume`, `resume` where OUT does not exist, and a folder another driver is writing.
+    The lock file and Ray record a killed driver leaves behind count as empty.
+    """
+    root = out.root
+    existing = next(p for p in (root, *root.parents) if p.exists() or p.is_symlink())
+    if existing.is_symlink() and not existing.exists():
+        raise InputError(f"output folder {root}: {existing} is a link to nothing; choose another --out")
+    if not existing.is_dir():
+        where = "it" if existing == root else existing
+        raise InputError(f"output folder {root}: {where} is a file, not a folder; choose another --out")
+    if existing != root:
+        if resume:
+            raise InputError(f"--resume: nothing to resume in {root} (no such folder); check --out, or drop "
+                             f"--resume to start a new {job}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"output folder {root} cannot be created: {existing} is not writable by this user; "
+                             "choose another --out")
+        return
+    refuse_if_locked(out.lock)
+    ours = {out.lock.name, out.ray_processes.name}
+    foreign = [p.name for p in root.iterdir() if p.name not in ours]
+    if out.manifest.exists() and not resume:
+        raise InputError(f"{root} already holds a {job}; pass --resume to continue it or choose another --out")
+    if foreign and not out.manifest.exists():
+        if resume:
+            raise InputError(f"--resume: {root} has no {out.manifest.name}; it was not started by a {job} "
+                             f"(it holds {_shown(foreign)})")
+        raise InputError(f"output folder {root} is not empty and holds no {job} (it holds {_shown(foreign)}); "
+                         "choose a new or empty folder for --out")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {root} is not writable by this user; choose another --out")
+
+
+def check_prompt_file(path: str, key: str = "prompts.file") -> None:
+    """The file exists, is a regular file and can be opened for reading (its content: the reader's)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        why = "a link to nothing" if p.is_symlink() else "no such file"
+        raise InputError(f"{key} {path!r}: {why}")
+    if p.is_dir():
+        raise InputError(f"{key} {path!r}: is a folder; expected a JSONL or parquet file")
+    if not p.is_file():
+        raise InputError(f"{key} {path!r}: not a regular file; expected a JSONL or parquet file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise InputError(f"{key} {path!r}: cannot be read ({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# prompt lengths
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenLimit:
+    """A longest prompt in tokens, what sets it (`name`), and whether `prompts.too_long: skip` may skip
+    a prompt over it (not so the engine's budgets: raising them is the fix)."""
+
+    tokens: int
+    name: str
+    advice: str
+    skippable: bool = True
+
+
+@dataclass(frozen=True)
+class TooLong:
+    """A prompt over a limit: its index and location, its token count (with `model`'s tokenizer)."""
+
+    index: int
+    where: str
+    tokens: int
+    model: str
+    limit: TokenLimit
+
+    def line(self) -> str:
+        return (f"{self.where}: the prompt has {self.tokens} tokens ({self.model}), over {self.limit.name} = "
+                f"{self.limit.tokens}; {self.limit.advice}")
+
+    def record(self) -> dict:
+        """What the manifest keeps about a skipped prompt."""
+        return {"where": self.where, "tokens": self.tokens, "model": self.model, "limit": self.limit.name}
+
+
+def token_limits(max_tokens: int, context: int | None, engine_tokens: int, model: str) -> list[TokenLimit]:
+    """The limits a model's prompts must meet: prompts.max_tokens, the model's context length (when its
+    config names one) and the longest prompt the engine's token budgets take."""
+    skip = "or set prompts.too_long=skip to leave such prompts out"
+    limits = [TokenLimit(max_tokens, "prompts.max_tokens", f"shorten it, raise prompts.max_tokens, {skip}")]
+    if context:
+        limits.append(TokenLimit(context, f"the context length of {model}", f"the model cannot read it; shorten it, {skip}"))
+    limits.append(TokenLimit(engine_tokens, "the engine's longest prompt (engine.max_chunk_tokens, max_unit_tokens)",
+                             "raise engine.max_chunk_tokens and engine.max_unit_tokens, or shorten it", False))
+    return limits
+
+
+def over_limits(prompts: Sequence[str], where: Sequence[str], tokenizers: Mapping[str, object],
+                limits: Mapping[str, list[TokenLimit]]) -> list[TooLong]:
+    """Every prompt over a limit of some model, with the tightest skippable limit it exceeds, else the
+    engine's (no special tokens added: the worker reads prompts that way)."""
+    found: dict[int, TooLong] = {}
+    for model, tok in tokenizers.items():
+        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+        for i, n in enumerate(counts):
+            exceeded = [lim for lim in limits[model] if n > lim.tokens]
+            if not exceeded:
+                continue
+            over = TooLong(i, where[i], n, model, min(exceeded, key=lambda lim: (not lim.skippable, lim.tokens)))
+            if i not in found or (over.limit.skippable and not found[i].limit.skippable):
+                found[i] = over
+    return [found[i] for i in sorted(found)]
+
+
+def check_prompt_lengths(prompts: Sequence[str], where: Sequence[str], tokenizers: Mapping[str, object],
+                         limits: Mapping[str, list[TokenLimit]], too_long: str) -> list[TooLong]:
+    """The prompts to skip (`too_long="skip"`), or an InputError naming the first prompt over a limit
+    that may not be skipped (any limit, with `too_long="error"`) and how many are over.
+
+    The engine's limit never makes a prompt skipped: the engine options may change on `--resume`,
+    and which prompts a sweep scores must not."""
+    over = over_limits(prompts, where, tokenizers, limits)
+    refused = [t for t in over if too_long == "error" or not t.limit.skippable]
+    if refused:
+        others = f" ({len(refused) - 1} more prompt(s) over a limit)" if len(refused) > 1 else ""
+        raise InputError(refused[0].line() + others)
+    if over and len(over) == len(prompts):
+        raise InputError(f"every prompt is over its limit ({over[0].line()}); nothing would be left to score")
+    return over
+
+
+# --------------------------------------------------------------------------------------------
+# a sweep's inputs, without a model
+# --------------------------------------------------------------------------------------------
+
+
+def check_sweep_inputs(cfg: Config, resume: bool) -> None:
+    """What a sweep can check without torch: OUT, and prompts.file's path and content.
+
+    The command line runs this before it imports the jobs (seconds of imports), so these errors come
+    at once; `run_sweep` and `prepare` make the same checks themselves.
+    """
+    check_out_dir(OutDir(cfg.out), resume)
+    p = cfg.prompts
+    if p.file:
+        check_prompt_file(p.file)
+        try:
+            load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
+        except ValueError as e:
+            raise InputError(str(e)) from e
