@@ -13,8 +13,6 @@ computes statistics, figures and the W&B run.
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -23,23 +21,20 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jobs import config as config_mod
-from jobs import local_ray
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
-from jobs.interrupt import Interrupted, signal_number, stop_on_signals
-from jobs.lock import OutLock
 from jobs.storage import (
     RESULT_SCHEMA,
     OutDir,
     package_versions,
     read_manifest,
-    verify_shards,
     write_json_atomic,
     write_parquet_atomic,
 )
-from jobs.weight_diff import check_weight_diff
 from jobs.pool import run_recorded, worker_pool
+from jobs.resumable import JobInterrupted, check_job, recover, reset_untrusted, running
+from jobs.weight_diff import check_weight_diff
 from jobs.worker import Shard, ShardScorer
 from verif.design.conditions import Ablation, Condition, build_conditions
 from verif.design.heads import parse_heads, validate_heads
@@ -57,30 +52,8 @@ class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
 
 
-class SweepInterrupted(Interrupted):
+class SweepInterrupted(JobInterrupted):
     """SIGINT/SIGTERM stopped the sweep after cleanup; what is on disk stays, `--resume` continues."""
-
-    def __init__(self, signum: int, out: OutDir, on_disk: int, total: int):
-        super().__init__(signum)
-        self.out, self.on_disk, self.total = out, on_disk, total
-
-    def line(self, argv: list[str]) -> str:
-        """The one line the command line prints: shards on disk and the exact command that resumes."""
-        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
-                f"continue with: {resume_command(argv, self.out.root)}")
-
-
-def resume_command(argv: list[str], out) -> str:
-    """`argv` (program first) with `--resume` and `--out OUT`, ready to paste into a shell."""
-    args, rest, i = [], list(argv[1:]), 0
-    while i < len(rest):  # drop any earlier --out/--resume, then add them back explicitly
-        if rest[i] == "--out":
-            i += 2
-            continue
-        if rest[i] != "--resume" and not rest[i].startswith("--out="):
-            args.append(rest[i])
-        i += 1
-    return shlex.join([sys.executable or "python", argv[0], *args, "--resume", "--out", str(out)])
 
 
 @dataclass
@@ -206,8 +179,11 @@ def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource]:
     return frame.with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64)), source
 
 
-def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
-    """Yes/No variants must be single tokens of every model's vocabulary (tokenizer only, no weights)."""
+def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
+    """Yes/No variants must be single tokens of every model's vocabulary (tokenizer only, no weights).
+
+    Returns the tokenizers, one per source."""
+    tokenizers = []
     for src in sources:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:
@@ -218,6 +194,8 @@ def _check_tokens(sources: list[ModelSource], cfg: Config) -> None:
             resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
         except ValueError as e:
             raise SweepError(f"{e} (model {src.spec!r})") from e
+        tokenizers.append(tok)
+    return tokenizers
 
 
 def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
@@ -267,7 +245,7 @@ def prepare(cfg: Config) -> SweepPlan:
         prompts, prompt_source = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
-    _check_tokens(sources, cfg)
+    check_tokens(sources, cfg)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
@@ -291,6 +269,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
         if not resume:
             raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
         old = read_manifest(out)
+        check_job(old, "sweep", out)
         diffs = config_mod.config_differences(old["config"], cfg)
         old_digest = old.get("prompts", {}).get("template_digest")
         if old_digest != plan.prompt_source.template_digest:
@@ -298,13 +277,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
                          f"{plan.prompt_source.template_digest})")
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
-        _, bad = verify_shards(out, old)
-        for shard_id, problem in bad.items():
-            print(f"shard {shard_id}: {problem}; it will be recomputed", file=sys.stderr)
-            old["shards"][shard_id] = {k: v for k, v in old["shards"][shard_id].items()
-                                       if k in ("model", "prompts", "conditions")} | {"status": "pending"}
-            out.shard(shard_id).unlink(missing_ok=True)
-        return old, bad
+        return old, reset_untrusted(out, old, ("model", "prompts", "conditions"))
     ours = {out.lock.name, out.ray_processes.name}
     if resume and out.root.exists() and any(p.name not in ours for p in out.root.iterdir()):
         raise SweepError(f"--resume: {out.root} has no manifest.json; it was not started by a sweep")
@@ -312,6 +285,7 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
     write_parquet_atomic(plan.prompts, out.prompts)
     write_parquet_atomic(_conditions_frame(plan.conditions), out.conditions)
     manifest = {
+        "job": "sweep",
         "config": cfg.to_dict(),
         "config_hash": config_mod.config_hash(cfg),
         "versions": package_versions(),
@@ -386,17 +360,6 @@ def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
 
 
-def _recover(out: OutDir, lock: OutLock) -> None:
-    """Clean up after a driver that was killed in this folder: its lock, its local Ray, its temp files."""
-    if lock.stale:
-        print(f"{out.root}: taking over the lock of {lock.stale}, which no longer runs", file=sys.stderr)
-    stopped = local_ray.stop_recorded(out.ray_processes)
-    if stopped:
-        print(f"{out.root}: stopped {len(stopped)} Ray processes left running by an earlier driver "
-              f"(pids {' '.join(map(str, stopped))})", file=sys.stderr)
-    out.remove_temp_files()
-
-
 def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     """The whole job: plan, score, check completeness, then finalize. Returns where everything is.
 
@@ -405,39 +368,25 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
-    manifest: dict = {}
-    n_total = 0
-    existed = out.root.exists()
-    with stop_on_signals():
-        try:
-            with OutLock(out.lock) as lock:
-                try:
-                    plan = prepare(cfg)
-                except InputError:
-                    if not existed:  # refused before anything was written: leave no empty folder behind
-                        lock.release()
-                        out.root.rmdir()
-                    raise
-                n_total = len(plan.shards)
-                _recover(out, lock)
-                manifest, recomputed = _open_out(plan, out, resume)
-                skipped = n_total - sum(e["status"] != "done" for e in manifest["shards"].values())
-                ran = run_shards(plan, out, manifest)
-                results = out.read_results([s.id for s in plan.shards])
-                check_complete(results, plan)
-                report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
-                                     ran.startup_seconds, ran.retried, recomputed,
-                                     prompt_source=plan.prompt_source)
-                report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
-                report.seconds = time.perf_counter() - start
-                manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
-                                      "rows_written": ran.rows}
-                write_json_atomic(manifest, out.manifest)
-                return report
-        except KeyboardInterrupt as e:
-            on_disk = sum(entry.get("status") == "done" for entry in manifest.get("shards", {}).values())
-            raise SweepInterrupted(signal_number(e), out, on_disk, n_total) from None
+    with running(out, SweepInterrupted) as job:
+        plan = prepare(cfg)
+        job.total = len(plan.shards)
+        recover(out, job.lock)
+        job.manifest, recomputed = _open_out(plan, out, resume)
+        manifest = job.manifest
+        skipped = job.total - sum(e["status"] != "done" for e in manifest["shards"].values())
+        ran = run_shards(plan, out, manifest)
+        results = out.read_results([s.id for s in plan.shards])
+        check_complete(results, plan)
+        report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
+                             ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
+        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
+        report.seconds = time.perf_counter() - start
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
+                              "rows_written": ran.rows}
+        write_json_atomic(manifest, out.manifest)
+        return report
 
 
 def _pair(row: dict) -> str:
