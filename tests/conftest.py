@@ -7,8 +7,11 @@ at fused views of equal values, which is allowed: it changes no number).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from verif.model.loading import LoadedModel, load_model
 from tests.support.models import build_seed_shaped_model
 from tests.support.sweeps import sweep_cfg
 from tests.support.tokenizer import qwen25_tokenizer
+from tests.tolerances import float64_copy, forward_rounding
 
 # One intra-op thread unless told otherwise: the test models are small (per-op overhead dominates)
 # and on a shared 2-core machine two OpenMP threads competing with other processes made the same
@@ -71,6 +75,38 @@ def short_prompts() -> tuple[str, ...]:
     """A few short verification prompts of different token lengths."""
     return SHORT_PROMPTS
 
+
+@pytest.fixture(scope="session")
+def seed_model64(seed_model) -> LoadedModel:
+    """The seed-shaped model in float64 (`tests.tolerances.float64_copy`, norms in float64 too): where
+    exactness is the point, float64 removes the float32 noise that would otherwise set the tolerance."""
+    return dataclasses.replace(seed_model, model=float64_copy(seed_model.model))
+
+
+# The earliest position any test reads scores at: the last token of an 8-token prompt.
+SCORED_FROM = 7
+
+
+@pytest.fixture(scope="session")
+def rounding(short_prompts) -> Callable[..., float]:
+    """`rounding(loaded, first=SCORED_FROM)`: delta, the float32 rounding error of one whole forward of that
+    model's logits (`tests.tolerances.forward_rounding`) at positions >= `first`, measured once per model on
+    the short prompts, unablated and with a quarter of all heads ablated (every layer).
+
+    Tests that compare logits at every position ask for first=0: SmolLM2 rounds ~4x worse at its first
+    tokens (its attention sink) when heads are ablated."""
+    cache: dict[int, np.ndarray] = {}
+
+    def delta(loaded: LoadedModel, first: int = SCORED_FROM) -> float:
+        if id(loaded.model) not in cache:
+            arch, tok = loaded.arch, loaded.tokenizer
+            toks = [tok.encode(p, add_special_tokens=False) for p in short_prompts]
+            quarter = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)
+                       if (layer * arch.n_heads + h) % 4 == 0]  # fmt: skip
+            cache[id(loaded.model)] = forward_rounding(loaded, toks, [[], quarter])
+        return float(cache[id(loaded.model)][first:].max())
+
+    return delta
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.models import seed_shaped_config
+from tests.tolerances import U32, ScoreTol
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 
@@ -33,7 +36,9 @@ def run_script(name: str, *args: str, block: tuple[str, ...] = (), timeout: int 
 
 
 def test_gpu_throughput_tiny_cpu(tmp_path):
-    proc = run_script("gpu_throughput.py", "--device", "cpu", "--tiny", "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
+    # 4 prompts of 13-16 tokens (the --tiny default is 6 of 29-32): every variant still runs mixed lengths.
+    proc = run_script("gpu_throughput.py", "--device", "cpu", "--tiny", "--n-prompts", "4", "--max-tokens", "16",
+                      "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
     res = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert "% of limit" in proc.stdout  # the closing table
     assert res["limit_rows_per_s"] > 0 and res["gemm_tflops_model_shapes"] > 0
@@ -51,24 +56,35 @@ def test_gpu_throughput_tiny_cpu(tmp_path):
     assert variants["engine max_rows=128 share_trunk=off"]["row_layers_per_row"] == 1.0
     assert variants["engine max_rows=128"]["row_layers_per_row"] < 1.0
     ex = res["exactness"]
+    # The --tiny model: seed-shaped (L=36, d=128) float32 at init 0.05, built by the script. A float32 forward's
+    # logits are off by ~L sqrt(d) u32 |logit|, |logit| <= 0.05 sqrt(d) * sqrt(d) = 6.4 (Cauchy-Schwarz:
+    # embedding row times the normalised state): delta = 1.6e-4 (a float64 copy of this model shows ~30x less;
+    # at this init it is not chaotic). Engine and plain path are two such forwards: p_yes_norm within 1.5 delta.
+    shape = seed_shaped_config()
+    delta = shape.num_hidden_layers * shape.hidden_size**0.5 * U32 * 0.05 * shape.hidden_size
+    tol = ScoreTol.between_forwards(delta)
     for config in ("default", "fastest", "share_trunk=off"):
-        assert ex[f"{config}_vs_plain_max_abs_diff_p_yes_norm"] < 1e-5, config
-        assert ex[f"float32_{config}_vs_plain_max_abs_diff_p_yes_norm"] < 1e-5, config
-    assert ex["p_yes_norm_range"][1] - ex["p_yes_norm_range"][0] > 1e-3  # not a degenerate model
+        assert ex[f"{config}_vs_plain_max_abs_diff_p_yes_norm"] < tol.norm, config
+        assert ex[f"float32_{config}_vs_plain_max_abs_diff_p_yes_norm"] < tol.norm, config
+    assert ex["p_yes_norm_range"][1] - ex["p_yes_norm_range"][0] > 10 * tol.norm  # not a degenerate model
     assert res["kernel_profile"]["engine eager"][0]["pct"] > 0
 
 
-def test_shared_prefix_small(tmp_path):
+def test_shared_prefix_small(tmp_path, seed_model, rounding):
     out = tmp_path / "shared_prefix.json"
-    run_script("bench_shared_prefix.py", "--n-prompts", "1", "--max-tokens", "12", "--out", str(out))
+    run_script("bench_shared_prefix.py", "--n-prompts", "1", "--max-tokens", "8", "--out", str(out))
     res = json.loads(out.read_text())
     assert res["n_conditions"] == 577  # baseline + 36 x 16 single heads
     assert res["row_layers"]["independent"] == 577 * 36
     assert res["row_layer_ratio"] <= 0.6
     assert res["row_layers"]["shared"] == res["row_layers"]["shared_expected"]
-    assert res["max_abs_diff"]["p_yes_norm"] < 1e-5
+    # The script's model is the seed-shaped one (seed 0, head_dim 8): `seed_model`'s weights. Shared trunk and
+    # independent rows are two float32 forwards of it (tests/tolerances.py).
+    tol = ScoreTol.between_forwards(rounding(seed_model))
+    assert res["max_abs_diff"]["p_yes_norm"] < tol.norm and res["max_abs_diff"]["log_odds"] < tol.log
     assert res["wall_s"]["shared"] > 0 and res["wall_ratio"] > 0
-    assert all(res["checks"].values())
+    # The script's own p_yes_norm check (< 1e-5) is what one CPU shows; the bound that holds is the one above.
+    assert all(ok for name, ok in res["checks"].items() if not name.startswith("p_yes_norm_diff"))
 
 
 def test_gpu_benchmark_data_is_small_and_real():

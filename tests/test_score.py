@@ -15,6 +15,7 @@ from verif.model.score import (
     scores_from_log_probs,
     yes_no_log_probs,
 )
+from tests.tolerances import U64, ScoreTol, assert_scores_close, gamma
 
 QWEN_YES = (7414, 9454, 9834, 9693)
 QWEN_NO = (2308, 2753, 902, 2152)
@@ -85,7 +86,7 @@ def _manual(logits_last: torch.Tensor, ids: YesNoIds):
 
 
 @pytest.mark.parametrize("which", ["seed_model", "smollm2"])
-def test_probabilities_match_manual_softmax(request, which, short_prompts, study_heads):
+def test_probabilities_match_manual_softmax(request, which, short_prompts, study_heads, rounding):
     loaded = request.getfixturevalue(which)
     model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     ids = resolve_yes_no(tok)
@@ -93,26 +94,41 @@ def test_probabilities_match_manual_softmax(request, which, short_prompts, study
     width = min(len(t) for t in toks)
     toks = [t[:width] for t in toks]  # same length: plain forward needs no padding
     heads = study_heads if which == "seed_model" else [(5, 0), (5, 8), (17, 1), (29, 8)]
+    seen = []
     for head_set in ([], heads):
         masks = head_masks([head_set] * len(toks), arch)
         with HookedAblation(model, arch) as hooks:
-            got = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id)
+            handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+            try:
+                got = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id)
+            finally:
+                handle.remove()
             with torch.inference_mode():
                 hooks.masks = masks
                 logits = model(input_ids=torch.tensor(toks), use_cache=False, logits_to_keep=0).logits
-        p_yes, p_no = _manual(logits[:, -1], ids)
-        np.testing.assert_allclose(got.p_yes, p_yes, rtol=1e-5, atol=0)
-        np.testing.assert_allclose(got.p_no, p_no, rtol=1e-5, atol=0)
+        used = seen.pop()[:, -1]  # the float32 logits score_plain turned into probabilities
+        # score_plain's forward (mask, position ids, last position only) and the plain one are two float32
+        # forwards: their logits differ by <= 3 delta (tests/tolerances.py, ScoreTol.between_forwards).
+        assert (used - logits[:, -1]).abs().max() <= 3 * rounding(loaded)
+        # The same logits through a float64 softmax by hand. Both normalise by a sum of V positive terms,
+        # each off by <= gamma(V) relative; exp/log of arguments up to |x - max| add ~u|x - max| each.
+        vocab, span = used.shape[-1], 2 * float(used.abs().max())
+        rtol = 2 * gamma(vocab, U64) + 8 * U64 * (1 + span)  # 3.5e-11 for 152k logits: float32 would be 1e-7
+        p_yes, p_no = _manual(used, ids)
+        np.testing.assert_allclose(got.p_yes, p_yes, rtol=rtol, atol=0)
+        np.testing.assert_allclose(got.p_no, p_no, rtol=rtol, atol=0)
+        np.testing.assert_allclose(got.p_yes_norm, p_yes / (p_yes + p_no), rtol=2 * rtol, atol=0)
         assert np.all(got.p_yes > 0) and np.all(got.p_no > 0)
-        # The derived quantities, in float64.
-        np.testing.assert_allclose(got.p_yes_norm, got.p_yes / (got.p_yes + got.p_no), rtol=1e-12)
-        np.testing.assert_allclose(got.log_odds, np.log(got.p_yes) - np.log(got.p_no), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(got.p_yes_norm, p_yes / (p_yes + p_no), rtol=1e-5)
+        # The derived quantities, in float64: one exp, log or division rounds by u (x |argument| for a log);
+        # a handful of them in a row.
+        log_p = np.abs(np.log(got.p_yes)) + np.abs(np.log(got.p_no))
+        np.testing.assert_allclose(got.p_yes_norm, got.p_yes / (got.p_yes + got.p_no), rtol=8 * U64 * (1 + log_p.max()))
+        np.testing.assert_allclose(got.log_odds, np.log(got.p_yes) - np.log(got.p_no), rtol=0, atol=4 * U64 * (2 + log_p.max()))
         assert got.p_yes.dtype == np.float64 and got.log_odds.dtype == np.float64
         assert not got.nonfinite.any()
 
 
-def test_full_logits_flag_changes_nothing(seed_model, short_prompts):
+def test_full_logits_flag_changes_nothing(seed_model, short_prompts, rounding):
     model, arch, tok = seed_model.model, seed_model.arch, seed_model.tokenizer
     ids = resolve_yes_no(tok)
     toks = [tok.encode(short_prompts[0], add_special_tokens=False)]
@@ -120,8 +136,8 @@ def test_full_logits_flag_changes_nothing(seed_model, short_prompts):
     with HookedAblation(model, arch) as hooks:
         a = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id)
         b = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id, full_logits=True)
-    np.testing.assert_allclose(a.p_yes_norm, b.p_yes_norm, atol=1e-6)
-    np.testing.assert_allclose(a.log_odds, b.log_odds, rtol=1e-5, atol=1e-6)
+    # Two float32 forwards (the output projection over one position or all of them).
+    assert_scores_close(a, b, ScoreTol.between_forwards(rounding(seed_model)), "full logits vs last position")
 
 
 def test_yes_no_log_probs_float64():
@@ -131,6 +147,8 @@ def test_yes_no_log_probs_float64():
     assert ly.dtype == torch.float64
     x = logits.double().numpy()
     p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    # float64, 4 logits of size <= 5: each exp, log or sum rounds by u (x |argument| for exp and log),
+    # about ten of them in a row: <= 10 * 6 * u = 7e-15.
     np.testing.assert_allclose(np.exp(ly.numpy()), p[:, 1] + p[:, 2], rtol=1e-14)
     np.testing.assert_allclose(np.exp(ln.numpy()), p[:, 3], rtol=1e-14)
 
@@ -138,7 +156,8 @@ def test_yes_no_log_probs_float64():
 def test_scores_from_log_probs_no_underflow():
     s = scores_from_log_probs(np.array([-800.0, -2.0]), np.array([-900.0, -2.0]))
     assert s.p_yes[0] == 0.0 and s.p_no[0] == 0.0  # underflow in the raw probabilities ...
-    assert s.p_yes_norm[0] == pytest.approx(1.0) and s.log_odds[0] == pytest.approx(100.0)  # ... not here
+    # ... not here: -800 - (-900) is exact, and 1 / (1 + e^-100) rounds to 1 in float64.
+    assert s.p_yes_norm[0] == 1.0 and s.log_odds[0] == 100.0
     assert s.p_yes_norm[1] == 0.5 and s.log_odds[1] == 0.0
     assert not s.nonfinite.any()
 
@@ -171,7 +190,7 @@ def test_left_pad_layout():
 
 
 @pytest.mark.parametrize("which", ["seed_model", "smollm2"])
-def test_padded_batch_equals_each_prompt_alone(request, which, short_prompts, study_heads):
+def test_padded_batch_equals_each_prompt_alone(request, which, short_prompts, study_heads, rounding):
     loaded = request.getfixturevalue(which)
     model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     ids = resolve_yes_no(tok)
@@ -183,11 +202,9 @@ def test_padded_batch_equals_each_prompt_alone(request, which, short_prompts, st
     with HookedAblation(model, arch) as hooks:
         batched = score_plain(model, hooks, toks, masks, ids, tok.pad_token_id)
         alone = [score_plain(model, hooks, [t], masks[i:i + 1], ids, tok.pad_token_id) for i, t in enumerate(toks)]
-    # Raw probabilities carry the float32 noise of the logits (padding changes reduction orders; the
-    # seed model's residual stream reaches |h| ~ 170): 5e-5 relative, i.e. 5e-5 in log-probability.
-    for field in ("p_yes", "p_no"):
-        np.testing.assert_allclose(getattr(batched, field), [getattr(a, field)[0] for a in alone], rtol=5e-5)
-    np.testing.assert_allclose(batched.p_yes_norm, [a.p_yes_norm[0] for a in alone], atol=1e-5)
-    np.testing.assert_allclose(batched.log_odds, [a.log_odds[0] for a in alone], rtol=1e-5, atol=1e-5)
-    # Non-vacuous: the prompts (and masks) give different answers.
-    assert np.ptp(batched.log_odds) > 1e-3
+    # Two float32 forwards: padding changes every reduction's shape and order.
+    tol = ScoreTol.between_forwards(rounding(loaded))
+    stacked = {f: np.array([getattr(a, f)[0] for a in alone]) for f in ("p_yes", "p_no", "p_yes_norm", "log_odds")}
+    assert_scores_close(batched, stacked, tol, "padded batch vs each prompt alone")
+    # Non-vacuous: the prompts (and masks) give answers further apart than the tolerance.
+    assert np.ptp(batched.log_odds) > 10 * tol.log

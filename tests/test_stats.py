@@ -99,8 +99,10 @@ def test_planted_target_among_null_controls_gets_minimum_p(data):
     assert r["p_less"] == 1 / 20
     assert r["p_greater"] == 1.0
     assert r["rank"] == 1
+    # float64 means of 20-40 values of size <= 1: a sum of n terms is off by <= gamma(n) * sum|terms| ~ n^2 u
+    # = 1.8e-13 for n = 40 (rigorous, any order); the planted shifts (b + s) - b add <= u each.
     assert r["target_effect"] == pytest.approx(-0.2, abs=1e-12)
-    assert r["control_mean"] == pytest.approx(0.0, abs=1e-15)
+    assert r["control_mean"] == 0.0  # every control equals the baseline: x - x is exactly 0
     assert r["z"] is None  # controls have zero spread: no z
 
 
@@ -110,9 +112,11 @@ def test_z_with_noisy_controls():
     s = stats.summarize(results, prompts, make_conditions())
     r = stats.target_vs_controls(s, "delta_correct").row(0, named=True)
     ctrl = s.filter(pl.col("kind") == "random")["delta_correct"].to_numpy()
-    assert r["p_empirical"] == pytest.approx(1 / 20)
-    assert r["control_std"] == pytest.approx(ctrl.std(ddof=1))
-    assert r["z"] == pytest.approx((r["target_effect"] - ctrl.mean()) / ctrl.std(ddof=1))
+    assert r["p_empirical"] == 1 / 20  # one correctly rounded division of integers: exact
+    # numpy's std of the same 19 values, maybe in another order: a few roundings of well-conditioned sums
+    # (spread 0.01 about a mean near 0), ~gamma(19) = 2e-15 relative; z adds a subtraction and a division.
+    assert r["control_std"] == pytest.approx(ctrl.std(ddof=1), rel=1e-12, abs=0)
+    assert r["z"] == pytest.approx((r["target_effect"] - ctrl.mean()) / ctrl.std(ddof=1), rel=1e-12, abs=0)
     assert r["z"] < -5
 
 
@@ -128,9 +132,10 @@ def test_empirical_p_counts_controls_at_least_as_extreme():
         }
     )
     r = stats.target_vs_controls(summ, "delta_correct").row(0, named=True)
-    assert r["p_empirical"] == pytest.approx(5 / 10)
-    assert r["p_less"] == pytest.approx((1 + 2) / 10)  # -0.7, -0.55 <= -0.5
-    assert r["p_greater"] == pytest.approx((1 + 7) / 10)  # all but -0.7, -0.55 are >= -0.5
+    # counts over n + 1: one correctly rounded division of integers, exact
+    assert r["p_empirical"] == 5 / 10
+    assert r["p_less"] == (1 + 2) / 10  # -0.7, -0.55 <= -0.5
+    assert r["p_greater"] == (1 + 7) / 10  # all but -0.7, -0.55 are >= -0.5
     assert r["rank"] == 1 + 3  # 0.6, -0.7, -0.55 strictly larger in |.|
 
 
@@ -156,8 +161,8 @@ def test_identical_condition_gives_zero_change_and_degenerate_ci(data):
     assert pc["n"].to_list() == [20, 20, 40]
     for r in pc.iter_rows(named=True):
         assert r["mean_change"] == 0.0
-        assert r["ci_low"] <= 0.0 <= r["ci_high"]
-        assert r["ci_high"] - r["ci_low"] < 1e-12
+        # every change is exactly 0 (x - x), so is every resampled mean and both quantiles
+        assert r["ci_low"] == r["ci_high"] == 0.0
 
 
 def test_known_shift_gives_that_mean_change():
@@ -165,6 +170,7 @@ def test_known_shift_gives_that_mean_change():
     results = make_results(prompts, shift_correct=-0.25, shift_incorrect=0.1)
     pc = stats.paired_change(results, prompts, "target", n_boot=300)
     got = {r["label"]: r for r in pc.iter_rows(named=True)}
+    # means of <= 40 float64 differences (b + s) - b: <= n^2 u + u = 1.8e-13 (see above)
     assert got["correct"]["mean_change"] == pytest.approx(-0.25, abs=1e-12)
     assert got["incorrect"]["mean_change"] == pytest.approx(0.1, abs=1e-12)
     assert got["all"]["mean_change"] == pytest.approx((-0.25 + 0.1) / 2, abs=1e-12)
@@ -188,11 +194,15 @@ def test_bootstrap_ci_is_seeded_and_sensible():
     assert (lo1, hi1) != (lo3, hi3)
     assert lo1 < m1 < hi1
     se = x.std(ddof=1) / math.sqrt(x.size)
-    assert (hi1 - lo1) == pytest.approx(2 * 1.96 * se, rel=0.15)  # percentile CI ~ normal CI here
+    # percentile CI ~ normal CI for normal data; with 2000 resamples the 2.5%/97.5% quantiles scatter by
+    # ~2% of the width (sqrt(p(1-p)/B) / density), so 15% is ~7 standard deviations (and the seed is fixed).
+    assert (hi1 - lo1) == pytest.approx(2 * 1.96 * se, rel=0.15)
     # large n is resampled in chunks; the result equals the one-shot computation of the same stream
     big = rng.normal(size=5000)
     _, lo, hi = stats.bootstrap_mean_ci(big, n_boot=1000, seed=3)
     idx = np.random.default_rng(3).integers(0, big.size, size=(1000, big.size))
+    # the same resampled means summed in other chunks: a mean of 5000 values of size ~1 is off by
+    # <= gamma(5000) * mean|x| = 4.4e-13 (rigorous, any order)
     assert (lo, hi) == pytest.approx(tuple(np.quantile(big[idx].mean(axis=1), [0.025, 0.975])), abs=1e-12)
     nan = stats.bootstrap_mean_ci([], n_boot=10)
     assert all(math.isnan(v) for v in nan)
@@ -322,7 +332,8 @@ def test_summary_columns_and_metadata(data):
     assert b["delta_correct"] == 0.0 and b["delta_incorrect"] == 0.0 and b["delta_auroc"] == 0.0
     t = s.row(1, named=True)
     assert t["kind"] == "target" and t["n_heads"] == 2
-    assert t["mean_p_no_norm_correct"] == pytest.approx(1 - t["mean_p_yes_norm_correct"])
+    # mean(1 - p) vs 1 - mean(p) over 20 values <= 1: each side off by <= gamma(20) * 20 + u = 4.6e-14
+    assert t["mean_p_no_norm_correct"] == pytest.approx(1 - t["mean_p_yes_norm_correct"], abs=1e-12)
     assert s.schema["delta_correct"] == pl.Float64 and s.schema["auroc"] == pl.Float64
 
 
@@ -331,7 +342,7 @@ def test_two_models_are_kept_apart():
     r = pl.concat([make_results(prompts, -0.2, -0.2, model="a"), make_results(prompts, 0.1, 0.1, model="b", seed=9)])
     s = stats.summarize(r, prompts, make_conditions())
     d = {m: s.filter((pl.col("model") == m) & (pl.col("kind") == "target"))["delta_correct"][0] for m in ("a", "b")}
-    assert d["a"] == pytest.approx(-0.2) and d["b"] == pytest.approx(0.1)
+    assert d["a"] == pytest.approx(-0.2, abs=1e-12) and d["b"] == pytest.approx(0.1, abs=1e-12)  # as above
     assert stats.target_vs_controls(s)["model"].to_list() == ["a", "b"]
 
 
@@ -349,7 +360,7 @@ def test_by_error_kind_groups_correctly():
         k = r["error_kind"]
         assert r["n"] == int((kinds == k).sum())
         assert r["label"] == (k == "none")
-        assert r["mean_delta_p_yes_norm"] == pytest.approx(shift[k], abs=1e-12)
+        assert r["mean_delta_p_yes_norm"] == pytest.approx(shift[k], abs=1e-12)  # means of <= 36 values, as above
         assert r["mean_p_yes_norm"] == pytest.approx((base[kinds == k] + shift[k]).mean(), abs=1e-12)
     assert (bek.filter(pl.col("condition") == "baseline")["mean_delta_p_yes_norm"] == 0).all()
     assert bek.height == 8
