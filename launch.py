@@ -1,9 +1,12 @@
-"""verif-sweep command line: run a sweep, a discovery, a weight diff, re-log a run, or check a configuration.
+"""verif-sweep command line: run a sweep, a discovery, a weight diff, a generate or compare job, re-log a run,
+or check a configuration.
 
     python launch.py --sweep [--config FILE] [--set dotted.key=value ...] [--out DIR] [--resume]
     python launch.py --discover [--config FILE] [--set ...] [--out DIR] [--resume]   rank heads and neurons
     python launch.py --check [--config FILE] [--set ...]      validate everything, load no weights
     python launch.py --weight-diff --base A --tuned B [--config FILE] [--set ...] [--out DIR]
+    python launch.py --generate [--config FILE] [--set ...] [--out DIR] [--resume]   a model's chains of thought
+    python launch.py --compare [--config FILE] [--set ...] [--out DIR]   two models' mechanisms, same prompts
     python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
     python launch.py --config-reference                        print the configuration reference
 
@@ -44,14 +47,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="compare a fine-tune's weights with its base; the heads summarised as one group are "
                            "weight_diff.heads (target = ablation.target_heads of the config, study, none, or a "
                            "head list); without --config no config file is read")
+    mode.add_argument("--generate", action="store_true",
+                      help="generate chains of thought of model.path on Countdown problems (TinyZero's prompt) and "
+                           "extract their attempts; writes to --out, default runs/<name>-generate")
+    mode.add_argument("--compare", action="store_true",
+                      help="run the sweep's prompts through the two models of model.path and compare them layer by "
+                           "layer; writes OUT/compare/")
     mode.add_argument("--relog", metavar="OUT", help="log a finished sweep folder to W&B again (from its files)")
     mode.add_argument("--config-reference", action="store_true", help="print the configuration reference (Markdown)")
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set prompts.n=128 (repeatable)")
     p.add_argument("--out", help="output folder (default: config `out`, else runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep (or discovery) in --out, skipping "
-                                                         "finished shards")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep, discovery or generate job in --out, skipping finished shards")
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
@@ -81,6 +90,32 @@ def _weight_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_line(argv: list[str] | None) -> list[str]:
+    """The command as typed (program first), for the resume command an interrupted job prints."""
+    return [sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]
+
+
+def _generate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The generate job; its folder is --out, else runs/<name>-generate (never the sweep's)."""
+    cfg = config.load_config(args.config, args.overrides, args.out)
+    from jobs.generate import GenerateInterrupted, default_out, run_generate
+
+    try:
+        report = run_generate(cfg if args.out else cfg.replace(out=default_out(cfg)), resume=args.resume)
+    except GenerateInterrupted as e:
+        print(e.line(_command_line(argv)), file=sys.stderr)
+        return e.exit_code
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from jobs.compare import run_compare
+
+    print("\n".join(run_compare(config.load_config(args.config, args.overrides, args.out)).lines()))
+    return 0
+
+
 def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
     inputs.check_sweep_inputs(cfg, args.resume)  # before the seconds of imports below
@@ -95,8 +130,7 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         report = run_sweep(cfg, resume=args.resume)
     except SweepInterrupted as e:  # SIGINT/SIGTERM: Ray is down, the shards on disk stay (jobs.interrupt)
-        print(e.line([sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]),
-              file=sys.stderr)
+        print(e.line(_command_line(argv)), file=sys.stderr)
         return e.exit_code
     print("\n".join(report.lines()))
     return 0
@@ -109,8 +143,7 @@ def _discover(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         report = run_discovery(cfg, resume=args.resume)
     except DiscoveryInterrupted as e:  # as for a sweep: Ray is down, the shards on disk stay
-        print(e.line([sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]),
-              file=sys.stderr)
+        print(e.line(_command_line(argv)), file=sys.stderr)
         return e.exit_code
     print("\n".join(report.lines()))
     return 0
@@ -130,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return _weight_diff(args)
         if args.discover:
             return _discover(args, argv)
+        if args.generate:
+            return _generate(args, argv)
+        if args.compare:
+            return _compare(args)
         return _sweep(args, argv)
     except InputError as e:
         if args.debug:

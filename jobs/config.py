@@ -248,13 +248,50 @@ class DiscoverConfig:
                           "passes.", 8, at_least(1))
 
 
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _top_p(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    n_problems: int = doc("Countdown problems, generated as the sweep generates them (with seed); ignored with "
+                          "problems_file.", 8, at_least(1))
+    seed: int = doc("Seed of the generated problems and of sampling.", 0)
+    problems_file: str | None = doc("JSONL or parquet whose records have nums (or numbers) and target: the problems, "
+                                    "instead of generating them.", None)
+    max_new_tokens: int = doc("New tokens per sample at most (R1's chains of thought need ~1000).", 256, at_least(1))
+    do_sample: bool = doc("Sample with temperature, top_p and seed instead of decoding greedily.", False)
+    n: int = doc("Samples per problem (more than 1 needs do_sample).", 1, at_least(1))
+    temperature: float = doc("Sampling temperature.", 1.0, _positive)
+    top_p: float = doc("Nucleus sampling: draw from the most probable tokens holding this much probability.", 1.0,
+                       _top_p)
+    batch_size: int = doc("Sequences (problems x n) per generate call.", 4, at_least(1))
+    problems_per_shard: int = doc("Problems per shard: a multiple of batch_size // n, so shards cut the run where "
+                                  "its batches end and any sharding gives the same samples.", 4, at_least(1))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    neurons: str | list | None = doc("MLP neurons whose last-position activations are compared: 'L20 N1234, "
+                                     "L21 N77' or [[20, 1234], ...].", None, _neurons)
+    neurons_from: str | None = doc("A YAML file whose ablation.target_neurons are compared instead (the target.yaml "
+                                   "of --discover).", None)
+    top_k: int = doc("Logit-lens top tokens kept per model, layer and prompt.", 5, at_least(1))
+    batch_size: int = doc("Prompts per forward of each model.", 8, at_least(1))
+
+
 def section(cls: type) -> Any:
     return field(default_factory=cls)
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole job configuration (sweep, weight diff, discovery); `to_dict()` is what manifests and W&B keep."""
+    """A whole job configuration (sweep, weight diff, discovery, generate, compare); `to_dict()` is what
+    manifests and W&B keep."""
 
     name: str = doc("Sweep name: W&B group and run name prefix.", "sweep")
     out: str | None = doc("Output folder (default runs/<name>); `--out` overrides it.", None)
@@ -269,6 +306,8 @@ class Config:
     wandb: WandbConfig = section(WandbConfig)
     weight_diff: WeightDiffConfig = section(WeightDiffConfig)
     discover: DiscoverConfig = section(DiscoverConfig)
+    generate: GenerateConfig = section(GenerateConfig)
+    compare: CompareConfig = section(CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,9 +316,10 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-# Keys that do not change any number in a sweep's results: allowed to differ on --resume (a discovery
-# has its own list, `jobs.discover.DISCOVERY_NEUTRAL`).
-RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "stats", "discover")
+# Keys that do not change any number in a sweep's results: allowed to differ on --resume (the discover,
+# generate and compare sections belong to those jobs, which keep their own lists).
+RESULT_NEUTRAL = ("name", "out", "engine", "shards.max_attempts", "ray", "wandb", "stats", "discover", "generate",
+                  "compare")
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ from jobs.config import Config
 from jobs.discover_outputs import Findings, Written, write_outputs
 from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
-from jobs.interrupt import Interrupted, signal_number, stop_on_signals
-from jobs.lock import OutLock
+from jobs.inputs import check_out_dir
 from jobs.pool import WorkerPool, run_recorded, worker_pool
-from jobs.storage import OutDir, package_versions, read_manifest, verify_shards, write_json_atomic, write_parquet_atomic
-from jobs.sweep import PromptSource, _check_tokens, _recover, build_prompts, resume_command
+from jobs.resumable import JobInterrupted, recover, reset_untrusted, resume_command, running
+from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
+from jobs.sweep import PromptSource, build_prompts, check_tokens
 from jobs.tracking import log_discovery
 from verif.analysis.discovery.attention import target_spans
 from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
@@ -71,17 +71,13 @@ class DiscoveryError(InputError):
     """A discovery that cannot start or continue, with the reason in the message."""
 
 
-class DiscoveryInterrupted(Interrupted):
+class DiscoveryInterrupted(JobInterrupted):
     """SIGINT/SIGTERM stopped the discovery after cleanup; the shards on disk stay, `--resume` continues."""
 
-    def __init__(self, signum: int, out_arg: str, folder: Path, on_disk: int, total: int):
-        super().__init__(signum)
-        self.out_arg, self.folder, self.on_disk, self.total = out_arg, folder, on_disk, total
-
     def line(self, argv: list[str]) -> str:
-        """The one line the command line prints: shards on disk and the exact command that resumes."""
-        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.folder}; "
-                f"continue with: {resume_command(argv, self.out_arg)}")
+        """As a sweep's, but the command resumes with `--out` the folder above OUT/discovery."""
+        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
+                f"continue with: {resume_command(argv, self.out.root.parent)}")
 
 
 def discovery_out(cfg: Config) -> OutDir:
@@ -152,7 +148,7 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     if len(set(names)) != len(names):
         raise DiscoveryError(f"model.path: two models share the name {names}; give distinct paths")
     try:
-        prompts, prompt_source = build_prompts(cfg)
+        prompts, prompt_source, _ = build_prompts(cfg)
     except ValueError as e:
         raise DiscoveryError(str(e)) from e
     try:
@@ -163,7 +159,7 @@ def prepare(cfg: Config) -> DiscoveryPlan:
         if not target_spans(row["prompt"], row["target"]):
             raise DiscoveryError(f"prompt {row['prompt_id']}: no copy of its target {row['target']} in the prompt, "
                                  "so attn_to_target has nothing to read; check prompts.template")
-    _check_tokens(sources, cfg)
+    check_tokens(sources, cfg)
     ids = prompts["prompt_id"].to_list()
     prompts = prompts.with_columns(pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]))
     shards = plan_shards(names, ids, [ids[i] for i in objective], cfg.shards.prompts_per_shard)
@@ -369,16 +365,13 @@ def discovery_differences(old: dict, cfg: Config) -> list[str]:
     return config_mod.config_differences(old, cfg, DISCOVERY_NEUTRAL)
 
 
-def _open_out(plan: DiscoveryPlan, out: OutDir, resume: bool) -> tuple[dict, dict[str, str]]:
+def _open_out(plan: DiscoveryPlan, out: OutDir) -> tuple[dict, dict[str, str]]:
     """Create the folder, or on --resume check its config and which shard files can be trusted.
 
     Returns the manifest (shards whose files fail verification set back to pending) and {shard: problem}.
     """
     cfg = plan.cfg
     if out.manifest.exists():
-        if not resume:
-            raise DiscoveryError(f"{out.root} already holds a discovery; pass --resume to continue it or choose "
-                                 "another --out")
         old = read_manifest(out)
         diffs = discovery_differences(old["config"], cfg)
         old_digest = old.get("prompts", {}).get("template_digest")
@@ -388,16 +381,7 @@ def _open_out(plan: DiscoveryPlan, out: OutDir, resume: bool) -> tuple[dict, dic
         if diffs:
             raise DiscoveryError(f"--resume: the config differs from the one {out.root} was started with: "
                                  + "; ".join(diffs))
-        _, bad = verify_shards(out, old)
-        for shard_id, problem in bad.items():
-            print(f"shard {shard_id}: {problem}; it will be recomputed", file=sys.stderr)
-            old["shards"][shard_id] = {k: v for k, v in old["shards"][shard_id].items()
-                                       if k in ("model", "phase", "prompts")} | {"status": "pending"}
-            out.shard(shard_id).unlink(missing_ok=True)
-        return old, bad
-    ours = {out.lock.name, out.ray_processes.name}
-    if resume and out.root.exists() and any(p.name not in ours for p in out.root.iterdir()):
-        raise DiscoveryError(f"--resume: {out.root} has no manifest.json; it was not started by a discovery")
+        return old, reset_untrusted(out, old, ("model", "phase", "prompts"))
     out.root.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(plan.prompts, out.prompts)
     manifest = {
@@ -457,46 +441,34 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
     """
     start = time.perf_counter()
     out = discovery_out(cfg)
-    created = [p for p in (out.root, out.root.parent) if not p.exists()]
-    manifest: dict = {}
-    n_total = 0
-    with stop_on_signals():
+    check_out_dir(out, resume, "discover")
+    plan = prepare(cfg)
+    with running(out, DiscoveryInterrupted) as job:
+        job.total = len(plan.shards)
+        recover(out, job.lock)
+        job.manifest, recomputed = _open_out(plan, out)
+        manifest = job.manifest
+        counts = ShardCounts(recomputed=dict(recomputed))
+        pending = sum(e["status"] != "done" for e in manifest["shards"].values())
+        findings = []
+        bar = tqdm(total=pending, desc="shards", unit="shard", dynamic_ncols=True)
         try:
-            with OutLock(out.lock) as lock:
-                try:
-                    plan = prepare(cfg)
-                except InputError:
-                    lock.release()
-                    for p in created:  # refused before anything was written: leave no empty folder behind
-                        p.rmdir()
-                    raise
-                n_total = len(plan.shards)
-                _recover(out, lock)
-                manifest, recomputed = _open_out(plan, out, resume)
-                counts = ShardCounts(recomputed=dict(recomputed))
-                pending = sum(e["status"] != "done" for e in manifest["shards"].values())
-                findings = []
-                bar = tqdm(total=pending, desc="shards", unit="shard", dynamic_ncols=True)
-                try:
-                    with worker_pool(cfg.ray, out) as pool:
-                        for m in range(len(plan.sources)):
-                            shards = _ModelShards(plan, m, pool, out, manifest, bar, counts)
-                            try:
-                                findings.append(discover_model(plan, shards))
-                            finally:
-                                shards.close()
-                        startup = pool.startup_seconds
-                finally:
-                    bar.close()
-                written = write_outputs(out, findings)
-                report = DiscoveryReport(out, findings, written, counts, time.perf_counter() - start, startup)
-                report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
-                                             written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})
-                report.seconds = time.perf_counter() - start
-                manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "steps": counts.seconds}
-                write_json_atomic(manifest, out.manifest)
-                return report
-        except KeyboardInterrupt as e:
-            on_disk = sum(entry.get("status") == "done" for entry in manifest.get("shards", {}).values())
-            raise DiscoveryInterrupted(signal_number(e), str(cfg.out), out.root, on_disk, n_total) from None
+            with worker_pool(cfg.ray, out) as pool:
+                for m in range(len(plan.sources)):
+                    shards = _ModelShards(plan, m, pool, out, manifest, bar, counts)
+                    try:
+                        findings.append(discover_model(plan, shards))
+                    finally:
+                        shards.close()
+                startup = pool.startup_seconds
+        finally:
+            bar.close()
+        written = write_outputs(out, findings)
+        report = DiscoveryReport(out, findings, written, counts, time.perf_counter() - start, startup)
+        report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
+                                     written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})
+        report.seconds = time.perf_counter() - start
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "steps": counts.seconds}
+        write_json_atomic(manifest, out.manifest)
+        return report

@@ -17,7 +17,7 @@ from pathlib import Path
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.lock import refuse_if_locked
-from jobs.storage import OutDir
+from jobs.storage import OutDir, read_manifest
 from verif.task.prompt_file import load_prompt_file
 
 
@@ -52,8 +52,8 @@ def check_out_dir(out: OutDir, resume: bool, job: str = "sweep") -> None:
     refuse_if_locked(out.lock)
     ours = {out.lock.name, out.ray_processes.name}
     foreign = [p.name for p in root.iterdir() if p.name not in ours]
-    if out.manifest.exists() and not resume:
-        raise InputError(f"{root} already holds a {job}; pass --resume to continue it or choose another --out")
+    if out.manifest.exists():
+        check_job(read_manifest(out), job, out, resume)
     if foreign and not out.manifest.exists():
         if resume:
             raise InputError(f"--resume: {root} has no {out.manifest.name}; it was not started by a {job} "
@@ -62,6 +62,18 @@ def check_out_dir(out: OutDir, resume: bool, job: str = "sweep") -> None:
                          "choose a new or empty folder for --out")
     if not os.access(root, os.W_OK | os.X_OK):
         raise InputError(f"output folder {root} is not writable by this user; choose another --out")
+
+
+def check_job(manifest: dict, job: str, out: OutDir, resume: bool) -> None:
+    """A folder holding a job's output is continued only with `resume`, and only by the same kind of job
+    (manifests before the "job" key are sweeps')."""
+    found = manifest.get("job", "sweep")
+    if not resume:
+        raise InputError(f"{out.root} already holds the output of a {found} job; pass --resume to continue it "
+                         "or choose another --out")
+    if found != job:
+        raise InputError(f"--resume: {out.root} holds the output of a {found} job, not of a {job} job; "
+                         "choose another --out")
 
 
 def check_prompt_file(path: str, key: str = "prompts.file") -> None:

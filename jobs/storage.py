@@ -62,6 +62,10 @@ class OutDir:
     weight_diff_summary = property(lambda self: self.root / "weight_diff_summary.json")
     weight_diff_rows = property(lambda self: self.root / "weight_diff_rows.parquet")
     weight_diff_rows_summary = property(lambda self: self.root / "weight_diff_rows_summary.parquet")
+    # The generate job's outputs (jobs.generate; its shards are results/) and the compare job's folder.
+    generations = property(lambda self: self.root / "generations.parquet")
+    attempts = property(lambda self: self.root / "attempts.parquet")
+    compare = property(lambda self: self.root / "compare")
 
     @property
     def weight_diff_files(self) -> tuple[Path, ...]:

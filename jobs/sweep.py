@@ -14,8 +14,6 @@ computes statistics, figures and the W&B run.
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,24 +22,21 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jobs import config as config_mod
-from jobs import local_ray
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
 from jobs.inputs import TooLong, check_out_dir, check_prompt_file, check_prompt_lengths, token_limits
-from jobs.interrupt import Interrupted, signal_number, stop_on_signals
-from jobs.lock import OutLock
 from jobs.storage import (
     RESULT_SCHEMA,
     OutDir,
     package_versions,
     read_manifest,
-    verify_shards,
     write_json_atomic,
     write_parquet_atomic,
 )
-from jobs.weight_diff import check_weight_diff
 from jobs.pool import run_recorded, worker_pool
+from jobs.resumable import JobInterrupted, recover, reset_untrusted, running
+from jobs.weight_diff import check_weight_diff
 from jobs.worker import Shard, ShardScorer
 from verif.design.conditions import Ablation, Condition, build_conditions
 from verif.design.heads import parse_heads, validate_heads
@@ -59,30 +54,8 @@ class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
 
 
-class SweepInterrupted(Interrupted):
+class SweepInterrupted(JobInterrupted):
     """SIGINT/SIGTERM stopped the sweep after cleanup; what is on disk stays, `--resume` continues."""
-
-    def __init__(self, signum: int, out: OutDir, on_disk: int, total: int):
-        super().__init__(signum)
-        self.out, self.on_disk, self.total = out, on_disk, total
-
-    def line(self, argv: list[str]) -> str:
-        """The one line the command line prints: shards on disk and the exact command that resumes."""
-        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
-                f"continue with: {resume_command(argv, self.out.root)}")
-
-
-def resume_command(argv: list[str], out) -> str:
-    """`argv` (program first) with `--resume` and `--out OUT`, ready to paste into a shell."""
-    args, rest, i = [], list(argv[1:]), 0
-    while i < len(rest):  # drop any earlier --out/--resume, then add them back explicitly
-        if rest[i] == "--out":
-            i += 2
-            continue
-        if rest[i] != "--resume" and not rest[i].startswith("--out="):
-            args.append(rest[i])
-        i += 1
-    return shlex.join([sys.executable or "python", argv[0], *args, "--resume", "--out", str(out)])
 
 
 @dataclass
@@ -222,8 +195,8 @@ def _numbered(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
 
 
-def _tokenizers(sources: list[ModelSource], cfg: Config) -> dict[str, object]:
-    """Every model's tokenizer (no weights), its Yes/No variants checked to be single tokens."""
+def check_tokens(sources: list[ModelSource], cfg: Config) -> dict[str, object]:
+    """Every model's tokenizer (no weights) by model name, its Yes/No variants checked to be single tokens."""
     found = {}
     for src in sources:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
@@ -305,7 +278,7 @@ def prepare(cfg: Config) -> SweepPlan:
         prompts, prompt_source, where = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
-    tokenizers = _tokenizers(sources, cfg)
+    tokenizers = check_tokens(sources, cfg)
     prompts, prompt_source = _limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
@@ -320,15 +293,13 @@ def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
     )
 
 
-def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[str, str]]:
+def _open_out(plan: SweepPlan, out: OutDir) -> tuple[dict, dict[str, str]]:
     """Create the folder, or on --resume check its config and which shard files can be trusted.
 
     Returns the manifest (shards whose files fail verification set back to pending) and {shard: problem}.
     """
     cfg = plan.cfg
     if out.manifest.exists():
-        if not resume:
-            raise SweepError(f"{out.root} already holds a sweep; pass --resume to continue it or choose another --out")
         old = read_manifest(out)
         diffs = config_mod.config_differences(old["config"], cfg)
         old_digest = old.get("prompts", {}).get("template_digest")
@@ -337,17 +308,12 @@ def _open_out(plan: SweepPlan, out: OutDir, resume: bool) -> tuple[dict, dict[st
                          f"{plan.prompt_source.template_digest})")
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
-        _, bad = verify_shards(out, old)
-        for shard_id, problem in bad.items():
-            print(f"shard {shard_id}: {problem}; it will be recomputed", file=sys.stderr)
-            old["shards"][shard_id] = {k: v for k, v in old["shards"][shard_id].items()
-                                       if k in ("model", "prompts", "conditions")} | {"status": "pending"}
-            out.shard(shard_id).unlink(missing_ok=True)
-        return old, bad
+        return old, reset_untrusted(out, old, ("model", "prompts", "conditions"))
     out.root.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(plan.prompts, out.prompts)
     write_parquet_atomic(_conditions_frame(plan.conditions), out.conditions)
     manifest = {
+        "job": "sweep",
         "config": cfg.to_dict(),
         "config_hash": config_mod.config_hash(cfg),
         "versions": package_versions(),
@@ -422,17 +388,6 @@ def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
 
 
-def _recover(out: OutDir, lock: OutLock) -> None:
-    """Clean up after a driver that was killed in this folder: its lock, its local Ray, its temp files."""
-    if lock.stale:
-        print(f"{out.root}: taking over the lock of {lock.stale}, which no longer runs", file=sys.stderr)
-    stopped = local_ray.stop_recorded(out.ray_processes)
-    if stopped:
-        print(f"{out.root}: stopped {len(stopped)} Ray processes left running by an earlier driver "
-              f"(pids {' '.join(map(str, stopped))})", file=sys.stderr)
-    out.remove_temp_files()
-
-
 def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     """The whole job: plan, score, check completeness, then finalize. Returns where everything is.
 
@@ -442,33 +397,26 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
-    manifest: dict = {}
-    n_total = 0
     check_out_dir(out, resume)
-    with stop_on_signals():
-        try:
-            plan = prepare(cfg)
-            with OutLock(out.lock) as lock:
-                n_total = len(plan.shards)
-                _recover(out, lock)
-                manifest, recomputed = _open_out(plan, out, resume)
-                skipped = n_total - sum(e["status"] != "done" for e in manifest["shards"].values())
-                ran = run_shards(plan, out, manifest)
-                results = out.read_results([s.id for s in plan.shards])
-                check_complete(results, plan)
-                report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
-                                     ran.startup_seconds, ran.retried, recomputed,
-                                     prompt_source=plan.prompt_source)
-                report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
-                report.seconds = time.perf_counter() - start
-                manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
-                                      "rows_written": ran.rows}
-                write_json_atomic(manifest, out.manifest)
-                return report
-        except KeyboardInterrupt as e:
-            on_disk = sum(entry.get("status") == "done" for entry in manifest.get("shards", {}).values())
-            raise SweepInterrupted(signal_number(e), out, on_disk, n_total) from None
+    plan = prepare(cfg)
+    with running(out, SweepInterrupted) as job:
+        job.total = len(plan.shards)
+        recover(out, job.lock)
+        job.manifest, recomputed = _open_out(plan, out)
+        manifest = job.manifest
+        skipped = job.total - sum(e["status"] != "done" for e in manifest["shards"].values())
+        ran = run_shards(plan, out, manifest)
+        results = out.read_results([s.id for s in plan.shards])
+        check_complete(results, plan)
+        report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
+                             ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
+        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
+        report.seconds = time.perf_counter() - start
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
+                              "rows_written": ran.rows}
+        write_json_atomic(manifest, out.manifest)
+        return report
 
 
 def _pair(row: dict) -> str:

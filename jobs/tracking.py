@@ -1,4 +1,5 @@
-"""W&B tracking of a finished sweep (or weight-diff or discovery job): one run per job, written by the driver only.
+"""W&B tracking of a finished sweep (or weight-diff, discovery, generate or compare job): one run per job,
+written by the driver only.
 
 Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
 a result: if W&B fails (full disk, a broken frame) a warning says where the results are and how to
@@ -27,6 +28,8 @@ Keys:
 A discovery run (job_type "discover") has "{model}/discover/{objective,spearman_atp_exact,best_head_set/...}"
 and "discover/{shards_run,...}" in its summary, and the tables heads, neurons (top rows by |atp|), probes
 and sets.
+The generate and compare jobs log their own runs (job_type generate / compare; `log_generate`,
+`log_compare` say what they hold).
 Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table at its top 5,000 rows by
 1 - cos; the full frames are in the artifact.
 """
@@ -55,6 +58,8 @@ from verif.analysis.tables import per_prompt_table
 ARTIFACT_TYPE = "sweep-results"
 WEIGHT_DIFF_ARTIFACT_TYPE = "weight-diff-results"
 DISCOVERY_ARTIFACT_TYPE = "discovery-results"
+GENERATIONS_ARTIFACT_TYPE = "generations"
+COMPARE_ARTIFACT_TYPE = "compare-results"
 HIST_BINS = 20
 WEIGHT_DIFF_MAX_ROWS = 5000
 # Conditions whose p_yes_norm gets its own histogram; every other kind is pooled into one per kind.
@@ -395,6 +400,60 @@ def log_discovery(cfg: Config, out: OutDir, tables: dict[str, pl.DataFrame], fig
         run.log_artifact(art)
 
     return _log_run(cfg, out, "discover", fill)
+
+
+def log_generate(cfg: Config, out: OutDir, generations: pl.DataFrame, attempts: pl.DataFrame,
+                 numbers: dict[str, Any]) -> str | None:
+    """Log a generate job as one W&B run (job_type "generate").
+
+    Summary "generate/<number>" (samples, fraction correct by TinyZero's reward, tokens/s, attempts, ...),
+    the tables "tables/generations" and "tables/attempts", and both parquet files as the artifact
+    "<name>-generations" of type "generations". Same return value and failure handling as `log_sweep`.
+    """
+
+    def fill(run) -> None:
+        import wandb
+
+        run.summary.update({f"generate/{k}": _scalar(v) for k, v in numbers.items()})
+        run.log({"tables/generations": to_wandb_table(_capped(generations)),
+                 "tables/attempts": to_wandb_table(_capped(attempts))})
+        art = wandb.Artifact(f"{_safe_name(cfg.name)}-generations", type=GENERATIONS_ARTIFACT_TYPE)
+        for path in (out.generations, out.attempts):
+            art.add_file(str(path), name=path.name)
+        run.log_artifact(art)
+
+    return _log_run(cfg, out, "generate", fill)
+
+
+def log_compare(cfg: Config, out: OutDir, per_layer: pl.DataFrame, tables: dict[str, pl.DataFrame],
+                figures: list[Path], numbers: dict[str, Any]) -> str | None:
+    """Log a compare job as one W&B run (job_type "compare").
+
+    `per_layer` (one row per layer) becomes the history, one step per layer, so every column is a
+    curve over the depth ("compare/<column>" against "layer"); `tables` become "tables/compare_<name>",
+    the figures "figures/<stem>", `numbers` the summary "compare/<number>"; the files of OUT/compare
+    are the artifact "<name>-compare" of type "compare-results". Same return value and failure handling
+    as `log_sweep`.
+    """
+
+    def fill(run) -> None:
+        import wandb
+
+        run.define_metric("layer")
+        run.define_metric("compare/*", step_metric="layer")
+        for row in per_layer.iter_rows(named=True):
+            run.log({"layer": row["layer"], **{f"compare/{k}": _scalar(v) for k, v in row.items() if k != "layer"}})
+        run.summary.update({f"compare/{k}": _scalar(v) for k, v in numbers.items()})
+        items: dict[str, Any] = {f"tables/compare_{name}": to_wandb_table(_capped(t)) for name, t in tables.items()}
+        items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
+        run.log(items)
+        art = wandb.Artifact(f"{_safe_name(cfg.name)}-compare", type=COMPARE_ARTIFACT_TYPE)
+        for path in sorted(out.compare.rglob("*")):
+            if path.suffix in (".parquet", ".json", ".png"):
+                art.add_file(str(path), name=str(path.relative_to(out.root)))
+        run.log_artifact(art)
+
+    return _log_run(cfg, out, "compare", fill)
 
 
 def _capped(df: pl.DataFrame) -> pl.DataFrame:

@@ -187,7 +187,7 @@ CASES = [
     Case("set-without-value", sweep("--set", "prompts.n"), ("--set 'prompts.n': expected dotted.key=value",)),
     Case("config-missing", ("--check", "--config", "{files}/absent.yaml"), ("absent.yaml", "no such file")),
     Case("config-not-a-mapping", ("--check", "--config", "{files}/list.yaml"), ("list.yaml: the top level must be a mapping",)),
-    Case("no-mode", ("--out", "{out}"), ("one of the arguments --sweep --check",)),
+    Case("no-mode", ("--out", "{out}"), ("one of the arguments --sweep",)),
     Case("unknown-flag", ("--sweep", "--bogus-flag"), ("unrecognized arguments: --bogus-flag",)),
     Case("weight-diff-without-base", ("--weight-diff",), ("--weight-diff needs --base and --tuned",)),
 ]

@@ -363,7 +363,7 @@ def test_ray_job_submit_as_the_readme_shows(ray_head, seed_model_dir, sweep_refe
     assert manifest(out)["finished"]
     assert_same_results(OutDir(out).read_results(), sweep_reference[0])
 
-    # What was shipped: the code, small, without environments, history, outputs or measured results.
+    # What was shipped: the code, small, without environments, history, outputs, measured results or tests.
     shipped = ray_head.ray_tmp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
     packages = [p for p in shipped.iterdir() if p.is_dir()]
     assert len(packages) == 1, sorted(shipped.iterdir())
@@ -371,7 +371,7 @@ def test_ray_job_submit_as_the_readme_shows(ray_head, seed_model_dir, sweep_refe
     files = [p.relative_to(package) for p in package.rglob("*") if p.is_file()]
     assert {Path("launch.py"), Path("jobs/sweep.py"), Path("verif/model/engine.py")} <= set(files)
     tops = {f.parts[0] for f in files}
-    assert not tops & {".venv", ".git", "runs", "out", "results", "benchmarks"}, tops
+    assert not tops & {".venv", ".git", "runs", "out", "results", "benchmarks", "tests"}, tops
     assert not [f for f in files if f.suffix == ".parquet"]
     size = sum((package / f).stat().st_size for f in files)
     assert size < 1_000_000, f"the job shipped {size} bytes"
@@ -383,7 +383,7 @@ def test_rayignore_keeps_environments_and_outputs_off_the_cluster(tmp_path):
 
     src = tmp_path / "checkout"
     for rel in (".venv/lib/site.py", ".git/HEAD", "runs/default/results/m0.parquet", "out/x.json",
-                "benchmarks/results/gpu.json", "jobs/results/keep.py", "jobs/sweep.py", "x.parquet"):
+                "benchmarks/results/gpu.json", "tests/test_x.py", "jobs/results/keep.py", "jobs/sweep.py", "x.parquet"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text("x")
     shutil.copy(REPO / ".rayignore", src / ".rayignore")

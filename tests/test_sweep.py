@@ -44,7 +44,7 @@ def finished_copy(sweep_reference, tmp_path: Path) -> Path:
 
 def test_existing_out_needs_resume(seed_model_dir, sweep_reference, tmp_path):
     out = finished_copy(sweep_reference, tmp_path)
-    with pytest.raises(InputError, match="already holds a sweep; pass --resume"):
+    with pytest.raises(InputError, match="already holds the output of a sweep job; pass --resume"):
         run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
 
 
