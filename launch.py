@@ -24,6 +24,7 @@ import sys
 
 from jobs import config, inputs
 from jobs.errors import InputError
+from jobs.resumable import JobFailed, JobInterrupted
 
 EXIT_INPUT = 2  # bad input, as argparse exits for a bad command line
 
@@ -95,17 +96,12 @@ def _command_line(argv: list[str] | None) -> list[str]:
     return [sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]
 
 
-def _generate(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _generate(args: argparse.Namespace) -> int:
     """The generate job; its folder is --out, else runs/<name>-generate (never the sweep's)."""
     cfg = config.load_config(args.config, args.overrides, args.out)
-    from jobs.generate import GenerateInterrupted, default_out, run_generate
+    from jobs.generate import default_out, run_generate
 
-    try:
-        report = run_generate(cfg if args.out else cfg.replace(out=default_out(cfg)), resume=args.resume)
-    except GenerateInterrupted as e:
-        print(e.line(_command_line(argv)), file=sys.stderr)
-        return e.exit_code
-    print("\n".join(report.lines()))
+    print("\n".join(run_generate(cfg if args.out else cfg.replace(out=default_out(cfg)), resume=args.resume).lines()))
     return 0
 
 
@@ -116,10 +112,10 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _sweep(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
     inputs.check_sweep_inputs(cfg, args.resume)  # before the seconds of imports below
-    from jobs.sweep import SweepInterrupted, prepare, run_sweep
+    from jobs.sweep import prepare, run_sweep
 
     if args.check:
         plan = prepare(cfg)
@@ -127,25 +123,15 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
         print("\n".join(plan.prompt_source.lines()))
         return 0
-    try:
-        report = run_sweep(cfg, resume=args.resume)
-    except SweepInterrupted as e:  # SIGINT/SIGTERM: Ray is down, the shards on disk stay (jobs.interrupt)
-        print(e.line(_command_line(argv)), file=sys.stderr)
-        return e.exit_code
-    print("\n".join(report.lines()))
+    print("\n".join(run_sweep(cfg, resume=args.resume).lines()))
     return 0
 
 
-def _discover(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _discover(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
-    from jobs.discover import DiscoveryInterrupted, run_discovery
+    from jobs.discover import run_discovery
 
-    try:
-        report = run_discovery(cfg, resume=args.resume)
-    except DiscoveryInterrupted as e:  # as for a sweep: Ray is down, the shards on disk stay
-        print(e.line(_command_line(argv)), file=sys.stderr)
-        return e.exit_code
-    print("\n".join(report.lines()))
+    print("\n".join(run_discovery(cfg, resume=args.resume).lines()))
     return 0
 
 
@@ -162,16 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.weight_diff:
             return _weight_diff(args)
         if args.discover:
-            return _discover(args, argv)
+            return _discover(args)
         if args.generate:
-            return _generate(args, argv)
+            return _generate(args)
         if args.compare:
             return _compare(args)
-        return _sweep(args, argv)
+        return _sweep(args)
     except InputError as e:
         if args.debug:
             raise
         return _fail(str(e))
+    except (JobInterrupted, JobFailed) as e:  # Ray is down, the shards on disk stay (jobs.resumable)
+        print(e.line(_command_line(argv)), file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
 from jobs.inputs import check_out_dir
 from jobs.pool import WorkerPool, run_recorded, worker_pool
-from jobs.resumable import JobInterrupted, recover, reset_untrusted, resume_command, running
+from jobs.resumable import recover, reset_untrusted, running
 from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
 from jobs.sweep import PromptSource, build_prompts, check_tokens
 from jobs.tracking import log_discovery
@@ -69,15 +69,6 @@ SHARD_SCHEMA = {
 
 class DiscoveryError(InputError):
     """A discovery that cannot start or continue, with the reason in the message."""
-
-
-class DiscoveryInterrupted(JobInterrupted):
-    """SIGINT/SIGTERM stopped the discovery after cleanup; the shards on disk stay, `--resume` continues."""
-
-    def line(self, argv: list[str]) -> str:
-        """As a sweep's, but the command resumes with `--out` the folder above OUT/discovery."""
-        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
-                f"continue with: {resume_command(argv, self.out.root.parent)}")
 
 
 def discovery_out(cfg: Config) -> OutDir:
@@ -436,14 +427,14 @@ class DiscoveryReport:
 def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
     """The whole job: plan, the four steps per model, tables, target, figures, W&B.
 
-    Holds OUT/discovery's lock throughout; SIGINT and SIGTERM stop it cleanly (`DiscoveryInterrupted`
-    says how many shards are on disk and how to continue).
+    Holds OUT/discovery's lock throughout; SIGINT, SIGTERM and shards that fail past their retries stop
+    it with one line saying how many shards are on disk and how to continue (`jobs.resumable.running`).
     """
     start = time.perf_counter()
     out = discovery_out(cfg)
     check_out_dir(out, resume, "discover")
     plan = prepare(cfg)
-    with running(out, DiscoveryInterrupted) as job:
+    with running(out, resume_out=out.root.parent) as job:
         job.total = len(plan.shards)
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out)

@@ -1,4 +1,5 @@
-"""Errors a user can fix by changing their input: the command line prints one line and exits 2.
+"""Errors the command line reports as one line: bad input (exit 2), and shards that failed on every
+attempt (exit 1, with the command that resumes: `jobs.resumable.JobFailed`).
 
 Everything else that goes wrong is a bug and keeps its traceback.
 """
@@ -6,3 +7,8 @@ Everything else that goes wrong is a bug and keeps its traceback.
 
 class InputError(Exception):
     """Bad input (config, files, models, output folder), with the key or file and what is valid."""
+
+
+class ShardFailed(RuntimeError):
+    """A shard failed on every allowed attempt, or no worker is left to run it (a worker that dies, a
+    node that is lost: the cluster's doing, not the input's)."""

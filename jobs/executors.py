@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from jobs.errors import ShardFailed
 from jobs.worker import ModelWorker, WorkerSpec
 
 Shard = Any  # any work item with an `id` (a sweep shard, a generation or discovery shard)
@@ -28,10 +29,6 @@ Payload = Callable[[Shard], tuple]  # shard -> the worker method's further argum
 Item = TypeVar("Item")
 WAIT_S = 1.0  # longest uninterrupted wait on Ray: the driver's signal handlers run between waits
 PROBE_AGAIN_S = 1.0  # a worker whose node is not yet known dead is probed again after this
-
-
-class ShardFailed(RuntimeError):
-    """A shard failed on every allowed attempt, or no worker is left to run it."""
 
 
 def in_ray_job() -> bool:

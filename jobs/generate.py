@@ -33,7 +33,7 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.inputs import check_out_dir
 from jobs.pool import run_recorded, worker_pool
-from jobs.resumable import JobInterrupted, recover, reset_untrusted, running
+from jobs.resumable import recover, reset_untrusted, running
 from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
 from jobs.sweep import check_tokens
 from jobs.tracking import log_generate
@@ -54,10 +54,6 @@ SHARD_KEYS = ("problems", "samples")
 
 class GenerateError(InputError):
     """A generate job that cannot start or continue, with the key or file in the message."""
-
-
-class GenerateInterrupted(JobInterrupted):
-    """SIGINT/SIGTERM stopped the job after cleanup; the shards on disk stay, `--resume` continues."""
 
 
 @dataclass(frozen=True)
@@ -329,13 +325,13 @@ class GenerateReport:
 def run_generate(cfg: Config, resume: bool = False) -> GenerateReport:
     """The whole job: plan, generate the shards not on disk, then write and log the outputs.
 
-    Holds OUT's lock throughout; SIGINT and SIGTERM stop it cleanly (`GenerateInterrupted` says how many
-    shards are on disk and how to continue).
+    Holds OUT's lock throughout; SIGINT, SIGTERM and shards that fail past their retries stop it with
+    one line saying how many shards are on disk and how to continue (`jobs.resumable.running`).
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
     check_out_dir(out, resume, "generate")  # a folder that cannot be continued: refused before anything is made
-    with running(out, GenerateInterrupted) as job:
+    with running(out) as job:
         old = read_manifest(out) if out.manifest.exists() else None
         if old is not None:
             _refuse_changed_config(old, cfg, out)

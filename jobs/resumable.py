@@ -1,11 +1,11 @@
-"""What every sharded, resumable job (sweep, generate) does with its output folder, written once.
+"""What every sharded, resumable job (sweep, discover, generate) does with its output folder, written once.
 
-A job holds OUT's lock for its whole run (one driver per folder), turns SIGINT/SIGTERM into one
-exception that says how many shards are on disk and the exact command that resumes, cleans up after
-a driver that was killed in the folder (its local Ray, its temp files), and on `--resume` trusts a
-shard file only when it matches the manifest's record (size, rows, SHA-256): any other goes back to
-pending and is recomputed. What the shards hold, and how a job plans and finishes them, is the job's
-own (jobs.sweep, jobs.generate).
+A job holds OUT's lock for its whole run (one driver per folder), turns SIGINT/SIGTERM, and shards that
+failed on every attempt, into one exception that says how many shards are on disk and the exact command
+that resumes, cleans up after a driver that was killed in the folder (its local Ray, its temp files),
+and on `--resume` trusts a shard file only when it matches the manifest's record (size, rows, SHA-256):
+any other goes back to pending and is recomputed. What the shards hold, and how a job plans and finishes them, is the job's
+own (jobs.sweep, jobs.discover, jobs.generate).
 """
 
 from __future__ import annotations
@@ -15,25 +15,53 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jobs import local_ray
-from jobs.errors import InputError
+from jobs.errors import InputError, ShardFailed
 from jobs.interrupt import Interrupted, signal_number, stop_on_signals
 from jobs.lock import OutLock
 from jobs.storage import OutDir, verify_shards
 
 
+@dataclass(frozen=True)
+class Standing:
+    """Where a stopped job stands: its shards on disk in `out`, and the `--out` that continues it."""
+
+    out: OutDir
+    on_disk: int
+    total: int
+    resume_out: Path
+
+    def line(self, argv: list[str]) -> str:
+        return (f"{self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
+                f"continue with: {resume_command(argv, self.resume_out)}")
+
+
 class JobInterrupted(Interrupted):
     """SIGINT/SIGTERM stopped the job after cleanup; what is on disk stays, `--resume` continues."""
 
-    def __init__(self, signum: int, out: OutDir, on_disk: int, total: int):
+    def __init__(self, signum: int, standing: Standing):
         super().__init__(signum)
-        self.out, self.on_disk, self.total = out, on_disk, total
+        self.standing = standing
 
     def line(self, argv: list[str]) -> str:
         """The one line the command line prints: shards on disk and the exact command that resumes."""
-        return (f"interrupted by {self.args[0]}: {self.on_disk} of {self.total} shards are on disk in {self.out.root}; "
-                f"continue with: {resume_command(argv, self.out.root)}")
+        return f"interrupted by {self.args[0]}: {self.standing.line(argv)}"
+
+
+class JobFailed(RuntimeError):
+    """Shards failed on every attempt, or no worker is left (`jobs.executors.ShardFailed`): not bad input
+    and not a bug in the job, so one line, not a traceback; what is on disk stays, `--resume` continues."""
+
+    exit_code = 1
+
+    def __init__(self, cause: str, standing: Standing):
+        super().__init__(cause)
+        self.standing = standing
+
+    def line(self, argv: list[str]) -> str:
+        return f"{self.args[0]}; {self.standing.line(argv)}"
 
 
 def resume_command(argv: list[str], out) -> str:
@@ -64,14 +92,19 @@ class JobRun:
 
 
 @contextmanager
-def running(out: OutDir, interrupted: type[JobInterrupted] = JobInterrupted) -> Iterator[JobRun]:
-    """Hold OUT's lock for the block, with SIGINT/SIGTERM raising `interrupted` (shards on disk, total).
+def running(out: OutDir, resume_out: Path | None = None) -> Iterator[JobRun]:
+    """Hold OUT's lock for the block, with SIGINT/SIGTERM raising `JobInterrupted` and shards that fail
+    past their retries `JobFailed` (both say what is on disk, and resume with `--out resume_out`, default
+    OUT).
 
     A second driver into the same folder is refused at once. An input error that leaves nothing but the
     lock in a folder this call created removes the folder again (a refused job leaves no empty folder).
     """
     existed = out.root.exists()
     run: JobRun | None = None
+
+    def standing() -> Standing:
+        return Standing(out, run.on_disk if run else 0, run.total if run else 0, resume_out or out.root)
     with stop_on_signals():
         try:
             with OutLock(out.lock) as lock:
@@ -84,7 +117,9 @@ def running(out: OutDir, interrupted: type[JobInterrupted] = JobInterrupted) -> 
                         out.root.rmdir()
                     raise
         except KeyboardInterrupt as e:
-            raise interrupted(signal_number(e), out, run.on_disk if run else 0, run.total if run else 0) from None
+            raise JobInterrupted(signal_number(e), standing()) from None
+        except ShardFailed as e:
+            raise JobFailed(str(e), standing()) from e
 
 
 def recover(out: OutDir, lock: OutLock) -> None:

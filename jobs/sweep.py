@@ -7,7 +7,7 @@ up after a driver that was killed there (its local Ray's processes, temp files),
 prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
 each as one parquet file (and its size, rows and SHA-256 into the manifest) the moment it returns, so
 an interrupted sweep resumes where it stopped and never trusts a damaged file. SIGINT and SIGTERM stop
-it cleanly (`SweepInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
+it cleanly (`jobs.resumable.JobInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
 computes statistics, figures and the W&B run.
 """
 
@@ -35,7 +35,7 @@ from jobs.storage import (
     write_parquet_atomic,
 )
 from jobs.pool import run_recorded, worker_pool
-from jobs.resumable import JobInterrupted, recover, reset_untrusted, running
+from jobs.resumable import recover, reset_untrusted, running
 from jobs.weight_diff import check_weight_diff
 from jobs.worker import Shard, ShardScorer
 from verif.design.conditions import Ablation, Condition, build_conditions
@@ -52,10 +52,6 @@ from verif.task.validator import validate
 
 class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
-
-
-class SweepInterrupted(JobInterrupted):
-    """SIGINT/SIGTERM stopped the sweep after cleanup; what is on disk stays, `--resume` continues."""
 
 
 @dataclass
@@ -393,13 +389,14 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
 
     OUT and every input are checked before anything is created there (`jobs.inputs.check_out_dir`,
     `prepare`; a second driver into the same folder is refused at once); then OUT's lock is held
-    throughout. SIGINT and SIGTERM stop it cleanly: `SweepInterrupted` says how many shards are on disk.
+    throughout. SIGINT and SIGTERM stop it cleanly, and shards that fail past their retries end it with one line
+    (`jobs.resumable.running`).
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
     check_out_dir(out, resume)
     plan = prepare(cfg)
-    with running(out, SweepInterrupted) as job:
+    with running(out) as job:
         job.total = len(plan.shards)
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out)

@@ -37,7 +37,6 @@ Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -52,7 +51,8 @@ import numpy as np
 import polars as pl
 
 from jobs.config import Config, config_from_dict
-from jobs.storage import OutDir
+from jobs.errors import InputError
+from jobs.storage import OutDir, read_manifest
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
@@ -486,9 +486,22 @@ def _results_artifact(name: str, out: OutDir):
 
 
 def relog(out_root: str | Path, mode: str | None = None) -> str | None:
-    """Log a finished sweep folder again from its files (after a W&B failure, or to go online)."""
+    """Log a finished sweep folder again from its files (after a W&B failure, or to go online).
+
+    Other jobs' folders and unfinished sweeps are refused with what to do instead."""
     out = OutDir(out_root)
-    cfg = config_from_dict(json.loads(out.manifest.read_text())["config"])
+    if not out.manifest.is_file():
+        raise InputError(f"--relog {out.root}: no {out.manifest.name} there; give the --out folder of a finished sweep")
+    manifest = read_manifest(out)
+    job = manifest.get("job", "sweep")
+    if job != "sweep":
+        raise InputError(f"--relog {out.root}: it holds a {job} job's output and --relog re-logs sweeps; run the "
+                         f"{job} job again with --resume and the same --out (its shards are on disk, so only its "
+                         "outputs and W&B run are made again)")
+    if "finished" not in manifest:
+        raise InputError(f"--relog {out.root}: the sweep there has not finished; continue it with --sweep --resume "
+                         f"--out {out.root}")
+    cfg = config_from_dict(manifest["config"])
     if mode:
         cfg = cfg.replace(wandb=dataclasses.replace(cfg.wandb, mode=mode))
     results, prompts = out.read_results(), pl.read_parquet(out.prompts)

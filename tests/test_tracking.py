@@ -102,7 +102,8 @@ def _write_out(root: Path, mode: str = "offline") -> tuple[Config, OutDir, dict[
         path = out.figures / f"{name}.png"
         Image.new("RGB", (8 + i, 8), (i * 100, 0, 0)).save(path)
         figures.append(path)
-    write_json_atomic({"config": cfg.to_dict()}, out.manifest)
+    write_json_atomic({"job": "sweep", "config": cfg.to_dict(), "shards": {}, "finished": "2026-11-27T06:00:00+0000"},
+                      out.manifest)
     return cfg, out, tables, figures
 
 
@@ -341,6 +342,23 @@ def test_relog_from_files(tmp_path):
     _assert_summary_logged(run["summary"], tables["summary"])
     assert [a["type"] for a in run["artifacts"]].count(tracking.ARTIFACT_TYPE) == 1
     assert "figures/m1__before_after" in run["history"][0]
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "no manifest.json there; give the --out folder of a finished sweep"),
+    ({"job": "discover", "finished": "x"}, "it holds a discover job's output and --relog re-logs sweeps; run the "
+                                           "discover job again with --resume"),
+    ({"job": "sweep"}, "the sweep there has not finished; continue it with --sweep --resume --out {out}"),
+])
+def test_relog_refuses_what_it_cannot_log(tmp_path, capsys, manifest, message):
+    out = OutDir(tmp_path / "OUT")
+    out.root.mkdir()
+    if manifest is not None:
+        write_json_atomic({"config": Config().to_dict(), "shards": {}, **manifest}, out.manifest)
+    assert launch.main(["--relog", str(out.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --relog {out.root}: {message.format(out=out.root)}") and err.count("\n") == 1
+    assert not (out.root / "wandb").exists()
 
 
 def test_log_weight_diff(tmp_path):
