@@ -187,6 +187,9 @@ class RayConfig:
     resources_per_worker: dict = field(default_factory=dict, metadata={
         "doc": "Custom Ray resources per actor, e.g. {accelerator_h100: 1} to pin workers to nodes started "
                "with `ray start --resources`; {} = none.", "check": _resources})
+    restart_timeout: float = doc("Seconds a job waits for Ray to restart a lost worker (on a node with room, its "
+                                 "model loaded again) while no other worker is left; then it stops with what is on "
+                                 "disk and the command that resumes.", 600, at_least(1))
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ class RayExecutor:
     """
 
     def __init__(self, worker_cls: type[ModelWorker], spec: WorkerSpec, method: str, n_workers: int, cpus: float,
-                 gpus: float, resources: dict[str, float], max_attempts: int):
+                 gpus: float, resources: dict[str, float], max_attempts: int, restart_timeout: float):
         import ray
 
         start = time.perf_counter()
@@ -165,6 +165,7 @@ class RayExecutor:
         self.startup_seconds = time.perf_counter() - start
         self.where = [{k: w[k] for k in ("node_id", "host", "pid")} for w in self.workers]
         self.max_attempts = max_attempts
+        self.restart_timeout = restart_timeout
         self.retried: list[dict] = []  # one record per retried shard (see _retry_record)
 
     @staticmethod
@@ -196,8 +197,17 @@ class RayExecutor:
         probing: dict = {}  # ref -> worker: waiting for a restarted actor to answer
         later: list[tuple[float, int]] = []  # (time, worker): probe again then
         failed: dict[int, tuple] = {}  # worker -> (shard, where it was, error), described once it is back
+        stalled = None  # since when every worker is lost and waiting for Ray to restart it
         while queue or scoring:
             now = time.monotonic()
+            if scoring or idle:
+                stalled = None
+            elif stalled is None:
+                stalled = now
+            elif now - stalled > self.restart_timeout:  # a restart with no node to go to waits forever
+                raise ShardFailed(f"no worker left to run {len(queue)} shards: Ray has not restarted a lost worker "
+                                  f"in {self.restart_timeout:g} s (ray.restart_timeout); `ray status` shows whether "
+                                  "a node has room for one")
             for t, w in [x for x in later if x[0] <= now]:
                 later.remove((t, w))
                 probing[self.actors[w].ready.remote()] = w

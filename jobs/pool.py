@@ -51,6 +51,22 @@ def resolve_workers(r: RayConfig) -> int:
     return int(gpus // r.gpus_per_worker)
 
 
+def check_room(r: RayConfig) -> None:
+    """Some node of the cluster can hold a worker; Ray would otherwise wait for one forever (a GPU asked
+    for on a machine without one, a resource no node was started with)."""
+    import ray
+
+    need = {k: v for k, v in {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources_per_worker}.items()
+            if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(res.get(k, 0) >= v for k, v in need.items()) for res in nodes):
+        return
+    have = "; ".join(", ".join(f"{k} {res.get(k, 0):g}" for k in need) for res in nodes)
+    wants = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    raise InputError(f"ray: no node of the cluster can hold a worker, which needs {wants} (ray.cpus_per_worker, "
+                     f"ray.gpus_per_worker, ray.resources_per_worker); its {len(nodes)} node(s) have: {have}")
+
+
 class WorkerStartError(InputError):
     """Workers could not start: the model did not load, or its fast path failed the self-check."""
 
@@ -88,7 +104,8 @@ class WorkerPool:
                 r = self.ray
                 try:
                     executor = RayExecutor(worker_cls, spec, method, self.n_workers, r.cpus_per_worker,
-                                           r.gpus_per_worker, r.resources_per_worker, max_attempts)
+                                           r.gpus_per_worker, r.resources_per_worker, max_attempts,
+                                           r.restart_timeout)
                 except RayActorError as e:
                     raise _start_failure(spec.model, e) from e
         except (SelfCheckError, OSError) as e:
@@ -116,6 +133,7 @@ def worker_pool(r: RayConfig, out: OutDir, cpus_per_worker_needed: float | None 
                 local_ray.record(out.ray_processes)
             pool.startup_seconds += time.perf_counter() - t
             pool.n_workers = resolve_workers(r)
+            check_room(r)
         yield pool
     finally:
         if started:

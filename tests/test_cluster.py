@@ -36,6 +36,8 @@ from polars.testing import assert_frame_equal
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from jobs.config import load_config
+from jobs.errors import InputError
+from jobs.resumable import JobFailed
 from jobs.storage import OutDir
 from jobs.sweep import run_sweep
 from jobs.weight_diff import CheckpointNotOnNode, run_weight_diff
@@ -116,7 +118,7 @@ def cluster(tmp_path_factory, seed_model_dir, checkpoints):
         started = [p for n in (c.head_node, *workers) for p in _node_processes(n)]
         try:
             yield SimpleNamespace(cluster=c, address=c.address, head=c.head_node, workers=workers,
-                                  driver_only=driver_only, audit=audit, root=root)
+                                  driver_only=driver_only, audit=audit, root=root, node_env=node_env)
         finally:
             import ray
 
@@ -292,6 +294,40 @@ def test_node_lost_mid_sweep(env, tmp_path):
     assert manifest(out)["shards"][retried["shard"]]["node_id"] != lost["node_id"]  # re-ran elsewhere
     text = "\n".join(report.lines())
     assert f"shard {retried['shard']} retried: node lost (node {lost['node_id']}" in text
+
+
+def test_a_worker_no_node_can_hold_is_refused_at_once(env, tmp_path):
+    """Ray would wait forever for room for such a worker; the job says so before any shard."""
+    with pytest.raises(InputError, match=r"^ray: no node of the cluster can hold a worker, which needs CPU 1, "
+                                         r"fake_gpu 2 \(ray.cpus_per_worker, .*node\(s\) have: CPU 1, fake_gpu 1; "):
+        run_sweep(_cluster_cfg(env, tmp_path / "OUT", "ray.resources_per_worker={fake_gpu: 2}"))
+    assert not done_shards(tmp_path / "OUT")
+
+
+def test_a_lost_worker_with_no_room_to_restart_stops_the_job(env, tmp_path):
+    """The only worker's node is lost and no other node has its resource: Ray cannot restart it, so after
+    ray.restart_timeout the job stops with one line saying what is on disk and how to continue."""
+    out = tmp_path / "OUT"
+    lonely = env.cluster.add_node(num_cpus=1, resources={"lonely": 1}, include_dashboard=False,
+                                  env_vars=env.node_env("lonely"))
+    env.cluster.wait_for_nodes()
+
+    def lose_it():
+        first = wait_for(lambda: list(done_shards(out).values()), "a shard from the lonely node")[0]
+        os.kill(first["pid"], signal.SIGSTOP)  # holds its next shard until the node goes
+        env.cluster.remove_node(lonely)
+
+    watcher = _in_thread(lose_it)
+    cfg = _cluster_cfg(env, out, "ray.workers=1", "ray.resources_per_worker={lonely: 1}", "ray.restart_timeout=3")
+    with pytest.raises(JobFailed) as info:
+        run_sweep(cfg)
+    watcher.join()
+    assert not watcher.errors, watcher.errors
+    on_disk = len(done_shards(out))
+    assert 1 <= on_disk < N_SHARDS
+    line = info.value.line(["launch.py", "--sweep"])
+    assert line.startswith("no worker left to run ") and "Ray has not restarted a lost worker in 3 s" in line
+    assert f"{on_disk} of {N_SHARDS} shards are on disk in {out}; continue with: " in line and line.endswith(f"--out {out}")
 
 
 # ---------------------------------------------------------------------------------------------- ray job submit
