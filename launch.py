@@ -25,6 +25,7 @@ import sys
 from jobs import config, inputs
 from jobs.errors import InputError
 from jobs.resumable import JobFailed, JobInterrupted
+from jobs.storage import OutDir
 
 EXIT_INPUT = 2  # bad input, as argparse exits for a bad command line
 
@@ -98,10 +99,12 @@ def _command_line(argv: list[str] | None) -> list[str]:
 
 def _generate(args: argparse.Namespace) -> int:
     """The generate job; its folder is --out, else runs/<name>-generate (never the sweep's)."""
-    cfg = config.load_config(args.config, args.overrides, args.out)
-    from jobs.generate import default_out, run_generate
+    cfg = config.load_config(args.config, args.overrides)
+    cfg = cfg.replace(out=args.out or config.generate_out(cfg))
+    inputs.check_out_dir(OutDir(cfg.out), args.resume, "generate")  # before the seconds of imports below
+    from jobs.generate import run_generate
 
-    print("\n".join(run_generate(cfg if args.out else cfg.replace(out=default_out(cfg)), resume=args.resume).lines()))
+    print("\n".join(run_generate(cfg, resume=args.resume).lines()))
     return 0
 
 
@@ -129,6 +132,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _discover(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
+    inputs.check_out_dir(OutDir(cfg.out).discovery, args.resume, "discover")  # before the imports below
     from jobs.discover import run_discovery
 
     print("\n".join(run_discovery(cfg, resume=args.resume).lines()))

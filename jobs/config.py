@@ -426,6 +426,11 @@ def _read_yaml(path: Path) -> dict:
     return loaded
 
 
+def generate_out(cfg: Config) -> str:
+    """Where `--generate` writes without `--out`: beside the sweep's folder (runs/<name>-generate), never in it."""
+    return str(Path("runs") / f"{cfg.name}-generate")
+
+
 def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
     """Defaults <- `values` <- `--set` overrides, validated (also reads a manifest's saved config)."""
     merged = _merge(Config().to_dict(), values, Config)

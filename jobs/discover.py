@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,11 +68,6 @@ SHARD_SCHEMA = {
 
 class DiscoveryError(InputError):
     """A discovery that cannot start or continue, with the reason in the message."""
-
-
-def discovery_out(cfg: Config) -> OutDir:
-    """The discovery's folder: OUT/discovery."""
-    return OutDir(Path(cfg.out) / "discovery")
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +425,7 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
     it with one line saying how many shards are on disk and how to continue (`jobs.resumable.running`).
     """
     start = time.perf_counter()
-    out = discovery_out(cfg)
+    out = OutDir(cfg.out).discovery
     check_out_dir(out, resume, "discover")
     plan = prepare(cfg)
     with running(out, resume_out=out.root.parent) as job:

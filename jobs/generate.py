@@ -71,11 +71,6 @@ class ShardGenerator(ModelWorker):
         return generate(self.loaded, prompts, first_index=shard.problem_ids[0], **settings).samples
 
 
-def default_out(cfg: Config) -> str:
-    """Where `--generate` writes without `--out`: beside the sweep's folder, never in it."""
-    return str(Path("runs") / f"{cfg.name}-generate")
-
-
 def generation_settings(cfg: Config) -> dict:
     """The keyword arguments of `verif.model.generate.generate` that `generate.*` sets."""
     g = cfg.generate

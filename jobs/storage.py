@@ -66,6 +66,8 @@ class OutDir:
     generations = property(lambda self: self.root / "generations.parquet")
     attempts = property(lambda self: self.root / "attempts.parquet")
     compare = property(lambda self: self.root / "compare")
+    # The discovery job's own folder inside OUT (jobs.discover), laid out like any job's.
+    discovery = property(lambda self: OutDir(self.root / "discovery"))
 
     @property
     def weight_diff_files(self) -> tuple[Path, ...]:

@@ -143,6 +143,11 @@ CASES = [
     Case("resume-without-folder", sweep("--resume"), ("--resume: nothing to resume in {out}",), out="{new}"),
     Case("out-non-empty-without-sweep", sweep(), ("{files}/notes is not empty and holds no sweep", "todo.txt"),
          out="{files}/notes"),
+    # the other sharded jobs check their folders as early (OUT/discovery for --discover)
+    Case("discover-resume-without-folder", ("--discover", "--set", "model.path={model}", "--resume"),
+         ("--resume: nothing to resume in {out}/discovery",), out="{new}"),
+    Case("generate-out-non-empty", ("--generate", "--set", "model.path={model}"),
+         ("{files}/notes is not empty and holds no generate", "todo.txt"), out="{files}/notes"),
     Case("target-heads-L-1", sweep("--set", "ablation.target_heads=L-1 H3"), ("ablation.target_heads", "'L-1'")),
     Case("target-heads-garbage", sweep("--set", "ablation.target_heads=garbage"),
          ("ablation.target_heads", "'garbage'")),
