@@ -13,7 +13,9 @@ or check a configuration.
 The jobs are imported only once the configuration, the output folder and the prompt file are
 checked: they pull in torch, transformers and Ray (seconds), and a typo should cost a fraction of one.
 Bad input (`jobs.errors.InputError`, and a command line argparse refuses) is one line on stderr and
-exit code 2; a traceback means a bug (`--debug` shows one for bad input too).
+exit code 2; a traceback means a bug (`--debug` shows one for bad input too). A sharded job that stops
+early (SIGINT/SIGTERM: exit 128 + the signal; shards that failed on every attempt: exit 1) prints one
+line: how many shards are on disk and the command that continues it.
 """
 
 from __future__ import annotations
