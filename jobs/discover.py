@@ -336,7 +336,7 @@ def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
         head_maps=head_scores, neuron_maps=neuron_maps, probes=probes,
         sets=sets.select(pl.lit(name).alias("model"), pl.all()),
         objective_attribution=float(scan.mean("log_odds")), objective_engine=float(set_sums.mean("log_odds")),
-        probe_note=probe_note,
+        n_controls=d.controls, probe_note=probe_note,
     )
 
 

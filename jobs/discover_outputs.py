@@ -43,6 +43,7 @@ class Findings:
     sets: pl.DataFrame  # sets.parquet rows, model column first
     objective_attribution: float  # M as the attribution pass computed it
     objective_engine: float  # M as the engine computed it (the sets step's baseline)
+    n_controls: int  # random sets per size and kind (discover.controls): p_empirical >= 1 / (n_controls + 1)
     probe_note: str | None = None
 
     @property
@@ -104,8 +105,9 @@ class Findings:
                 lines.append(f"  best {kind} set: none (no set has a p-value)")
                 continue
             lines.append(f"  best {kind} set: top {best['k']} by {best['ranking']}, delta {best['delta']:+.4f} nats "
-                         f"(random sets {best['null_mean']:+.4f} +- {best['null_std'] or 0:.4f}), p_empirical "
-                         f"{best['p_empirical']:.3f}: {_shorten(best['components'])}")
+                         f"({self.n_controls} random sets {best['null_mean']:+.4f} +- {best['null_std'] or 0:.4f}), "
+                         f"p_empirical {best['p_empirical']:.3f} (the least possible: {1 / (self.n_controls + 1):.3f}): "
+                         f"{_shorten(best['components'])}")
         return lines
 
     def probe_summary(self) -> str:

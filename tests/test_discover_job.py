@@ -103,6 +103,8 @@ def test_files_columns_and_printed_report(finished):
                              + [f"{model}__atp_vs_exact.png", f"{model}__effect_vs_k_head.png",
                                 f"{model}__effect_vs_k_neuron.png"])
     assert "top heads by |exact|" in printed and "top neurons by |atp|" in printed
+    # discover.controls=3: each best set's p-value is read against 3 random sets, so it is at least 1/4
+    assert printed.count("(3 random sets ") == 2 and printed.count("(the least possible: 0.250)") == 2
     assert str(out / "discovery" / "heads.parquet") in printed and "target.yaml" in printed
 
 
