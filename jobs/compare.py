@@ -36,12 +36,12 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.lock import OutLock
 from jobs.storage import OutDir, package_versions, write_json_atomic, write_parquet_atomic
-from jobs.sweep import PromptSource, build_prompts, check_tokens
+from jobs.sweep import PromptSource, build_prompts, check_tokens, resolve_models
 from jobs.tracking import log_compare
 from verif.analysis.compare import SIDES, Comparison, compare_models, plot_comparison, summarize_comparison
 from verif.design.neurons import Neuron, format_neurons, parse_neurons, validate_neurons
 from verif.model.arch import Arch
-from verif.model.loading import LoadedModel, ModelSource, load_model, read_arch, resolve_source
+from verif.model.loading import LoadedModel, ModelSource, load_model
 
 # Prompt groups summarised separately: every attempt, then by our validator's label.
 ATTEMPT_GROUPS = {"all": None, "correct": True, "incorrect": False}
@@ -101,11 +101,7 @@ def prepare_compare(cfg: Config) -> ComparePlan:
     if len(paths) != 2:
         raise CompareError(f"model.path: --compare needs exactly two models (a, b), got {len(paths)} "
                            f"({', '.join(paths)}); e.g. --set 'model.path=[BASE, TUNED]'")
-    try:
-        sources = tuple(resolve_source(p) for p in paths)
-        archs = [read_arch(s) for s in sources]
-    except (OSError, ValueError) as e:
-        raise CompareError(str(e)) from e
+    sources, archs = resolve_models(paths, distinct=False)  # a model against itself is a check
     for f in SHAPE_FIELDS:
         if getattr(archs[0], f) != getattr(archs[1], f):
             raise CompareError(f"model.path: the models differ in {f} ({getattr(archs[0], f)} vs "
@@ -115,7 +111,7 @@ def prepare_compare(cfg: Config) -> ComparePlan:
         prompts, prompt_source, _ = build_prompts(cfg)
     except ValueError as e:
         raise CompareError(str(e)) from e
-    tokenizers = list(check_tokens(list({s.spec: s for s in sources}.values()), cfg).values())  # a path given twice: once
+    tokenizers = check_tokens(list({s.spec: s for s in sources}.values()), cfg)  # a path given twice: once
     if len(tokenizers) == 2 and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
         raise CompareError(f"model.path: {paths[0]!r} and {paths[1]!r} have different tokenizers; the same prompts "
                            "must be the same token ids in both")

@@ -44,7 +44,7 @@ from jobs.inputs import check_out_dir
 from jobs.pool import WorkerPool, run_recorded, worker_pool
 from jobs.resumable import recover, reset_untrusted, running
 from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.sweep import PromptSource, build_prompts, check_tokens
+from jobs.sweep import PromptSource, build_prompts, check_tokens, resolve_models
 from jobs.tracking import log_discovery
 from verif.analysis.discovery.attention import target_spans
 from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
@@ -54,7 +54,7 @@ from verif.analysis.discovery.sets import plan_sets, sets_table
 from verif.analysis.discovery.sums import PromptSums, combine
 from verif.analysis.discovery.tables import exact_map
 from verif.design.conditions import Ablation
-from verif.model.loading import Arch, ModelSource, read_arch, resolve_source
+from verif.model.loading import Arch, ModelSource
 
 # Keys that change no number of a discovery: allowed to differ on --resume (the target set, the
 # weight diff and the sweep's condition groups are no input of it).
@@ -124,14 +124,8 @@ def plan_shards(names: list[str], prompt_ids: list[int], objective: list[int], p
 def prepare(cfg: Config) -> DiscoveryPlan:
     """Every check that can fail, before any weights load; returns the plan."""
     d = cfg.discover
-    try:
-        sources = [resolve_source(p) for p in cfg.model.paths]
-        archs = [read_arch(s) for s in sources]
-    except (OSError, ValueError) as e:
-        raise DiscoveryError(str(e)) from e
+    sources, archs = resolve_models(cfg.model.paths)
     names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise DiscoveryError(f"model.path: two models share the name {names}; give distinct paths")
     try:
         prompts, prompt_source, _ = build_prompts(cfg)
     except ValueError as e:

@@ -35,11 +35,11 @@ from jobs.inputs import check_out_dir
 from jobs.pool import run_recorded, worker_pool
 from jobs.resumable import recover, reset_untrusted, running
 from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.sweep import check_tokens
+from jobs.sweep import check_tokens, resolve_models
 from jobs.tracking import log_generate
 from jobs.worker import ModelWorker
 from verif.model.generate import FINISH_REASONS, Sample, generate
-from verif.model.loading import ModelSource, read_arch, resolve_source
+from verif.model.loading import ModelSource
 from verif.task.cot import AttemptTable
 from verif.task.countdown import generate_problems
 from verif.task.prompt_file import load_problems, load_prompt_file
@@ -124,11 +124,7 @@ def prepare_generation(cfg: Config) -> GeneratePlan:
     if len(paths) != 1:
         raise GenerateError(f"model.path: --generate runs one model, got {len(paths)} ({', '.join(paths)}); "
                             "give one path")
-    try:
-        source = resolve_source(paths[0])
-        read_arch(source)
-    except (OSError, ValueError) as e:
-        raise GenerateError(str(e)) from e
+    (source,), _ = resolve_models(paths)
     if g.n > 1 and not g.do_sample:
         raise GenerateError(f"generate.n {g.n}: greedy decoding gives {g.n} identical samples; set "
                             "generate.do_sample: true to draw several, or generate.n: 1")

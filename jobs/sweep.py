@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -191,9 +192,23 @@ def _numbered(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
 
 
-def check_tokens(sources: list[ModelSource], cfg: Config) -> dict[str, object]:
-    """Every model's tokenizer (no weights) by model name, its Yes/No variants checked to be single tokens."""
-    found = {}
+def resolve_models(paths: Sequence[str], distinct: bool = True) -> tuple[list[ModelSource], list[Arch]]:
+    """Each `model.path` entry's source and architecture, from its config alone (no weights). With
+    `distinct`, no two may share a name: a job's rows and files are keyed by it."""
+    try:
+        sources = [resolve_source(p) for p in paths]
+        archs = [read_arch(s) for s in sources]
+    except (OSError, ValueError) as e:
+        raise SweepError(str(e)) from e
+    names = [s.name for s in sources]
+    if distinct and len(set(names)) != len(names):
+        raise SweepError(f"model.path: two models share the name {names}; give distinct paths")
+    return sources, archs
+
+
+def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
+    """Each source's tokenizer (no weights), in order, its Yes/No variants checked to be single tokens."""
+    found = []
     for src in sources:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:
@@ -204,7 +219,7 @@ def check_tokens(sources: list[ModelSource], cfg: Config) -> dict[str, object]:
             resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
         except ValueError as e:
             raise SweepError(f"{e} (model {src.spec!r})") from e
-        found[src.name] = tok
+        found.append(tok)
     return found
 
 
@@ -244,14 +259,8 @@ def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[
 
 def prepare(cfg: Config) -> SweepPlan:
     """Every check that can fail, before any weights load; returns the full plan."""
-    try:
-        sources = [resolve_source(p) for p in cfg.model.paths]
-        archs = [read_arch(s) for s in sources]
-    except (OSError, ValueError) as e:
-        raise SweepError(str(e)) from e
+    sources, archs = resolve_models(cfg.model.paths)
     names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise SweepError(f"model.path: two models share the name {names}; give distinct paths")
     ab = cfg.ablation
     shapes = {(a.n_layers, a.n_heads) + ((a.n_neurons,) if ab.target_neurons else ()) for a in archs}
     if len(shapes) > 1:
@@ -274,7 +283,7 @@ def prepare(cfg: Config) -> SweepPlan:
         prompts, prompt_source, where = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
-    tokenizers = check_tokens(sources, cfg)
+    tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
     prompts, prompt_source = _limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)

@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 import launch
 from jobs import tracking
@@ -119,3 +120,18 @@ def test_a_neurons_file_without_neurons_is_refused(seed_model_dir, tmp_path):
                       str(tmp_path / "OUT"))
     with pytest.raises(CompareError, match="has no ablation.target_neurons"):
         run_compare(cfg)
+
+
+def test_models_of_one_name_with_different_tokenizers_are_refused(seed_model_dir, tmp_path):
+    """Two folders both called `model` (their names collide; their paths do not): the tokenizers are
+    still compared, one per path, and a vocabulary that differs by one token is refused."""
+    a, b = tmp_path / "base" / "model", tmp_path / "tuned" / "model"
+    for folder in (a, b):
+        shutil.copytree(seed_model_dir, folder)
+    tok = AutoTokenizer.from_pretrained(b)
+    tok.add_tokens(["<verif_extra>"])
+    tok.save_pretrained(b)
+    cfg = load_config(None, _overrides(a, b), str(tmp_path / "OUT"))
+    with pytest.raises(CompareError, match=rf"model.path: '{a}' and '{b}' have different tokenizers"):
+        run_compare(cfg)
+    assert not (tmp_path / "OUT").exists()
