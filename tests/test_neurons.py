@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
+from verif.design.components import canonical
 from verif.design.conditions import Ablation, Condition, build_conditions
 from verif.design.heads import random_head_sets
 from verif.design.neurons import (
-    canonical_neurons,
     format_neurons,
     parse_neurons,
     random_neuron_sets,
@@ -65,7 +65,7 @@ def test_parse_neurons_refuses_other_spellings(bad):
 
 
 def test_canonical_and_format():
-    assert canonical_neurons([(21, 77), (20, 1234), (21, 77)]) == ((20, 1234), (21, 77))
+    assert canonical([(21, 77), (20, 1234), (21, 77)]) == ((20, 1234), (21, 77))
     assert format_neurons([(21, 77), (20, 1234)]) == "L20 N1234, L21 N77"
 
 
@@ -85,7 +85,7 @@ def test_random_neuron_sets_reproducible_distinct_and_sized():
     assert a == random_neuron_sets(30, 5, 36, 11008, seed=3)
     assert a != random_neuron_sets(30, 5, 36, 11008, seed=4)
     assert len(set(a)) == 30
-    assert all(len(s) == 5 and s == canonical_neurons(s) for s in a)
+    assert all(len(s) == 5 and s == canonical(s) for s in a)
     assert all(0 <= layer < 36 and 0 <= i < 11008 for s in a for layer, i in s)
 
 

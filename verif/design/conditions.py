@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from verif.design.heads import Head, HeadSet, canonical, format_heads, random_head_sets
-from verif.design.neurons import NeuronSet, canonical_neurons, format_neurons, random_neuron_sets
+from verif.design.components import canonical
+from verif.design.heads import Head, HeadSet, format_heads, random_head_sets
+from verif.design.neurons import NeuronSet, format_neurons, random_neuron_sets
 
 SWEEPS = ("layer", "single_head")
 # Neuron controls draw from their own stream, so adding neurons to a target leaves its head controls
@@ -33,8 +34,8 @@ class Ablation:
     neurons: NeuronSet = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", canonical((int(a), int(b)) for a, b in self.heads))
-        object.__setattr__(self, "neurons", canonical_neurons(self.neurons))
+        object.__setattr__(self, "heads", canonical(self.heads))
+        object.__setattr__(self, "neurons", canonical(self.neurons))
 
     @classmethod
     def of(cls, item: Ablation | Iterable[Head]) -> Ablation:

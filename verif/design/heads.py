@@ -2,7 +2,8 @@
 
 Researchers write heads the way papers print them (`L3 H13`), the way notebooks print them (`3.13`),
 or as YAML pairs (`[3, 13]`). Everything is normalised to a sorted tuple of `(layer, head)` pairs so
-that the same set always gets the same id, whatever order or spelling it was written in.
+that the same set always gets the same id, whatever order or spelling it was written in (the parsing,
+canonical form and validation neuron sets share: `verif.design.components`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from verif.design.components import Kind, canonical
+
 Head = tuple[int, int]
 HeadSet = tuple[Head, ...]
-
-_TOKEN = re.compile(r"^(?:[Ll](\d+)\s*[Hh](\d+)|(\d+)\.(\d+))$")
-# Split on commas, semicolons and newlines; inside one item, `L3 H13` keeps its space.
-_ITEM_SPLIT = re.compile(r"[,;\n]+")
-_SPACED_PAIR = re.compile(r"[Ll]\d+\s+[Hh]\d+")
 
 # The 29 heads of Qwen2.5-3B that the study zero-ablates (MISSION.md), layers and heads from 0.
 STUDY_HEADS_TEXT = (
@@ -28,68 +26,26 @@ STUDY_HEADS_TEXT = (
 )
 
 
-def _parse_token(token: str) -> Head:
-    m = _TOKEN.match(token.strip())
-    if not m:
-        raise ValueError(
-            f"cannot parse head {token!r}: write heads as 'L3 H13', 'L3H13', '3.13' or [3, 13]"
-        )
-    layer, head = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-    return int(layer), int(head)
-
-
-def _text_tokens(text: str) -> list[str]:
-    tokens: list[str] = []
-    for item in _ITEM_SPLIT.split(text):
-        item = item.strip()
-        if not item:
-            continue
-        # `L3 H13 L4 H5` (space separated pairs) and `3.13 4.5` both split on whitespace between pairs.
-        pairs = _SPACED_PAIR.findall(item)
-        rest = _SPACED_PAIR.sub(" ", item).split()
-        tokens.extend(pairs + rest)
-    return tokens
+HEADS = Kind(
+    noun="head", letter="H", per_layer="heads per layer",
+    token=re.compile(r"^(?:[Ll](\d+)\s*[Hh](\d+)|(\d+)\.(\d+))$"),
+    spellings="'L3 H13', 'L3H13', '3.13' or [3, 13]", example="'L3 H13'",
+)
 
 
 def parse_heads(spec: str | Iterable) -> list[Head]:
     """Parse a head set in any accepted spelling, keeping the order given (duplicates kept, see validate)."""
-    if isinstance(spec, str):
-        return [_parse_token(t) for t in _text_tokens(spec)]
-    heads: list[Head] = []
-    for item in spec:
-        if isinstance(item, str):
-            heads.extend(parse_heads(item))
-        elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(v, int) for v in item):
-            heads.append((int(item[0]), int(item[1])))
-        else:
-            raise ValueError(f"cannot parse head {item!r}: expected [layer, head] or a string like 'L3 H13'")
-    return heads
-
-
-def canonical(heads: Iterable[Head]) -> HeadSet:
-    """Sorted, duplicate-free form: the identity of a head set."""
-    return tuple(sorted(set(heads)))
+    return HEADS.parse(spec)
 
 
 def format_heads(heads: Iterable[Head]) -> str:
     """Canonical text form, e.g. 'L3 H13, L4 H0'."""
-    return ", ".join(f"L{layer} H{head}" for layer, head in canonical(heads))
+    return HEADS.format(heads)
 
 
 def validate_heads(heads: Sequence[Head], n_layers: int, n_heads: int, what: str = "head set") -> HeadSet:
     """Check every head against the model's shape and refuse duplicates; returns the canonical set."""
-    errors = []
-    for layer, head in heads:
-        if not 0 <= layer < n_layers:
-            errors.append(f"L{layer} H{head}: model has {n_layers} layers (0-{n_layers - 1})")
-        elif not 0 <= head < n_heads:
-            errors.append(f"L{layer} H{head}: model has {n_heads} heads per layer (0-{n_heads - 1})")
-    dupes = [h for h, c in Counter(heads).items() if c > 1]
-    if dupes:
-        errors.append(f"duplicate heads: {format_heads(dupes)}")
-    if errors:
-        raise ValueError(f"{what}: " + "; ".join(errors))
-    return canonical(heads)
+    return HEADS.validate(heads, n_layers, n_heads, what)
 
 
 def random_head_sets(
