@@ -117,7 +117,7 @@ class WorkerPool:
 
 
 @contextmanager
-def worker_pool(r: RayConfig, out: OutDir, cpus_per_worker_needed: float | None = None) -> Iterator[WorkerPool]:
+def worker_pool(r: RayConfig, out: OutDir) -> Iterator[WorkerPool]:
     """Start or join Ray for a job (nothing with `ray.workers: 0`); shut down what was started."""
     pool = WorkerPool(r, out)
     started = False
@@ -126,7 +126,7 @@ def worker_pool(r: RayConfig, out: OutDir, cpus_per_worker_needed: float | None 
             t = time.perf_counter()
             local = started_local_ray(r.address)
             wanted = r.workers if isinstance(r.workers, int) else 1
-            started = init_ray(r.address, worker_env(), wanted * (cpus_per_worker_needed or r.cpus_per_worker),
+            started = init_ray(r.address, worker_env(), wanted * r.cpus_per_worker,
                                str(config_mod.REPO_ROOT))
             pool.local = local and started
             if pool.local:

@@ -51,7 +51,7 @@ class JobInterrupted(Interrupted):
 
 
 class JobFailed(RuntimeError):
-    """Shards failed on every attempt, or no worker is left (`jobs.executors.ShardFailed`): not bad input
+    """Shards failed on every attempt, or no worker is left (`jobs.errors.ShardFailed`): not bad input
     and not a bug in the job, so one line, not a traceback; what is on disk stays, `--resume` continues."""
 
     exit_code = 1
@@ -105,6 +105,7 @@ def running(out: OutDir, resume_out: Path | None = None) -> Iterator[JobRun]:
 
     def standing() -> Standing:
         return Standing(out, run.on_disk if run else 0, run.total if run else 0, resume_out or out.root)
+
     with stop_on_signals():
         try:
             with OutLock(out.lock) as lock:
