@@ -26,8 +26,8 @@ import sys
 
 from jobs import config, inputs
 from jobs.errors import InputError
-from jobs.resumable import JobFailed, JobInterrupted
-from jobs.storage import OutDir
+from jobs.runtime.resumable import JobFailed, JobInterrupted
+from jobs.runtime.storage import OutDir
 
 EXIT_INPUT = 2  # bad input, as argparse exits for a bad command line
 
@@ -135,7 +135,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _discover(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
     inputs.check_out_dir(OutDir(cfg.out).discovery, args.resume, "discover")  # before the imports below
-    from jobs.discover import run_discovery
+    from jobs.discover.job import run_discovery
 
     print("\n".join(run_discovery(cfg, resume=args.resume).lines()))
     return 0
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return _fail(str(e))
-    except (JobInterrupted, JobFailed) as e:  # Ray is down, the shards on disk stay (jobs.resumable)
+    except (JobInterrupted, JobFailed) as e:  # Ray is down, the shards on disk stay (jobs.runtime.resumable)
         print(e.line(_command_line(argv)), file=sys.stderr)
         return e.exit_code
 

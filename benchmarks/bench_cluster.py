@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from jobs.config import load_config  # noqa: E402
-from jobs.storage import RESULT_SCHEMA, OutDir, write_json_atomic, write_shard  # noqa: E402
+from jobs.runtime.storage import RESULT_SCHEMA, OutDir, write_json_atomic, write_shard  # noqa: E402
 from jobs.sweep import run_sweep  # noqa: E402
 
 STUDY_SHARD = (64, 102)  # prompts x conditions per shard of configs/tinyzero_qwen2.5_3b.yaml

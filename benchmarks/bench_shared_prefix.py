@@ -21,7 +21,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 import benchlib
 from verif.design.conditions import build_conditions

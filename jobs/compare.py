@@ -1,7 +1,7 @@
 """The compare job: the mechanisms of two models on the same prompts (`python launch.py --compare`).
 
 `model.path` lists the two models, a then b (typically the base, then R1). The sweep's prompts
-(`jobs.sweep.build_prompts`: generated attempts or `prompts.file`, in the configured template) go
+(`jobs.prepare.build_prompts`: generated attempts or `prompts.file`, in the configured template) go
 through both, and `verif.analysis.compare` compares them at the last position after every layer.
 Writes OUT/compare/:
 
@@ -34,9 +34,9 @@ import yaml
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.lock import OutLock
-from jobs.storage import OutDir, package_versions, write_json_atomic, write_parquet_atomic
-from jobs.sweep import PromptSource, build_prompts, check_tokens, resolve_models
+from jobs.runtime.lock import OutLock
+from jobs.runtime.storage import OutDir, package_versions, write_json_atomic, write_parquet_atomic
+from jobs.prepare import PromptSource, build_prompts, check_tokens, resolve_models
 from jobs.tracking import log_compare
 from verif.analysis.compare import SIDES, Comparison, compare_models, plot_comparison, summarize_comparison
 from verif.design.neurons import Neuron, format_neurons, parse_neurons, validate_neurons

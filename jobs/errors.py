@@ -1,5 +1,5 @@
 """Errors the command line reports as one line: bad input (exit 2), and shards that failed on every
-attempt (exit 1, with the command that resumes: `jobs.resumable.JobFailed`).
+attempt (exit 1, with the command that resumes: `jobs.runtime.resumable.JobFailed`).
 
 Everything else that goes wrong is a bug and keeps its traceback.
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from jobs.config import Config
-from jobs.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic
 from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
 from verif.analysis import figures, stats

@@ -4,7 +4,7 @@
 every problem, on the sweep's workers (Ray actors, or this process with `ray.workers: 0`), sharded by
 problems. Each shard's samples are written and recorded the moment they return, so an interrupted job
 continues where it stopped (`--resume`, with the sweep's lock, signals and verified shards:
-`jobs.resumable`). Generation is deterministic per run position (`verif.model.generate`) and shards
+`jobs.runtime.resumable`). Generation is deterministic per run position (`verif.model.generate`) and shards
 end where the run's batches end, so a resumed run gives the samples an uninterrupted one gives.
 
 From the shards on disk it then writes
@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.inputs import check_out_dir
-from jobs.pool import run_recorded, worker_pool
-from jobs.resumable import recover, reset_untrusted, running
-from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.sweep import check_tokens, resolve_models
+from jobs.runtime.pool import run_recorded, worker_pool
+from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
+from jobs.prepare import check_tokens, resolve_models
 from jobs.tracking import log_generate
-from jobs.worker import ModelWorker
+from jobs.runtime.worker import ModelWorker
 from verif.model.generate import FINISH_REASONS, Sample, generate
 from verif.model.loading import ModelSource
 from verif.task.cot import AttemptTable
@@ -317,7 +317,7 @@ def run_generate(cfg: Config, resume: bool = False) -> GenerateReport:
     """The whole job: plan, generate the shards not on disk, then write and log the outputs.
 
     Holds OUT's lock throughout; SIGINT, SIGTERM and shards that fail past their retries stop it with
-    one line saying how many shards are on disk and how to continue (`jobs.resumable.running`).
+    one line saying how many shards are on disk and how to continue (`jobs.runtime.resumable.running`).
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)

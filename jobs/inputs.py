@@ -16,8 +16,8 @@ from pathlib import Path
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.lock import refuse_if_locked
-from jobs.storage import OutDir, read_manifest
+from jobs.runtime.lock import refuse_if_locked
+from jobs.runtime.storage import OutDir, read_manifest
 from verif.task.prompt_file import load_prompt_file
 
 

@@ -7,7 +7,7 @@ up after a driver that was killed there (its local Ray's processes, temp files),
 prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
 each as one parquet file (and its size, rows and SHA-256 into the manifest) the moment it returns, so
 an interrupted sweep resumes where it stopped and never trusts a damaged file. SIGINT and SIGTERM stop
-it cleanly (`jobs.resumable.JobInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
+it cleanly (`jobs.runtime.resumable.JobInterrupted`). Once every shard is on disk and checked complete, `jobs.finalize`
 computes statistics, figures and the W&B run.
 """
 
@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from jobs import config as config_mod
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
-from jobs.inputs import TooLong, check_out_dir, check_prompt_file, check_prompt_lengths, token_limits
-from jobs.storage import (
+from jobs.inputs import check_out_dir
+from jobs.prepare import PromptSource, build_prompts, check_tokens, limit_lengths, resolve_models
+from jobs.runtime.pool import run_recorded, worker_pool
+from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.storage import (
     RESULT_SCHEMA,
     OutDir,
     package_versions,
@@ -35,21 +36,12 @@ from jobs.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from jobs.pool import run_recorded, worker_pool
-from jobs.resumable import recover, reset_untrusted, running
+from jobs.runtime.worker import Shard, ShardScorer
 from jobs.weight_diff import check_weight_diff
-from jobs.worker import Shard, ShardScorer
-from verif.design.conditions import Ablation, Condition, build_conditions
+from verif.design.conditions import Condition, Ablation, build_conditions
 from verif.design.heads import parse_heads, validate_heads
 from verif.design.neurons import parse_neurons, validate_neurons
-from verif.model.loading import Arch, ModelSource, read_arch, read_context_length, resolve_source
-from verif.model.score import resolve_yes_no
-from verif.task.cot import ATTEMPT_SCHEMA
-from verif.task.countdown import generate_problems, make_attempts
-from verif.task.prompt_file import load_prompt_file
-from verif.task.prompts import load_template
-from verif.task.validator import validate
-
+from verif.model.loading import Arch, ModelSource
 
 class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
@@ -120,128 +112,6 @@ class SweepReport:
         return lines
 
 
-@dataclass(frozen=True)
-class PromptSource:
-    """Where the attempts came from, for the manifest and the run's first lines."""
-
-    template: str
-    template_digest: str
-    file: str | None = None
-    n_records: int = 0  # rows of prompts.file
-    no_attempt_rows: tuple[int, ...] = ()  # model outputs without any attempt line (reported, not dropped)
-    n_rules_differ: int = 0  # attempts whose text differs between the study's and the remarks rule
-    too_long: tuple[dict, ...] = ()  # prompts left out by prompts.too_long: skip (TooLong.record())
-
-    def lines(self) -> list[str]:
-        text = [f"prompts: template {self.template}"]
-        if self.file:
-            text.append(f"prompts.file {self.file}: {self.n_records} records, {len(self.no_attempt_rows)} without an "
-                        f"attempt line, {self.n_rules_differ} attempts where the study's rule and remarks differ")
-        if self.too_long:
-            first = self.too_long[0]
-            text.append(f"prompts skipped as too long: {len(self.too_long)} (first: {first['where']}, "
-                        f"{first['tokens']} tokens, over {first['limit']})")
-        return text
-
-
-def _generated_attempts(cfg: Config) -> pl.DataFrame:
-    p = cfg.prompts
-    attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
-    return pl.DataFrame(
-        {
-            "numbers": [list(a.problem.numbers) for a in attempts],
-            "target": [a.problem.target for a in attempts],
-            "attempt": [a.text for a in attempts],
-            "label": [a.label for a in attempts],
-            "reason": [validate(a.problem, a.text).reason for a in attempts],
-            "error_kind": [a.error_kind for a in attempts],
-            "source_row": [None] * len(attempts),
-            "attempt_index": [None] * len(attempts),
-            "n_attempts": [None] * len(attempts),
-            "rules_differ": [None] * len(attempts),
-        },
-        schema=ATTEMPT_SCHEMA,
-    )
-
-
-def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource, list[str]]:
-    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts, and
-    where each came from (`file:line`, or which generated attempt) for messages about it."""
-    p = cfg.prompts
-    template = load_template(p.template)
-    source = PromptSource(template.name, template.digest)
-    if p.file:
-        check_prompt_file(p.file)
-        table = load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
-        if table.frame.height == 0:
-            raise SweepError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
-                             f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
-        frame = table.frame
-        source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
-                              table.n_rules_differ)
-        where = [table.locations[row] for row in frame["source_row"]]
-    else:
-        frame = _generated_attempts(cfg)
-        where = [f"generated attempt {i} (prompts.seed {p.seed})" for i in range(frame.height)]
-    rendered = [template.render(r["numbers"], r["target"], r["attempt"]) for r in frame.iter_rows(named=True)]
-    frame = frame.with_columns(pl.lit(template.name).alias("template"), pl.Series("prompt", rendered, pl.String))
-    return _numbered(frame), source, where
-
-
-def _numbered(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
-
-
-def resolve_models(paths: Sequence[str], distinct: bool = True) -> tuple[list[ModelSource], list[Arch]]:
-    """Each `model.path` entry's source and architecture, from its config alone (no weights). With
-    `distinct`, no two may share a name: a job's rows and files are keyed by it."""
-    try:
-        sources = [resolve_source(p) for p in paths]
-        archs = [read_arch(s) for s in sources]
-    except (OSError, ValueError) as e:
-        raise SweepError(str(e)) from e
-    names = [s.name for s in sources]
-    if distinct and len(set(names)) != len(names):
-        raise SweepError(f"model.path: two models share the name {names}; give distinct paths")
-    return sources, archs
-
-
-def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
-    """Each source's tokenizer (no weights), in order, its Yes/No variants checked to be single tokens."""
-    found = []
-    for src in sources:
-        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        try:
-            tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        except OSError as e:
-            raise SweepError(f"model.path {src.spec!r}: cannot load its tokenizer ({e})") from e
-        try:
-            resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
-        except ValueError as e:
-            raise SweepError(f"{e} (model {src.spec!r})") from e
-        found.append(tok)
-    return found
-
-
-def _limit_lengths(cfg: Config, sources: list[ModelSource], tokenizers: dict[str, object], prompts: pl.DataFrame,
-                   where: list[str], source: PromptSource) -> tuple[pl.DataFrame, PromptSource]:
-    """Every prompt within prompts.max_tokens, each model's context length and the engine's budgets, or
-    an error naming the first one over; with prompts.too_long: skip those are left out and recorded."""
-    try:
-        contexts = {s.name: read_context_length(s) for s in sources}
-    except OSError as e:
-        raise SweepError(str(e)) from e
-    limits = {name: token_limits(cfg.prompts.max_tokens, contexts[name], cfg.engine.max_prompt_tokens, name)
-              for name in tokenizers}
-    skipped: list[TooLong] = check_prompt_lengths(prompts["prompt"].to_list(), where, tokenizers, limits,
-                                                  cfg.prompts.too_long)
-    if not skipped:
-        return prompts, source
-    dropped = {t.index for t in skipped}
-    keep = pl.Series([i not in dropped for i in range(prompts.height)])
-    return _numbered(prompts.filter(keep)), dataclasses.replace(source, too_long=tuple(t.record() for t in skipped))
-
-
 def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
     """Cut (model x prompts x conditions) into shards with stable ids."""
     per_p = cfg.shards.prompts_per_shard
@@ -284,7 +154,7 @@ def prepare(cfg: Config) -> SweepPlan:
     except ValueError as e:
         raise SweepError(str(e)) from e
     tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
-    prompts, prompt_source = _limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
+    prompts, prompt_source = limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
@@ -399,7 +269,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
     OUT and every input are checked before anything is created there (`jobs.inputs.check_out_dir`,
     `prepare`; a second driver into the same folder is refused at once); then OUT's lock is held
     throughout. SIGINT and SIGTERM stop it cleanly, and shards that fail past their retries end it with one line
-    (`jobs.resumable.running`).
+    (`jobs.runtime.resumable.running`).
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)

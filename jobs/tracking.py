@@ -52,7 +52,7 @@ import polars as pl
 
 from jobs.config import Config, config_from_dict
 from jobs.errors import InputError
-from jobs.storage import OutDir, read_manifest
+from jobs.runtime.storage import OutDir, read_manifest
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"

@@ -35,8 +35,8 @@ import polars as pl
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.executors import here, in_slots, init_ray
-from jobs.storage import OutDir, write_json_atomic, write_parquet_atomic
+from jobs.runtime.executors import here, in_slots, init_ray
+from jobs.runtime.storage import OutDir, write_json_atomic, write_parquet_atomic
 from jobs.tracking import log_weight_diff
 from verif.analysis.weightdiff import (
     Checkpoint,

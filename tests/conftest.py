@@ -115,7 +115,7 @@ def sweep_reference(seed_model_dir, tmp_path_factory):
 
     Tests that need a finished folder copy OUT; none may change it.
     """
-    from jobs.storage import OutDir
+    from jobs.runtime.storage import OutDir
     from jobs.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("reference") / "OUT"

@@ -26,8 +26,7 @@ from transformers import AutoTokenizer
 from jobs.config import load_config
 from jobs.errors import InputError
 from jobs.inputs import check_prompt_lengths, token_limits
-from jobs.lock import OutLock
-from jobs.storage import OutDir
+from jobs.runtime.lock import OutLock
 from jobs.sweep import prepare
 from tests.support.sweeps import sweep_overrides
 from verif.model.engine import EngineOptions, Scorer

@@ -37,8 +37,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from jobs.config import load_config
 from jobs.errors import InputError
-from jobs.resumable import JobFailed
-from jobs.storage import OutDir
+from jobs.runtime.resumable import JobFailed
+from jobs.runtime.storage import OutDir
 from jobs.sweep import run_sweep
 from jobs.weight_diff import CheckpointNotOnNode, run_weight_diff
 from tests.support.processes import kill_all, still_running, tree

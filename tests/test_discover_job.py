@@ -22,12 +22,12 @@ import torch
 import launch
 from jobs import config as config_mod
 from jobs.config import ConfigError, load_config
-from jobs.discover import DiscoveryError, discovery_differences, run_discovery, slices
-from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
-from jobs.storage import write_shard
+from jobs.discover.job import DiscoveryError, discovery_differences, run_discovery, slices
+from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
+from jobs.runtime.storage import write_shard
 from jobs.sweep import run_sweep
 from jobs.tracking import DISCOVERY_ARTIFACT_TYPE
-from jobs.worker import WorkerSpec
+from jobs.runtime.worker import WorkerSpec
 from verif.analysis.discovery.metric import PROMPT_CHOICES
 from verif.analysis.discovery.ranking import spearman
 from verif.analysis.discovery.sets import best_set

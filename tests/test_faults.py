@@ -25,8 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs.lock import OutLocked
-from jobs.storage import TMP_MARK, OutDir
+from jobs.runtime.lock import OutLocked
+from jobs.runtime.storage import TMP_MARK, OutDir
 from jobs.sweep import run_sweep
 from tests.support.processes import kill_all, still_running, tree
 from tests.support.sweeps import N_SHARDS, assert_same_results, done_shards, manifest, start_driver, sweep_cfg

@@ -1,4 +1,4 @@
-"""What every sharded job does with OUT (`jobs.resumable.running`), without a model or Ray.
+"""What every sharded job does with OUT (`jobs.runtime.resumable.running`), without a model or Ray.
 
 The real faults (signals, killed workers, lost nodes) are in test_faults.py and test_cluster.py; here,
 the lines the command line prints when a job stops, and the folder a refused job leaves behind.
@@ -13,8 +13,8 @@ import pytest
 import jobs.sweep
 import launch
 from jobs.errors import InputError, ShardFailed
-from jobs.resumable import JobFailed, running
-from jobs.storage import OutDir
+from jobs.runtime.resumable import JobFailed, running
+from jobs.runtime.storage import OutDir
 
 ARGV = ["launch.py", "--sweep", "--set", "prompts.n=8"]
 

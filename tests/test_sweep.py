@@ -21,7 +21,7 @@ import pytest
 import launch
 from jobs.config import ConfigError, load_config, reference_markdown
 from jobs.errors import InputError
-from jobs.storage import OutDir
+from jobs.runtime.storage import OutDir
 from jobs.sweep import SweepError, prepare, run_sweep
 from tests.support.families import score_tolerance
 from tests.support.sweeps import N_ROWS, N_SHARDS, assert_same_results, manifest, sweep_cfg, sweep_overrides

@@ -23,7 +23,7 @@ from jobs import tracking
 from jobs.config import Config, load_config
 from tests.support.wandb_records import read_run
 from verif.analysis.tables import per_prompt_table
-from jobs.storage import OutDir, write_json_atomic
+from jobs.runtime.storage import OutDir, write_json_atomic
 from verif.analysis import stats
 
 MODELS = ("m1", "org/m2")  # a hub-style name with a slash must survive as one key segment

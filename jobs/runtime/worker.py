@@ -1,7 +1,7 @@
 """Workers: each owns one loaded model and turns shards of a job into results.
 
 The same classes run in-process (`ray.workers: 0`, tests, benchmarks) and as Ray actors
-(`jobs.executors`), so the distributed path computes exactly what the single-process path computes.
+(`jobs.runtime.executors`), so the distributed path computes exactly what the single-process path computes.
 Workers return results to the driver instead of writing files: on a multi-node cluster only the
 driver's disk is certain to hold the output folder. `ModelWorker` loads the model quietly and checks
 the fast path once; each job adds the method its shards run (`ShardScorer.score` for sweeps; the

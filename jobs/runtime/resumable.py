@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import local_ray
+from jobs.runtime import local_ray
 from jobs.errors import InputError, ShardFailed
-from jobs.interrupt import Interrupted, signal_number, stop_on_signals
-from jobs.lock import OutLock
-from jobs.storage import OutDir, verify_shards
+from jobs.runtime.interrupt import Interrupted, signal_number, stop_on_signals
+from jobs.runtime.lock import OutLock
+from jobs.runtime.storage import OutDir, verify_shards
 
 
 @dataclass(frozen=True)

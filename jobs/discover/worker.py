@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.worker import ModelWorker, WorkerSpec
+from jobs.runtime.worker import ModelWorker, WorkerSpec
 from verif.analysis.discovery.atp import GRADIENT_DTYPES, atp_sums
 from verif.analysis.discovery.attention import attn_to_target_sums, encode_with_target_positions
 from verif.analysis.discovery.exact import delta_sums

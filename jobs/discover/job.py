@@ -1,7 +1,7 @@
 """The discovery job (`python launch.py --discover`): score every head and MLP neuron, then test what
 the top of each ranking buys against random sets.
 
-Same config file, prompts (`jobs.sweep.build_prompts`), models, Yes/No variants, Ray workers and
+Same config file, prompts (`jobs.prepare.build_prompts`), models, Yes/No variants, Ray workers and
 folder conventions as a sweep; its folder is OUT/discovery (so a sweep and a discovery with one config
 can share OUT). Per model, in four steps, each cut into shards of prompts that workers run and the
 driver adds up (every score is a mean over prompts: shards return sums, `PromptSums`):
@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from jobs import config as config_mod
 from jobs.config import Config
-from jobs.discover_outputs import Findings, Written, write_outputs
-from jobs.discover_worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
+from jobs.discover.outputs import Findings, Written, write_outputs
+from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
 from jobs.inputs import check_out_dir
-from jobs.pool import WorkerPool, run_recorded, worker_pool
-from jobs.resumable import recover, reset_untrusted, running
-from jobs.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.sweep import PromptSource, build_prompts, check_tokens, resolve_models
+from jobs.runtime.pool import WorkerPool, run_recorded, worker_pool
+from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
+from jobs.prepare import PromptSource, build_prompts, check_tokens, resolve_models
 from jobs.tracking import log_discovery
 from verif.analysis.discovery.attention import target_spans
 from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
@@ -416,7 +416,7 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
     """The whole job: plan, the four steps per model, tables, target, figures, W&B.
 
     Holds OUT/discovery's lock throughout; SIGINT, SIGTERM and shards that fail past their retries stop
-    it with one line saying how many shards are on disk and how to continue (`jobs.resumable.running`).
+    it with one line saying how many shards are on disk and how to continue (`jobs.runtime.resumable.running`).
     """
     start = time.perf_counter()
     out = OutDir(cfg.out).discovery

@@ -3,7 +3,7 @@
 Every sharded job (sweep, generate, discover) runs the same way: start or join Ray as `ray` says (or
 none with `ray.workers: 0`), give each model to workers that load it once, feed them shards, and write
 each shard's result atomically the moment it returns, recording its row count, size and checksum in
-the manifest, so `--resume` trusts exactly what it can verify (`jobs.storage.verify_shards`). A local
+the manifest, so `--resume` trusts exactly what it can verify (`jobs.runtime.storage.verify_shards`). A local
 Ray started here has its processes recorded in OUT and is shut down, its processes checked gone,
 however the job ends.
 """
@@ -20,12 +20,12 @@ from typing import Any
 import polars as pl
 
 from jobs import config as config_mod
-from jobs import local_ray
+from jobs.runtime import local_ray
 from jobs.config import RayConfig
 from jobs.errors import InputError
-from jobs.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
-from jobs.storage import OutDir, write_json_atomic, write_shard
-from jobs.worker import ModelWorker, WorkerSpec
+from jobs.runtime.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
+from jobs.runtime.storage import OutDir, write_json_atomic, write_shard
+from jobs.runtime.worker import ModelWorker, WorkerSpec
 from verif.model.selfcheck import SelfCheckError
 
 

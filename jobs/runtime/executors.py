@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from jobs.errors import ShardFailed
-from jobs.worker import ModelWorker, WorkerSpec
+from jobs.runtime.worker import ModelWorker, WorkerSpec
 
 Shard = Any  # any work item with an `id` (a sweep shard, a generation or discovery shard)
 Payload = Callable[[Shard], tuple]  # shard -> the worker method's further arguments

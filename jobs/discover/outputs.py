@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import yaml
 
-from jobs.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic
 from verif.analysis.discovery import figures
 from verif.analysis.discovery.probes import Probe, probe_table
 from verif.analysis.discovery.ranking import pearson, ranked, spearman

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from jobs.storage import write_json_atomic
+from jobs.runtime.storage import write_json_atomic
 
 GRACE_S = 2.0  # SIGTERM first; the agents ignore it while their raylet is gone, hence the SIGKILL after
 

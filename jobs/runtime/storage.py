@@ -52,7 +52,7 @@ class OutDir:
     manifest = property(lambda self: self.root / "manifest.json")
     figures = property(lambda self: self.root / "figures")
     wandb = property(lambda self: self.root / "wandb")
-    # Held while a driver writes here (jobs.lock), and the local Ray it started (jobs.local_ray).
+    # Held while a driver writes here (jobs.runtime.lock), and the local Ray it started (jobs.runtime.local_ray).
     lock = property(lambda self: self.root / ".lock")
     ray_processes = property(lambda self: self.root / ".ray_processes.json")
     # The weight-diff job's outputs (written by jobs.weight_diff, logged by jobs.tracking).

@@ -1,0 +1,2 @@
+"""The discovery job (`python launch.py --discover`): `job` drives it, `worker` computes a shard, `outputs`
+writes OUT/discovery."""

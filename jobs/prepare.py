@@ -1,0 +1,153 @@
+"""What every job prepares before it loads any weights: its models resolved, its prompts built, their tokens
+checked, their lengths within every limit.
+
+The sweep, discovery, generate and compare drivers all take their inputs from here, so a check written
+once holds for each of them. Everything reads configs and tokenizers only; a failure is an
+`InputError` (one line naming the key, the file and line, or the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import polars as pl
+from transformers import AutoTokenizer
+
+from jobs.config import Config
+from jobs.errors import InputError
+from jobs.inputs import TooLong, check_prompt_file, check_prompt_lengths, token_limits
+from verif.model.loading import Arch, ModelSource, read_arch, read_context_length, resolve_source
+from verif.model.score import resolve_yes_no
+from verif.task.cot import ATTEMPT_SCHEMA
+from verif.task.countdown import generate_problems, make_attempts
+from verif.task.prompt_file import load_prompt_file
+from verif.task.prompts import load_template
+from verif.task.validator import validate
+
+
+class PrepareError(InputError):
+    """A job's inputs that cannot be prepared, with the reason in the message."""
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the attempts came from, for the manifest and the run's first lines."""
+
+    template: str
+    template_digest: str
+    file: str | None = None
+    n_records: int = 0  # rows of prompts.file
+    no_attempt_rows: tuple[int, ...] = ()  # model outputs without any attempt line (reported, not dropped)
+    n_rules_differ: int = 0  # attempts whose text differs between the study's and the remarks rule
+    too_long: tuple[dict, ...] = ()  # prompts left out by prompts.too_long: skip (TooLong.record())
+
+    def lines(self) -> list[str]:
+        text = [f"prompts: template {self.template}"]
+        if self.file:
+            text.append(f"prompts.file {self.file}: {self.n_records} records, {len(self.no_attempt_rows)} without an "
+                        f"attempt line, {self.n_rules_differ} attempts where the study's rule and remarks differ")
+        if self.too_long:
+            first = self.too_long[0]
+            text.append(f"prompts skipped as too long: {len(self.too_long)} (first: {first['where']}, "
+                        f"{first['tokens']} tokens, over {first['limit']})")
+        return text
+
+
+def _generated_attempts(cfg: Config) -> pl.DataFrame:
+    p = cfg.prompts
+    attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
+    return pl.DataFrame(
+        {
+            "numbers": [list(a.problem.numbers) for a in attempts],
+            "target": [a.problem.target for a in attempts],
+            "attempt": [a.text for a in attempts],
+            "label": [a.label for a in attempts],
+            "reason": [validate(a.problem, a.text).reason for a in attempts],
+            "error_kind": [a.error_kind for a in attempts],
+            "source_row": [None] * len(attempts),
+            "attempt_index": [None] * len(attempts),
+            "n_attempts": [None] * len(attempts),
+            "rules_differ": [None] * len(attempts),
+        },
+        schema=ATTEMPT_SCHEMA,
+    )
+
+
+def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource, list[str]]:
+    """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts, and
+    where each came from (`file:line`, or which generated attempt) for messages about it."""
+    p = cfg.prompts
+    template = load_template(p.template)
+    source = PromptSource(template.name, template.digest)
+    if p.file:
+        check_prompt_file(p.file)
+        table = load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
+        if table.frame.height == 0:
+            raise PrepareError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
+                             f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
+        frame = table.frame
+        source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
+                              table.n_rules_differ)
+        where = [table.locations[row] for row in frame["source_row"]]
+    else:
+        frame = _generated_attempts(cfg)
+        where = [f"generated attempt {i} (prompts.seed {p.seed})" for i in range(frame.height)]
+    rendered = [template.render(r["numbers"], r["target"], r["attempt"]) for r in frame.iter_rows(named=True)]
+    frame = frame.with_columns(pl.lit(template.name).alias("template"), pl.Series("prompt", rendered, pl.String))
+    return numbered(frame), source, where
+
+
+def numbered(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
+
+
+def resolve_models(paths: Sequence[str], distinct: bool = True) -> tuple[list[ModelSource], list[Arch]]:
+    """Each `model.path` entry's source and architecture, from its config alone (no weights). With
+    `distinct`, no two may share a name: a job's rows and files are keyed by it."""
+    try:
+        sources = [resolve_source(p) for p in paths]
+        archs = [read_arch(s) for s in sources]
+    except (OSError, ValueError) as e:
+        raise PrepareError(str(e)) from e
+    names = [s.name for s in sources]
+    if distinct and len(set(names)) != len(names):
+        raise PrepareError(f"model.path: two models share the name {names}; give distinct paths")
+    return sources, archs
+
+
+def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
+    """Each source's tokenizer (no weights), in order, its Yes/No variants checked to be single tokens."""
+    found = []
+    for src in sources:
+        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        try:
+            tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+        except OSError as e:
+            raise PrepareError(f"model.path {src.spec!r}: cannot load its tokenizer ({e})") from e
+        try:
+            resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
+        except ValueError as e:
+            raise PrepareError(f"{e} (model {src.spec!r})") from e
+        found.append(tok)
+    return found
+
+
+def limit_lengths(cfg: Config, sources: list[ModelSource], tokenizers: dict[str, object], prompts: pl.DataFrame,
+                   where: list[str], source: PromptSource) -> tuple[pl.DataFrame, PromptSource]:
+    """Every prompt within prompts.max_tokens, each model's context length and the engine's budgets, or
+    an error naming the first one over; with prompts.too_long: skip those are left out and recorded."""
+    try:
+        contexts = {s.name: read_context_length(s) for s in sources}
+    except OSError as e:
+        raise PrepareError(str(e)) from e
+    limits = {name: token_limits(cfg.prompts.max_tokens, contexts[name], cfg.engine.max_prompt_tokens, name)
+              for name in tokenizers}
+    skipped: list[TooLong] = check_prompt_lengths(prompts["prompt"].to_list(), where, tokenizers, limits,
+                                                  cfg.prompts.too_long)
+    if not skipped:
+        return prompts, source
+    dropped = {t.index for t in skipped}
+    keep = pl.Series([i not in dropped for i in range(prompts.height)])
+    return numbered(prompts.filter(keep)), dataclasses.replace(source, too_long=tuple(t.record() for t in skipped))
