@@ -16,7 +16,6 @@ import polars as pl
 import pytest
 
 from jobs.config import load_config
-from jobs.errors import InputError
 from jobs.prepare import PrepareError, build_prompts, check_resample_pairs
 from jobs.sweep import prepare
 from tests.support.sweeps import sweep_overrides
@@ -155,23 +154,27 @@ def test_pairs_of_a_file_are_read(tmp_path, tokenizers):
     assert source.pairs == {"n_pairs": 2} and "counterfactual pairs: 2 (pair_id of prompts.file)" in source.lines()
 
 
-@pytest.mark.parametrize("records, extra, message", [
-    ([{**RIGHT, "pair_id": 0}, {**LONGER, "pair_id": 0}], (),
+@pytest.mark.parametrize("records, extra, error, message", [
+    ([{**RIGHT, "pair_id": 0}, {**LONGER, "pair_id": 0}], (), PrepareError,
      r"pairs.jsonl:1 and \S*pairs.jsonl:2: the prompts of pair_id 0 have (\d+) and (?!\1)\d+ tokens in qwen2.5; a "
      r"pair's prompts must have the same token length in every model"),
-    ([{**RIGHT, "pair_id": 0}, {**WRONG, "pair_id": 0}, {**WRONG, "pair_id": 0}], (),
+    ([{**RIGHT, "pair_id": 0}, {**WRONG, "pair_id": 0}, {**WRONG, "pair_id": 0}], (), ValueError,
      r"pairs.jsonl:1, \S*pairs.jsonl:2, \S*pairs.jsonl:3: pair_id 0 has 3 rows; a pair is exactly two"),
-    ([{**RIGHT, "pair_id": 0}, {**RIGHT, "pair_id": 0}], (), r"pairs.jsonl:2: pair_id 0 holds two correct attempts"),
-    ([{**RIGHT, "pair_id": 0}, {**WRONG, "pair_id": 0}, RIGHT], (),
+    ([{**RIGHT, "pair_id": 0}, {**RIGHT, "pair_id": 0}], (), ValueError,
+     r"pairs.jsonl:2: pair_id 0 holds two correct attempts"),
+    ([{**RIGHT, "pair_id": 0}, {**WRONG, "pair_id": 0}, RIGHT], (), ValueError,
      r"pairs.jsonl:3: no pair_id, while other rows have one"),
-    ([{**RIGHT, "pair_id": "a"}], (), r"pairs.jsonl:1: 'pair_id' must be an integer or null, got 'a'"),
-    ([{"nums": [1, 2], "target": 3, "output_text": "- 1 + 2 = 3", "pair_id": 0}], (),
+    ([{**RIGHT, "pair_id": "a"}], (), ValueError, r"pairs.jsonl:1: 'pair_id' must be an integer or null, got 'a'"),
+    ([{"nums": [1, 2], "target": 3, "output_text": "- 1 + 2 = 3", "pair_id": 0}], (), ValueError,
      r"pairs.jsonl:1: a pair_id pairs attempts, and this file holds model outputs"),
-    ([RIGHT, WRONG], ("prompts.pairs=true",), r"prompts.pairs is true, but prompts.file .* has no pair_id"),
+    ([RIGHT, WRONG], ("prompts.pairs=true",), PrepareError,
+     r"prompts.pairs is true, but prompts.file .* has no pair_id"),
 ])
-def test_bad_pairs_of_a_file_are_named(tmp_path, tokenizers, records, extra, message):
+def test_bad_pairs_of_a_file_are_named(tmp_path, tokenizers, records, extra, error, message):
+    """ValueError: the file's reader refuses it (the jobs turn it into one line before torch loads,
+    tests/test_bad_input.py); PrepareError (one line too) once the tokenizers are known."""
     path = _jsonl(tmp_path / "pairs.jsonl", records)
-    with pytest.raises((ValueError, InputError), match=message):
+    with pytest.raises(error, match=message):
         build_prompts(_file_cfg(path, *extra), tokenizers)
 
 
