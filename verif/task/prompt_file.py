@@ -146,7 +146,8 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
         field = "output_text" if is_outputs else "attempt"
         records = [(where, _joined(rec, field, per_line=is_outputs)) for where, rec in records]
     if is_outputs:
-        paired = next((where for where, rec in records if isinstance(rec, dict) and "pair_id" in rec), None)
+        paired = next((where for where, rec in records if isinstance(rec, dict) and rec.get("pair_id") is not None),
+                      None)
         if paired:
             raise ValueError(f"{paired}: a pair_id pairs attempts, and this file holds model outputs (one output "
                              "may give several attempts); give pairs as attempt records (numbers, target, attempt)")
