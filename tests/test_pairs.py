@@ -9,13 +9,14 @@ directly, not with jobs.prepare.token_counts.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from jobs.config import load_config
+from jobs.config import ConfigError, load_config
 from jobs.prepare import PrepareError, build_prompts, check_resample_pairs
 from jobs.sweep import prepare
 from tests.support.sweeps import sweep_overrides
@@ -112,6 +113,23 @@ def test_default_prompts_have_no_pairs_and_the_attempts_of_make_attempts():
     frame, source, _ = build_prompts(load_config(None, []), {})
     assert frame["attempt"].to_list() == [a.text for a in make_attempts(generate_problems(64, 0), seed=0)]
     assert frame["pair_id"].null_count() == 64 and source.pairs is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[claim, typo]", "prompts.corruption: unknown corruption 'typo'; valid: claim, intermediate, operand, target"),
+    ("[claim, claim]", "prompts.corruption: must be a non-empty list of distinct kinds among claim, intermediate"),
+    ("[]", "prompts.corruption: must be a non-empty list of distinct kinds"),
+])
+def test_corruption_kinds_are_checked_with_the_config(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"prompts.corruption={value}"])
+
+
+def test_corruption_kinds_choose_the_pairs(tokenizers):
+    frame, source, _ = build_prompts(load_config(None, ["prompts.pairs=true", "prompts.n=6",
+                                                        "prompts.corruption=[target, claim]"]), tokenizers)
+    assert source.pairs["by_corruption"] == {"target": 3, "claim": 3}
+    assert Counter(frame["error_kind"]) == {"none": 6, "wrong_target": 3, "false_claim": 3}
 
 
 def test_pairs_with_another_p_correct_are_refused():

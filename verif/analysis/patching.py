@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from verif.analysis.stats import bootstrap_mean_ci, group_seed
+from verif.analysis.stats import _check_columns, bootstrap_mean_ci, group_seed
 from verif.task.pairs import check_pairs
 
 __all__ = ["MIN_GAP", "SIDES", "Patching", "patching"]
@@ -59,12 +59,6 @@ class Patching:
 
     per_pair: pl.DataFrame
     summary: pl.DataFrame
-
-
-def _check_columns(df: pl.DataFrame, needed: Sequence[str], name: str) -> None:
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} frame lacks column(s) {missing}; has {df.columns}")
 
 
 def _partners(prompts: pl.DataFrame) -> pl.DataFrame:
