@@ -137,15 +137,18 @@ def test_pairs_with_another_p_correct_are_refused():
         build_prompts(load_config(None, ["prompts.pairs=true", "prompts.p_correct=0.3"]), {})
 
 
-def test_a_sweep_plan_keeps_whole_pairs_when_prompts_are_too_long(seed_model_dir, qwen_tokenizer):
+def test_a_sweep_plan_keeps_whole_pairs_when_prompts_are_too_long(seed_model_dir, qwen_tokenizer, monkeypatch):
     """The sweep's plan holds the pairs (its tokenizers come before its prompts), and prompts.too_long=skip
     drops every prompt over prompts.max_tokens: both prompts of a pair have the same length in every
-    model, so a pair is dropped whole or kept whole."""
+    model, so a pair is dropped whole or kept whole. The seed model's tokenizer is the session's Qwen2.5
+    one (tests.support.models saves it there), given to the plan instead of loaded again (seconds)."""
+    monkeypatch.setattr("jobs.sweep.check_tokens", lambda sources, cfg: [qwen_tokenizer] * len(sources))
     overrides = sweep_overrides(seed_model_dir, "prompts.pairs=true", "prompts.n=12", "prompts.too_long=skip")
-    prompts, _, _ = build_prompts(load_config(None, overrides), {"seed": qwen_tokenizer})  # the seed model's
+    prompts, _, _ = build_prompts(load_config(None, overrides), {"seed": qwen_tokenizer})
     limit = sorted(_n_tokens(qwen_tokenizer, p) for p in prompts["prompt"])[12]
     plan = prepare(load_config(None, [*overrides, f"prompts.max_tokens={limit}"]))
     assert plan.prompt_source.pairs["n_pairs"] == 12 and plan.prompt_source.pairs["problems_skipped"] == 0
+    assert list(plan.prompt_source.pairs["redrawn_by_model"]) == plan.model_names  # lengths checked in its model
     assert 0 < plan.prompts.height < 24 and len(plan.prompt_source.too_long) == 24 - plan.prompts.height
     assert set(Counter(plan.prompts["pair_id"]).values()) == {2}
     assert plan.prompts["prompt_id"].to_list() == list(range(plan.prompts.height))
