@@ -107,14 +107,15 @@ def prepare_compare(cfg: Config) -> ComparePlan:
             raise CompareError(f"model.path: the models differ in {f} ({getattr(archs[0], f)} vs "
                                f"{getattr(archs[1], f)}); layers can only be compared between models of one shape")
     neurons, neurons_from = selected_neurons(cfg, archs[0])
-    try:
-        prompts, prompt_source, _ = build_prompts(cfg)
-    except ValueError as e:
-        raise CompareError(str(e)) from e
-    tokenizers = check_tokens(list({s.spec: s for s in sources}.values()), cfg)  # a path given twice: once
+    distinct = list({s.spec: s for s in sources}.values())  # a path given twice: once
+    tokenizers = check_tokens(distinct, cfg)
     if len(tokenizers) == 2 and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
         raise CompareError(f"model.path: {paths[0]!r} and {paths[1]!r} have different tokenizers; the same prompts "
                            "must be the same token ids in both")
+    try:
+        prompts, prompt_source, _ = build_prompts(cfg, {s.spec: t for s, t in zip(distinct, tokenizers)})
+    except ValueError as e:
+        raise CompareError(str(e)) from e
     return ComparePlan(cfg, sources, archs[0], prompts, prompt_source, neurons, neurons_from)
 
 

@@ -30,6 +30,7 @@ from verif.design.heads import parse_heads
 from verif.design.neurons import parse_neurons
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
 from verif.task.cot import ATTEMPT_CHOICES, EXTRACT_RULES
+from verif.task.countdown import CORRUPTIONS
 from verif.task.prompt_file import LINE_BREAK_CHOICES
 from verif.task.prompts import load_template
 
@@ -103,6 +104,14 @@ def _neurons(v: str | list) -> str | None:
     return None
 
 
+def _corruptions(v: list) -> str | None:
+    bad = [k for k in v if k not in CORRUPTIONS]
+    if bad:
+        return f"unknown corruption {bad[0]!r}; valid: {', '.join(CORRUPTIONS)}"
+    distinct = v and len(set(v)) == len(v)
+    return None if distinct else f"must be a non-empty list of distinct kinds among {', '.join(CORRUPTIONS)}"
+
+
 def _ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
@@ -126,11 +135,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    n: int = doc("Number of generated Countdown attempts.", 64, at_least(1))
+    n: int = doc("Number of generated Countdown attempts (with prompts.pairs: of pairs, two attempts each).", 64,
+                 at_least(1))
     seed: int = doc("Seed of problem and attempt generation.", 0)
     p_correct: float = doc("Fraction of generated attempts that are correct.", 0.5, _ratio)
-    file: str | None = doc("JSONL or parquet of attempts (numbers, target, attempt) or of model outputs "
-                           "(nums, target, output_text), used instead of generating.", None)
+    file: str | None = doc("JSONL or parquet of attempts (numbers, target, attempt; pair_id for pairs) or of model "
+                           "outputs (nums, target, output_text), used instead of generating.", None)
     extract: str = doc("How attempt lines of model outputs lose parenthesised text: remarks (only groups with "
                        "a letter) or study (every group, as the study's code did).", "remarks",
                        _one_of(*EXTRACT_RULES))
@@ -146,6 +156,11 @@ class PromptsConfig:
                           "model's context length is a limit too.", 1024, at_least(1))
     too_long: str = doc("A prompt over the limit: error (naming it and its token count) or skip (left out, "
                         "counted in the run's summary and manifest).", "error", _one_of("error", "skip"))
+    pairs: bool = doc("Generate counterfactual pairs: each problem's correct attempt and one minimally corrupted "
+                      "incorrect one, of equal token length in every model (pair_id in prompts.parquet).", False)
+    corruption: list = listing("What the incorrect attempt of a pair changes, cycled over the pairs: claim, "
+                               "intermediate, operand, target (see README, Counterfactual pairs).",
+                               list(CORRUPTIONS), _corruptions)
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,22 @@ once holds for each of them. Everything reads configs and tokenizers only; a fai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 from transformers import AutoTokenizer
 
-from jobs.config import Config
+from jobs.config import Config, PromptsConfig
 from jobs.errors import InputError
 from jobs.inputs import TooLong, check_prompt_file, check_prompt_lengths, token_limits
 from verif.model.loading import Arch, ModelSource, read_arch, read_context_length, resolve_source
 from verif.model.score import resolve_yes_no
 from verif.task.cot import ATTEMPT_SCHEMA
-from verif.task.countdown import generate_problems, make_attempts
+from verif.task.countdown import Attempt, generate_problems, iter_problems, make_attempts
+from verif.task.pairs import LengthFn, check_pair_lengths, make_pairs
 from verif.task.prompt_file import load_prompt_file
-from verif.task.prompts import load_template
+from verif.task.prompts import Template, load_template
 from verif.task.validator import validate
 
 
@@ -42,12 +43,15 @@ class PromptSource:
     no_attempt_rows: tuple[int, ...] = ()  # model outputs without any attempt line (reported, not dropped)
     n_rules_differ: int = 0  # attempts whose text differs between the study's and the remarks rule
     too_long: tuple[dict, ...] = ()  # prompts left out by prompts.too_long: skip (TooLong.record())
+    pairs: dict | None = None  # counterfactual pairs: how many, and the candidates redrawn (PairSet.record())
 
     def lines(self) -> list[str]:
         text = [f"prompts: template {self.template}"]
         if self.file:
             text.append(f"prompts.file {self.file}: {self.n_records} records, {len(self.no_attempt_rows)} without an "
                         f"attempt line, {self.n_rules_differ} attempts where the study's rule and remarks differ")
+        if self.pairs:
+            text.append(_pairs_line(self.pairs))
         if self.too_long:
             first = self.too_long[0]
             text.append(f"prompts skipped as too long: {len(self.too_long)} (first: {first['where']}, "
@@ -55,9 +59,17 @@ class PromptSource:
         return text
 
 
-def _generated_attempts(cfg: Config) -> pl.DataFrame:
-    p = cfg.prompts
-    attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
+def _pairs_line(pairs: dict) -> str:
+    text = f"counterfactual pairs: {pairs['n_pairs']}"
+    if "by_corruption" not in pairs:  # given by prompts.file
+        return text + " (pair_id of prompts.file)"
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(pairs["by_corruption"].items()))
+    models = ", ".join(f"{m} {n}" for m, n in pairs["redrawn_by_model"].items())
+    return (text + f" ({kinds}); {pairs['redrawn']} candidates redrawn for unequal token length (differed in: "
+            f"{models}); {pairs['problems_skipped']} problems skipped")
+
+
+def _attempt_frame(attempts: Sequence[Attempt], pair_ids: Sequence[int | None]) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "numbers": [list(a.problem.numbers) for a in attempts],
@@ -70,33 +82,87 @@ def _generated_attempts(cfg: Config) -> pl.DataFrame:
             "attempt_index": [None] * len(attempts),
             "n_attempts": [None] * len(attempts),
             "rules_differ": [None] * len(attempts),
+            "pair_id": list(pair_ids),
         },
         schema=ATTEMPT_SCHEMA,
     )
 
 
-def build_prompts(cfg: Config) -> tuple[pl.DataFrame, PromptSource, list[str]]:
+def token_counts(tokenizers: Mapping[str, object]) -> dict[str, LengthFn]:
+    """Each model's token count of a prompt, read as its worker reads it (no special tokens added)."""
+    return {name: (lambda text, tok=tok: len(tok(text, add_special_tokens=False)["input_ids"]))
+            for name, tok in tokenizers.items()}
+
+
+def _generated_attempts(cfg: Config, template: Template, tokenizers: Mapping[str, object]
+                        ) -> tuple[pl.DataFrame, dict | None]:
+    """The generated attempts, and with prompts.pairs the record of how their pairs were made."""
+    p = cfg.prompts
+    if not p.pairs:
+        attempts = make_attempts(generate_problems(p.n, p.seed), seed=p.seed, p_correct=p.p_correct)
+        return _attempt_frame(attempts, [None] * len(attempts)), None
+    if p.p_correct != PromptsConfig.p_correct:
+        raise PrepareError(f"prompts.p_correct {p.p_correct}: with prompts.pairs every problem gives one correct and "
+                           f"one incorrect attempt; leave p_correct at {PromptsConfig.p_correct} or set "
+                           "prompts.pairs=false")
+    try:
+        made = make_pairs(iter_problems(p.seed), p.n, p.seed, lambda q, text: template.render(q.numbers, q.target, text),
+                          token_counts(tokenizers), p.corruption)
+    except ValueError as e:
+        raise PrepareError(f"prompts.pairs: {e}; try other prompts.corruption kinds or prompts.template") from e
+    attempts = [a for pair in made.pairs for a in (pair.correct, pair.incorrect)]
+    return _attempt_frame(attempts, [i // 2 for i in range(len(attempts))]), made.record()
+
+
+def _file_attempts(p: PromptsConfig, template: Template) -> tuple[pl.DataFrame, PromptSource, list[str]]:
+    """The attempts of prompts.file, where each came from (`file:line`), and the source record."""
+    check_prompt_file(p.file)
+    table = load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
+    frame = table.frame
+    if frame.height == 0:
+        raise PrepareError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
+                           f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
+    paired = frame["pair_id"].null_count() == 0  # all or none (check_pairs)
+    if p.pairs and not paired:
+        raise PrepareError(f"prompts.pairs is true, but prompts.file {p.file!r} has no pair_id: a file brings its own "
+                           "pairs (a pair_id column); add one or set prompts.pairs=false")
+    source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
+                          table.n_rules_differ, pairs={"n_pairs": frame.height // 2} if paired else None)
+    return frame, source, [table.locations[row] for row in frame["source_row"]]
+
+
+def build_prompts(cfg: Config, tokenizers: Mapping[str, object]) -> tuple[pl.DataFrame, PromptSource, list[str]]:
     """The attempts of the sweep (generated, or read from `prompts.file`) with rendered prompts, and
-    where each came from (`file:line`, or which generated attempt) for messages about it."""
+    where each came from (`file:line`, or which generated attempt) for messages about it.
+
+    `tokenizers` (model name -> tokenizer) are those of every model that scores the prompts: the two
+    prompts of a counterfactual pair must have the same token length in each (generated pairs are
+    redrawn until they do; a file's pair that does not is an error naming it)."""
     p = cfg.prompts
     template = load_template(p.template)
-    source = PromptSource(template.name, template.digest)
     if p.file:
-        check_prompt_file(p.file)
-        table = load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
-        if table.frame.height == 0:
-            raise PrepareError(f"prompts.file {p.file!r}: no attempt to verify ({table.n_rows} records, "
-                             f"{len(table.no_attempt_rows)} model outputs without an attempt line)")
-        frame = table.frame
-        source = PromptSource(template.name, template.digest, p.file, table.n_rows, table.no_attempt_rows,
-                              table.n_rules_differ)
-        where = [table.locations[row] for row in frame["source_row"]]
+        frame, source, where = _file_attempts(p, template)
     else:
-        frame = _generated_attempts(cfg)
+        frame, pairs = _generated_attempts(cfg, template, tokenizers)
+        source = PromptSource(template.name, template.digest, pairs=pairs)
         where = [f"generated attempt {i} (prompts.seed {p.seed})" for i in range(frame.height)]
     rendered = [template.render(r["numbers"], r["target"], r["attempt"]) for r in frame.iter_rows(named=True)]
+    if p.file and source.pairs:
+        try:
+            check_pair_lengths(frame["pair_id"].to_list(), rendered, where, token_counts(tokenizers))
+        except ValueError as e:
+            raise PrepareError(str(e)) from e
     frame = frame.with_columns(pl.lit(template.name).alias("template"), pl.Series("prompt", rendered, pl.String))
     return numbered(frame), source, where
+
+
+def check_resample_pairs(kinds: Sequence[str], prompts: pl.DataFrame) -> None:
+    """`ablation.kind` may hold `resample` only when every prompt has a partner (`prompts.pairs`, or a
+    `prompts.file` with pair_id): resample takes a component's activation from the partner."""
+    if "resample" in kinds and prompts["pair_id"].null_count() > 0:
+        raise PrepareError("ablation.kind 'resample': patches each prompt with its partner's activations, and these "
+                           "prompts have no counterfactual pairs; set prompts.pairs=true (or give a prompts.file with "
+                           "a pair_id column), or drop resample (zero, mean and mean_positional need no pairs)")
 
 
 def numbered(frame: pl.DataFrame) -> pl.DataFrame:

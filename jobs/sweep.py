@@ -149,11 +149,11 @@ def prepare(cfg: Config) -> SweepPlan:
                                       ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps, n_neurons=arch.n_neurons)
     except ValueError as e:
         raise SweepError(f"ablation.random_controls: {e}") from e
+    tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
     try:
-        prompts, prompt_source, where = build_prompts(cfg)
+        prompts, prompt_source, where = build_prompts(cfg, tokenizers)  # pairs need every model's token lengths
     except ValueError as e:
         raise SweepError(str(e)) from e
-    tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
     prompts, prompt_source = limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)

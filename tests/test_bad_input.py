@@ -72,6 +72,8 @@ def files(tmp_path_factory, seed_model_dir) -> Path:
     _jsonl(d / "mixed.jsonl", [SHORT, SHORT, _long_attempt(MIXED_ONES), SHORT])  # ~5,160 tokens among 3 short
     (d / "latin1.jsonl").write_bytes(json.dumps(SHORT).encode() + b"\n" + b'{"attempt": "caf\xe9"}\n')
     (d / "json.jsonl").write_text(json.dumps(SHORT) + "\n{not json\n")
+    wrong = {**SHORT, "attempt": SHORT["attempt"] + "0", "pair_id": 4}
+    _jsonl(d / "pair_three.jsonl", [{**SHORT, "pair_id": 4}, wrong, wrong])  # a pair is two rows
     (d / "folder.jsonl").mkdir()
     unreadable = d / "unreadable.jsonl"
     _jsonl(unreadable, [SHORT]).chmod(0o000)
@@ -162,6 +164,8 @@ CASES = [
     Case("prompts-file-not-utf8", sweep("--set", "prompts.file={files}/latin1.jsonl"),
          ("{files}/latin1.jsonl:2: not UTF-8",)),
     Case("prompts-file-bad-json", sweep("--set", "prompts.file={files}/json.jsonl"), ("{files}/json.jsonl:2: invalid JSON",)),
+    Case("pair-of-three-rows", sweep("--set", "prompts.file={files}/pair_three.jsonl"),
+         ("{files}/pair_three.jsonl:3: pair_id 4 has 3 rows",)),
     Case("out-is-a-file", sweep(), ("{files}/a_file: it is a file",), out="{files}/a_file"),
     Case("resume-folder-without-sweep", sweep("--resume"), ("--resume: {files}/notes has no manifest.json",),
          out="{files}/notes"),

@@ -1,6 +1,9 @@
 """Countdown generation, the independent validator, and JSONL loading."""
 
+import itertools
 import json
+import os
+import random
 import re
 from collections import Counter
 
@@ -8,12 +11,16 @@ import pytest
 
 from verif.task.prompt_file import load_prompt_file
 from verif.task.countdown import (
+    CORRUPTIONS,
     ERROR_KINDS,
     Attempt,
     Problem,
     Verdict,
+    correct_line,
+    corruptions,
     find_solution,
     generate_problems,
+    iter_problems,
     make_attempts,
     validate,
 )
@@ -267,6 +274,72 @@ def test_make_attempts_finds_a_solution_when_none_is_stored():
 def test_make_attempts_refuses_a_wrong_stored_solution():
     with pytest.raises(ValueError, match="does not solve"):
         make_attempts([Problem((79, 17, 60), 36, "79 + 60 - 17")], seed=0, p_correct=1.0)
+
+
+# ------------------------------------------------------------------ corruptions (counterfactual pairs)
+
+
+def test_iter_problems_starts_with_generate_problems():
+    assert list(itertools.islice(iter_problems(seed=3), 50)) == generate_problems(50, seed=3)
+
+
+@pytest.fixture(scope="module")
+def corrupted() -> list[tuple[Problem, str, str, Problem, str]]:
+    """(problem, correct line, kind, corrupted problem, corrupted line): the first 5 candidates of
+    every kind on 200 problems."""
+    rng = random.Random(0)
+    out = []
+    for p in generate_problems(200, seed=21):
+        correct = correct_line(p)
+        for kind in CORRUPTIONS:
+            out += [(p, correct, kind, q, text) for q, text in itertools.islice(corruptions(rng, p, kind), 5)]
+    return out
+
+
+NO_SLIP = Problem((15, 55, 11), 3, "11 * 15 / 55")
+"""11 * 15 / 55 = 165 / 55 = 3: no literal in 155..175 but 165 divides by 55 to at most three decimals,
+so it has no arithmetic slip (make_attempts gives it another kind, make_pairs skips it)."""
+
+
+def test_almost_every_problem_carries_every_corruption(corrupted):
+    carried = Counter(kind for kind, _ in {(kind, id(p)) for p, _, kind, _, _ in corrupted})
+    assert carried == {"claim": 200, "operand": 200, "target": 200, "intermediate": 199}
+    assert NO_SLIP in generate_problems(200, seed=21)
+    assert not list(corruptions(random.Random(0), NO_SLIP, "intermediate"))
+
+
+def test_correct_line_is_the_correct_attempt_make_attempts_writes():
+    for p in generate_problems(30, seed=4):
+        (a,) = make_attempts([p], seed=0, p_correct=1.0)
+        assert correct_line(p) == a.text and validate(p, a.text).correct
+
+
+def test_corruptions_are_the_error_kinds_they_map_to(corrupted):
+    for p, correct, kind, q, text in corrupted:
+        verdict = validate(q, text)
+        assert not verdict.correct and re.fullmatch(EXPECTED_REASON[CORRUPTIONS[kind]], verdict.reason), (kind, text)
+
+
+def test_a_corruption_changes_one_number(corrupted):
+    """The target kind changes only the target (by 1..10); every other kind one contiguous run of number characters
+    of the line (a sign and its brackets included: a slip from 3 to -2 writes (-2))."""
+    for p, correct, kind, q, text in corrupted:
+        if kind == "target":
+            assert text == correct and q.numbers == p.numbers and 1 <= abs(q.target - p.target) <= 10
+            continue
+        assert q == p
+        head = len(os.path.commonprefix([correct, text]))
+        tail = len(os.path.commonprefix([correct[head:][::-1], text[head:][::-1]]))
+        was, now = correct[head:len(correct) - tail], text[head:len(text) - tail]
+        assert was != now and re.fullmatch(r"[\d.()-]*", was) and re.fullmatch(r"[\d.()-]*", now), (correct, text)
+        if kind == "operand":
+            used = Counter(_ints(text.split("=")[0]))
+            assert sum((used - Counter(p.numbers)).values()) == 1 and set(used) - set(p.numbers), text
+
+
+def test_unknown_corruption_is_refused():
+    with pytest.raises(ValueError, match="unknown corruption 'typo'; known: claim, intermediate"):
+        next(corruptions(random.Random(0), SEED_PROBLEM, "typo"))
 
 
 # ------------------------------------------------------------------ JSONL

@@ -126,8 +126,9 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     d = cfg.discover
     sources, archs = resolve_models(cfg.model.paths)
     names = [s.name for s in sources]
+    tokenizers = dict(zip(names, check_tokens(sources, cfg)))
     try:
-        prompts, prompt_source, _ = build_prompts(cfg)
+        prompts, prompt_source, _ = build_prompts(cfg, tokenizers)
     except ValueError as e:
         raise DiscoveryError(str(e)) from e
     try:
@@ -138,7 +139,6 @@ def prepare(cfg: Config) -> DiscoveryPlan:
         if not target_spans(row["prompt"], row["target"]):
             raise DiscoveryError(f"prompt {row['prompt_id']}: no copy of its target {row['target']} in the prompt, "
                                  "so attn_to_target has nothing to read; check prompts.template")
-    check_tokens(sources, cfg)
     ids = prompts["prompt_id"].to_list()
     prompts = prompts.with_columns(pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]))
     shards = plan_shards(names, ids, [ids[i] for i in objective], cfg.shards.prompts_per_shard)

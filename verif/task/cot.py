@@ -47,8 +47,10 @@ ATTEMPT_SCHEMA = {
     "attempt_index": pl.Int64,
     "n_attempts": pl.Int64,
     "rules_differ": pl.Boolean,
+    "pair_id": pl.Int64,
 }
-"""Columns of an attempt table: the attempt, its validator verdict, and where it came from."""
+"""Columns of an attempt table: the attempt, its validator verdict, where it came from, and its
+counterfactual pair (`verif.task.pairs`; null when the attempts are not paired)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def extract_attempts(
             for name, value in zip(ATTEMPT_SCHEMA, (
                 list(out.numbers), out.target, text, verdict.correct, verdict.reason,
                 "none" if verdict.correct else "unknown", out.source_row, k, len(lines),
-                other(lines[k]) != text,
+                other(lines[k]) != text, None,
             )):
                 rows[name].append(value)
     frame = pl.DataFrame(rows, schema=ATTEMPT_SCHEMA)

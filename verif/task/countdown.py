@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 # Verdict is re-exported: callers that import validate from here get its result type too.
 from verif.task.validator import Problem, Verdict, validate  # noqa: F401
@@ -253,18 +253,22 @@ def generate_problems(
     integer in 1..max_target and every intermediate is writable, so a solution
     exists by construction and is stored in ``Problem.solution``.
     """
+    return list(itertools.islice(iter_problems(seed, sizes, max_target), n))
+
+
+def iter_problems(seed: int, sizes: Sequence[int] = (3, 4), max_target: int = 1000) -> Iterator[Problem]:
+    """The endless stream :func:`generate_problems` takes its first ``n`` from (so the first ``n`` of
+    a stream are the ``n`` problems of that seed), for callers that skip some problems."""
     rng = random.Random(seed)
-    problems: list[Problem] = []
-    for _ in range(n):
+    while True:
         size = rng.choice(sizes)  # drawn before rejection so sizes stay balanced
         while True:
             numbers = tuple(rng.randint(1, 100) for _ in range(size))
             tree = _random_tree(rng, numbers)
             value = _value(tree)
             if value is not None and value.denominator == 1 and 1 <= value <= max_target:
-                problems.append(Problem(numbers, int(value), _render(tree)))
+                yield Problem(numbers, int(value), _render(tree))
                 break
-    return problems
 
 
 # ------------------------------------------------------------------ attempts
@@ -385,26 +389,95 @@ def _foreign_number(rng: random.Random, problem: Problem) -> Tree | None:
     ])
 
 
+def _deltas(rng: random.Random) -> list[int]:
+    """-10..10 without 0, in random order: how far a corrupted number moves."""
+    return rng.sample([d for d in range(-10, 11) if d], 20)
+
+
+def _slips(rng: random.Random, steps: list[tuple[Tree, tuple[int, ...]]]) -> Iterator[list[Tree]]:
+    """Every arithmetic slip of the solution's ``steps``, in random order: one intermediate segment's
+    new literal off by 1..10 (writable, a different value); later segments and the claim stay true."""
+    inner = range(1, len(steps) - 1)
+    for k in rng.sample(inner, len(inner)):
+        seg, path = steps[k]
+        true = _value(seg)
+        for delta in _deltas(rng):
+            wrong = _replace(seg, path, _leaf_at(seg, path) + delta)
+            if _value(wrong) is not None and _value(wrong) != true:
+                segments = [t for t, _ in steps]
+                segments[k] = wrong
+                yield segments
+
+
+def _leaf_paths(tree: Tree, path: tuple[int, ...] = ()) -> Iterator[tuple[int, ...]]:
+    """Paths of the literals of ``tree``, left to right."""
+    if isinstance(tree, Fraction):
+        yield path
+        return
+    yield from _leaf_paths(tree[1], (*path, 1))
+    yield from _leaf_paths(tree[2], (*path, 2))
+
+
+CORRUPTIONS: dict[str, str] = {
+    "claim": "false_claim",
+    "intermediate": "arithmetic_slip",
+    "operand": "foreign_number",
+    "target": "wrong_target",
+}
+"""The one number a counterfactual's incorrect attempt changes, and the error kind it then is (the
+validator's reason for it is that kind's, tested)."""
+
+
+def correct_line(problem: Problem) -> str:
+    """The correct attempt line of ``problem``: its solution's steps, as ``make_attempts`` writes it."""
+    return _line(t for t, _ in _steps(_solution_tree(problem)))
+
+
+def corruptions(rng: random.Random, problem: Problem, kind: str) -> Iterator[tuple[Problem, str]]:
+    """Every minimal corruption of ``kind`` (a key of CORRUPTIONS) of the correct attempt
+    (:func:`correct_line`), in random order: the problem (changed only by ``target``) and the
+    incorrect attempt line. Each changes one number by 1..10, everything else stays as written:
+
+    - ``claim``: the claimed value (last segment; kept positive);
+    - ``intermediate``: the new literal of one intermediate segment (an arithmetic slip);
+    - ``operand``: one number of the expression, to one in 1..100 not among the given ones (later
+      segments unchanged; no division by zero);
+    - ``target``: the problem's target (kept positive); the attempt is the correct one's.
+    """
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    steps = _steps(_solution_tree(problem))
+    segments = [t for t, _ in steps]
+    target = problem.target
+    if kind == "intermediate":
+        yield from ((problem, _line(s)) for s in _slips(rng, steps))
+    elif kind == "claim":
+        for delta in _deltas(rng):
+            if target + delta > 0:
+                yield problem, _line([*segments[:-1], Fraction(target + delta)])
+    elif kind == "target":
+        text = _line(segments)
+        for delta in _deltas(rng):
+            if target + delta > 0:
+                yield Problem(problem.numbers, target + delta), text
+    else:
+        expression = segments[0]
+        paths = list(_leaf_paths(expression))
+        for path in rng.sample(paths, len(paths)):
+            for delta in _deltas(rng):
+                x = _leaf_at(expression, path) + delta
+                if 1 <= x <= 100 and x not in problem.numbers:
+                    changed = _replace(expression, path, x)
+                    if _value(changed) is not None:
+                        yield problem, _line([changed, *segments[1:]])
+
+
 def _write(rng: random.Random, problem: Problem, kind: str) -> str | None:
     """The attempt line for ``kind``, or None when this problem cannot carry it."""
-    if kind in ("none", "arithmetic_slip"):
-        tree = _solution_tree(problem)
-        steps = _steps(tree)
-        if kind == "none":
-            return _line(t for t, _ in steps)
-        # Slip one intermediate literal; later segments stay as the true ones,
-        # and the claim stays the target.
-        inner = range(1, len(steps) - 1)
-        for k in rng.sample(inner, len(inner)):
-            seg, path = steps[k]
-            true = _value(seg)
-            for delta in rng.sample([d for d in range(-10, 11) if d], 20):
-                wrong = _replace(seg, path, _leaf_at(seg, path) + delta)
-                if _value(wrong) is not None and _value(wrong) != true:
-                    segments = [t for t, _ in steps]
-                    segments[k] = wrong
-                    return _line(segments)
-        return None
+    if kind == "none":
+        return correct_line(problem)
+    if kind == "arithmetic_slip":
+        return next((_line(segments) for segments in _slips(rng, _steps(_solution_tree(problem)))), None)
     if kind in ("false_claim", "wrong_target"):
         tree = _other_value_tree(rng, problem)
         if tree is None:

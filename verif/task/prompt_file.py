@@ -3,7 +3,8 @@
 A file is JSONL (one object per line, blank lines skipped) or parquet (by the `.parquet` suffix).
 Its first record decides what it holds:
 
-* attempts: `numbers`, `target`, `attempt` (optional `error_kind`), labelled by our validator;
+* attempts: `numbers`, `target`, `attempt` (optional `error_kind`, and `pair_id`: counterfactual pairs,
+  checked by `verif.task.pairs.check_pairs`), labelled by our validator;
 * model outputs: `nums`, `target`, `output_text` (the study's cached generations, or
   `OUT/generations.parquet` of the generate job), whose attempt lines are extracted by
   `verif.task.cot` with `prompts.extract` and `prompts.attempts`.
@@ -28,6 +29,7 @@ import polars as pl
 
 from verif.task.cot import ATTEMPT_SCHEMA, OUTPUT_FIELDS, AttemptTable, check_options, extract_attempts, output_from_record
 from verif.task.countdown import attempt_from_record
+from verif.task.pairs import check_pairs
 from verif.task.validator import Problem, validate
 
 ATTEMPT_FIELDS = ("numbers", "target", "attempt")
@@ -123,6 +125,14 @@ def _refuse_line_breaks(table: AttemptTable, locations: tuple[str, ...]) -> None
             )
 
 
+def _pair_id(record: dict, where: str) -> int | None:
+    """The record's pair_id (an integer, or null / absent when it is not paired)."""
+    pid = record.get("pair_id")
+    if pid is not None and type(pid) is not int:
+        raise ValueError(f"{where}: 'pair_id' must be an integer or null, got {pid!r}")
+    return pid
+
+
 def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str = "last",
                      line_breaks: str = "error") -> AttemptTable:
     """The labelled attempts of `prompts.file` (see the module docstring); `locations` name each record."""
@@ -136,11 +146,18 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
         field = "output_text" if is_outputs else "attempt"
         records = [(where, _joined(rec, field, per_line=is_outputs)) for where, rec in records]
     if is_outputs:
+        paired = next((where for where, rec in records if isinstance(rec, dict) and rec.get("pair_id") is not None),
+                      None)
+        if paired:
+            raise ValueError(f"{paired}: a pair_id pairs attempts, and this file holds model outputs (one output "
+                             "may give several attempts); give pairs as attempt records (numbers, target, attempt)")
         outputs = [output_from_record(rec, where, i) for i, (where, rec) in enumerate(records)]
         table = dataclasses.replace(extract_attempts(outputs, extract, attempts), locations=locations)
         _refuse_line_breaks(table, locations)
         return table
     loaded = [attempt_from_record(rec, where) for where, rec in records]
+    pair_ids = [_pair_id(rec, where) for where, rec in records]
+    check_pairs(pair_ids, [a.label for a in loaded], locations)
     frame = pl.DataFrame(
         {
             "numbers": [list(a.problem.numbers) for a in loaded],
@@ -153,6 +170,7 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
             "attempt_index": [0] * len(loaded),
             "n_attempts": [1] * len(loaded),
             "rules_differ": [None] * len(loaded),
+            "pair_id": pair_ids,
         },
         schema=ATTEMPT_SCHEMA,
     )
