@@ -1,15 +1,20 @@
-"""W&B tracking (jobs/tracking.py): every check reads the offline run's files back, without a server.
+"""W&B tracking (jobs/tracking.py, jobs/charts.py, jobs/lineage.py, jobs/wandb_run.py): every check reads the
+offline run's files back, without a server.
 
 The `.wandb` record log is parsed with `tests.support.wandb_records.read_run` (LevelDB-style log of
 `wandb_internal_pb2.Record`, checksums verified) and tables from `files/media/table/**.table.json`,
-then compared with the frames that were logged, so a key, value or file that goes missing fails here.
+then compared with the frames that were logged, so a key, value, chart, panel or file that goes missing
+fails here. Each module fixture logs one run and several tests read it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +24,11 @@ import pytest
 from PIL import Image
 
 import launch
-from jobs import tracking
-from jobs.config import Config, load_config
-from tests.support.wandb_records import read_run
+from jobs import charts, lineage, tracking
+from jobs.config import Config, load_config, reference_markdown
+from jobs.wandb_run import Session
+from tests.support.wandb_records import chart, read_run
+from verif.analysis.effects import EFFECT_METRICS, condition_effects
 from verif.analysis.tables import per_prompt_table
 from jobs.runtime.storage import OutDir, write_json_atomic
 from verif.analysis import stats
@@ -29,16 +36,25 @@ from verif.analysis import stats
 MODELS = ("m1", "org/m2")  # a hub-style name with a slash must survive as one key segment
 N_RANDOM = 38  # enough conditions that the summary record spans several 32 KiB log blocks
 N_PROMPTS = 8
+SWEEP_LAYERS = (0, 1, 2)  # a layer sweep over 3 layers and a single-head sweep of 3 layers x 2 heads
+SWEEP_HEADS = [(layer, head) for layer in SWEEP_LAYERS for head in (0, 1)]
+BUILT_IN = {"wandb/histogram/v0", "wandb/bar/v0", "wandb/scatter/v0", "wandb/line/v0", "wandb/lineseries/v0"}
 WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR",
               "WANDB_SILENT")
 
 
 def _conditions() -> pl.DataFrame:
-    names = ["baseline", "target"] + [f"random_{i:03d}" for i in range(N_RANDOM)]
-    kinds = ["baseline", "target"] + ["random"] * N_RANDOM
+    """baseline, a target of two heads, random sets, a layer sweep and a single-head sweep."""
+    names = (["baseline", "target"] + [f"random_{i:03d}" for i in range(N_RANDOM)]
+             + [f"layer-{layer:02d}" for layer in SWEEP_LAYERS] + [f"head-L{a:02d}H{b:02d}" for a, b in SWEEP_HEADS])
+    kinds = ["baseline", "target"] + ["random"] * N_RANDOM + ["layer"] * len(SWEEP_LAYERS) + ["single_head"] * len(SWEEP_HEADS)
+    heads = (["", "L1 H1, L2 H0"] + ["L2 H2, L0 H1"] * N_RANDOM + [f"L{a} H0, L{a} H1" for a in SWEEP_LAYERS]
+             + [f"L{a} H{b}" for a, b in SWEEP_HEADS])
+    layer = [None] * (N_RANDOM + 2) + list(SWEEP_LAYERS) + [a for a, _ in SWEEP_HEADS]
+    head = [None] * (N_RANDOM + 2 + len(SWEEP_LAYERS)) + [b for _, b in SWEEP_HEADS]
     return pl.DataFrame(
-        {"condition": names, "kind": kinds, "heads": ["", "L1 H1"] + ["L2 H2"] * N_RANDOM,
-         "n_heads": [0] + [1] * (N_RANDOM + 1), "layer": [None] * len(names), "head": [None] * len(names)},
+        {"condition": names, "kind": kinds, "heads": heads, "n_heads": [0] + [2] * (N_RANDOM + 1 + len(SWEEP_LAYERS))
+         + [1] * len(SWEEP_HEADS), "layer": layer, "head": head},
         schema_overrides={"layer": pl.Int64, "head": pl.Int64},
     )
 
@@ -87,13 +103,14 @@ def _write_out(root: Path, mode: str = "offline") -> tuple[Config, OutDir, dict[
         "per_prompt": per_prompt_table(results, prompts),
         "paired_change": stats.paired_change(results, prompts, "target", n_boot=20),
         "target_vs_controls": stats.target_vs_controls(summary, list(stats.DEFAULT_CONTROL_METRICS)),
+        "condition_effects": condition_effects(results, prompts, conditions, n_boot=20),
     }
     out.results.mkdir(parents=True)
     results.write_parquet(out.shard("m0-p000000-c000"))
     prompts.write_parquet(out.prompts)
     conditions.write_parquet(out.conditions)
     summary.write_parquet(out.summary)
-    for name in ("by_error_kind", "paired_change", "target_vs_controls"):
+    for name in ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects"):
         (root / "stats").mkdir(exist_ok=True)
         tables[name].write_parquet(root / "stats" / f"{name}.parquet")
     out.figures.mkdir()
@@ -186,11 +203,49 @@ def test_record_log_spans_blocks(offline):
     assert log.stat().st_size > 2 * 32768
 
 
-def test_config_group_job_type(offline):
+def _reference_keys() -> list[str]:
+    """Every key of the configuration reference (the README's table), read from its Markdown."""
+    return [line.split("`")[1] for line in reference_markdown().splitlines() if line.startswith("| `")]
+
+
+def _value(cfg: Config, key: str):
+    value = cfg.to_dict()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def test_config_is_every_resolved_key_flattened_group_job_type_tags(offline):
     run = offline.run
-    assert run["group"] == "syn" and run["job_type"] == "sweep"
-    for key, value in offline.cfg.to_dict().items():
-        assert run["config"][key] == value, key
+    assert run["group"] == "syn" and run["job_type"] == "sweep" and run["resume"]
+    keys = _reference_keys()
+    assert len(keys) > 70 and "model.path" in keys and "ray.resources_per_worker" in keys
+    assert sorted(k for k in run["config"] if k != "_wandb") == sorted(keys)
+    for key in keys:
+        assert run["config"][key] == _value(offline.cfg, key), key
+    assert run["tags"] == ["m1", "org/m2", "baseline", "target", "random", "layer", "single_head"]
+
+
+def test_run_tags_are_distinct_and_fit_w_and_b():
+    long = "/data/models/" + "x" * 80 + "/Qwen2.5-3B-Instruct"
+    tags = tracking.run_tags([long, "a", None, ""], ["a", "b"])
+    assert tags == ["..." + long[-61:], "a", "b"] and len(tags[0]) == tracking.TAG_CHARS
+
+
+def test_headline_keys(offline):
+    """The stable keys a panel over many runs reads, equal to the frames they come from."""
+    s, eff, tvc = offline.run["summary"], offline.tables["condition_effects"], offline.tables["target_vs_controls"]
+    assert (s["headline/model"], s["headline_1/model"], s["headline/n_prompts"]) == ("m1", "org/m2", N_PROMPTS)
+    for prefix, model in (("headline", "m1"), ("headline_1", "org/m2")):
+        target = eff.filter((pl.col("model") == model) & (pl.col("condition") == "target")).row(0, named=True)
+        base = offline.tables["summary"].filter((pl.col("model") == model) & (pl.col("condition") == "baseline"))
+        assert s[f"{prefix}/baseline/auroc"] == base["auroc"][0]
+        for metric in EFFECT_METRICS:
+            for col in (metric, f"{metric}_lo", f"{metric}_hi"):
+                assert s[f"{prefix}/target/{col}"] == target[col], col
+            row = tvc.filter((pl.col("model") == model) & (pl.col("metric") == metric)).row(0, named=True)
+            assert s[f"{prefix}/target/{metric}/p_empirical"] == row["p_empirical"]
+            assert s[f"{prefix}/target/{metric}/n_controls"] == N_RANDOM
 
 
 def test_summary_metrics_equal_summary_frame(offline):
@@ -212,7 +267,7 @@ def test_target_vs_controls_keys(offline):
 def test_job_bookkeeping_and_weight_diff_metrics(offline):
     s = offline.run["summary"]
     assert (s["sweep/rows_written"], s["sweep/shards_run"], s["sweep/n_retried"]) == (640, 2, 1)
-    assert (s["sweep/n_prompts"], s["sweep/n_conditions"]) == (N_PROMPTS, N_RANDOM + 2)
+    assert (s["sweep/n_prompts"], s["sweep/n_conditions"]) == (N_PROMPTS, N_RANDOM + 2 + len(SWEEP_LAYERS) + len(SWEEP_HEADS))
     assert s["weight_diff/n_rows"] == 6000
     assert s["weight_diff/top_50_value_vectors/max_one_minus_cos"] == 1e-6
     assert s["weight_diff/target_heads/n_rows"] == 10
@@ -220,8 +275,10 @@ def test_job_bookkeeping_and_weight_diff_metrics(offline):
 
 def test_tables_equal_frames(offline):
     (step,) = offline.run["history"]
-    files = sorted((offline.run_dir / "files" / "media" / "table").rglob("*.table.json"))
-    assert len(files) == 7  # 5 sweep tables + weight-diff selection + top rows
+    files = sorted((offline.run_dir / "files" / "media" / "table" / "tables").rglob("*.table.json"))
+    assert len(files) == 8  # 6 sweep tables + weight-diff selection + top rows
+    effects = _table_json(offline.run_dir, step, "tables/condition_effects")
+    assert effects["data"] == _frame_rows(offline.tables["condition_effects"])
     summary = _table_json(offline.run_dir, step, "tables/summary")
     assert summary["columns"] == offline.tables["summary"].columns
     assert summary["data"] == _frame_rows(offline.tables["summary"])
@@ -277,7 +334,130 @@ def test_results_artifact(offline):
     assert set(arts[0]["files"]) == {
         "summary.parquet", "prompts.parquet", "conditions.parquet", "results/m0-p000000-c000.parquet",
         "stats/by_error_kind.parquet", "stats/paired_change.parquet", "stats/target_vs_controls.parquet",
+        "stats/condition_effects.parquet",
     }
+
+
+def _expected_charts() -> dict[str, tuple[str, int]]:
+    """Every native chart of the synthetic sweep: key -> (built-in preset, rows of its table)."""
+    keys = {}
+    n_label = N_PROMPTS // 2  # half the prompts are correct
+    for m in MODELS:
+        for cond in ("baseline", "target"):
+            for label in ("correct", "incorrect"):
+                keys[f"charts/{m}/p_yes_norm/{cond}/{label}"] = ("wandb/histogram/v0", n_label)
+        for metric in EFFECT_METRICS:
+            keys[f"charts/{m}/null/{metric}"] = ("wandb/histogram/v0", N_RANDOM)
+            keys[f"charts/{m}/effects/{metric}"] = ("wandb/bar/v0", N_RANDOM + 1)
+            keys[f"charts/{m}/layers/{metric}"] = ("wandb/line/v0", len(SWEEP_LAYERS))
+            keys[f"charts/{m}/heads/{metric}"] = ("wandb/scatter/v0", len(SWEEP_HEADS))
+        keys[f"charts/{m}/heads/map"] = ("wandb/scatter/v0", len(SWEEP_HEADS))
+    for metric in EFFECT_METRICS:
+        keys[f"charts/cross_model/m1__org/m2/{metric}"] = ("wandb/scatter/v0", len(SWEEP_HEADS))
+    return keys
+
+
+def _fields(panel: dict) -> dict[str, str]:
+    """The preset fields a chart sets (wandb.plot.line leaves its optional `stroke` unset: None)."""
+    return {k: v for k, v in panel["panel_config"]["fieldSettings"].items() if v is not None}
+
+
+def _columns(table: dict, *names: str) -> list[tuple]:
+    idx = [table["columns"].index(n) for n in names]
+    return [tuple(row[i] for i in idx) for row in table["data"]]
+
+
+def test_every_chart_has_its_table_and_built_in_panel(offline):
+    """W&B's custom-chart records: the panel under _wandb.visualize.<key> (a built-in preset whose fields
+    name columns of the table) and the table under <key>_table, with one row per point."""
+    expected = _expected_charts()
+    assert set(offline.run["config"]["_wandb"]["visualize"]) == set(expected)
+    for key, (preset, rows) in expected.items():
+        panel, table = chart(offline.run_dir, offline.run, key)
+        config = panel["panel_config"]
+        assert panel["panel_type"] == "Vega2" and config["panelDefId"] == preset in BUILT_IN, key
+        assert set(_fields(panel).values()) <= set(table["columns"]), key
+        assert config["stringSettings"]["title"] and "sample of" not in config["stringSettings"]["title"], key
+        assert len(table["data"]) == rows, key
+
+
+def test_yes_no_histograms_hold_each_prompt(offline):
+    res = offline.tables["results"].join(offline.tables["prompts"].select("prompt_id", "label"), on="prompt_id")
+    for model in MODELS:
+        for cond in ("baseline", "target"):
+            for label, name in ((True, "correct"), (False, "incorrect")):
+                panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/p_yes_norm/{cond}/{name}")
+                want = res.filter((pl.col("model") == model) & (pl.col("condition") == cond) & (pl.col("label") == label))
+                assert _fields(panel) == {"value": "p_yes_norm"}
+                assert sorted(_columns(table, "prompt_id", "p_yes_norm")) == sorted(
+                    want.select("prompt_id", "p_yes_norm").rows())
+
+
+def test_effects_and_null_charts_show_the_target_against_the_random_sets(offline):
+    eff, tvc = offline.tables["condition_effects"], offline.tables["target_vs_controls"]
+    for model in MODELS:
+        mine = eff.filter(pl.col("model") == model)
+        target = mine.filter(pl.col("kind") == "target").row(0, named=True)
+        for metric in EFFECT_METRICS:
+            p = tvc.filter((pl.col("model") == model) & (pl.col("metric") == metric))["p_empirical"][0]
+            panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/effects/{metric}")
+            assert _fields(panel) == {"label": "condition", "value": metric}
+            rows = _columns(table, "condition", "kind", metric, f"{metric}_lo", f"{metric}_hi")
+            want = mine.filter(pl.col("kind").is_in(["target", "random"])).select(
+                "condition", "kind", metric, f"{metric}_lo", f"{metric}_hi")
+            assert sorted(rows) == sorted(want.rows())
+            assert [r[2] for r in rows] == sorted(r[2] for r in rows)  # sorted by the effect
+            title = panel["panel_config"]["stringSettings"]["title"]
+            assert f"target {target[metric]:+.4f} [{target[metric + '_lo']:+.4f}, {target[metric + '_hi']:+.4f}]" in title
+            assert title.endswith(f"against {N_RANDOM} random sets: p_empirical {p:.3g} (95% CI as columns)")
+            panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/null/{metric}")
+            assert _fields(panel) == {"value": metric}
+            assert sorted(_columns(table, metric)) == sorted(mine.filter(pl.col("kind") == "random").select(metric).rows())
+            assert f"target {target[metric]:+.4f}" in panel["panel_config"]["stringSettings"]["title"]
+
+
+def test_layer_line_head_map_and_cross_model_scatter(offline):
+    eff = offline.tables["condition_effects"]
+    for model in MODELS:
+        panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/layers/delta_correct")
+        assert _fields(panel) == {"x": "layer", "y": "delta_correct"}
+        layers = eff.filter((pl.col("model") == model) & (pl.col("kind") == "layer")).sort("layer")
+        assert _columns(table, "layer", "delta_correct") == layers.select("layer", "delta_correct").rows()
+        panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/heads/map")
+        assert _fields(panel) == {"x": "head", "y": "layer"}
+        assert sorted(_columns(table, "layer", "head")) == SWEEP_HEADS and set(EFFECT_METRICS) <= set(table["columns"])
+        panel, table = chart(offline.run_dir, offline.run, f"charts/{model}/heads/delta_auroc")
+        assert sorted(_columns(table, "position")) == sorted((a + b / 2,) for a, b in SWEEP_HEADS)  # 2 heads a layer
+    single = eff.filter(pl.col("kind") == "single_head")
+    a, b = (single.filter(pl.col("model") == m).select("layer", "head", "delta_incorrect") for m in MODELS)
+    want = a.join(b, on=["layer", "head"], suffix="_b").sort("layer", "head").rows()
+    panel, table = chart(offline.run_dir, offline.run, "charts/cross_model/m1__org/m2/delta_incorrect")
+    assert _fields(panel) == {"x": "effect_a", "y": "effect_b"}
+    assert _columns(table, "layer", "head", "effect_a", "effect_b") == want
+    in_target = {(layer, head) for layer, head, t in _columns(table, "layer", "head", "in_target") if t}
+    assert in_target == {(1, 1), (2, 0)}  # the target is "L1 H1, L2 H0"
+
+
+def test_a_chart_or_table_over_the_limit_logs_a_sample_and_says_so():
+    import wandb
+
+    assert charts.CHART_ROWS == tracking.TABLE_ROWS == wandb.Table.MAX_ROWS
+    n = charts.CHART_ROWS + 5
+    frame = pl.DataFrame({"condition": [f"c{i}" for i in range(n)], "kind": ["random"] * (n - 1) + ["target"],
+                          "v": np.arange(n, dtype=float)})
+    big = charts.bar("k", frame, "condition", "v", "T", "sets", keep=pl.col("kind") == "target")
+    assert big.frame.height == charts.CHART_ROWS and big.title == f"T (sample of {charts.CHART_ROWS} of {n} sets)"
+    assert "target" in big.frame["kind"].to_list()  # the target is always kept
+    assert big.frame["v"].to_list() == sorted(big.frame["v"].to_list())  # in the frame's order
+    again = charts.bar("k", frame, "condition", "v", "T", "sets", keep=pl.col("kind") == "target")
+    assert again.frame.equals(big.frame)  # a seeded sample: the same rows every time
+    assert charts.histogram("k", frame.head(10), "v", "T").title == "T"  # whole: nothing said
+    session = Session(run=None, offline=True)
+    items, cut = tracking.logged_tables(session, {"big": frame, "small": frame.head(3)})
+    assert len(items["tables/big"].data) == tracking.TABLE_ROWS and len(items["tables/small"].data) == 3
+    assert cut == {"tables/big/n_rows": n}
+    assert session.notes == [f"W&B: tables/big holds the first {tracking.TABLE_ROWS} of its {n} rows (W&B's table "
+                             "limit); every row is in the run's artifact"]
 
 
 def test_to_wandb_table_keeps_none_and_stringifies_lists():
@@ -331,17 +511,33 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     assert f"127.0.0.1:{port}" in warnings[0]
     _assert_summary_logged(read_run(Path(where))["summary"], tables["summary"])
     assert not any((tmp_path / "home").rglob("*"))
+    # The failed online start's run-* folder is gone: the offline run is the only one `wandb sync` finds.
+    assert [p.name for p in (out.wandb / "wandb").iterdir() if p.is_dir() and not p.is_symlink()] == [Path(where).name]
+    assert json.loads((out.wandb / "sweep.json").read_text())["mode"] == "offline"
 
 
-def test_relog_from_files(tmp_path):
-    """`launch.py --relog OUT` rebuilds the tables from disk and logs the same summary."""
+def test_relog_twice_is_one_run_of_one_id(tmp_path, capsys):
+    """`launch.py --relog OUT` rebuilds the tables from disk and logs the same summary; logging the folder
+    again (a second --relog, or --resume of a finished job) reuses the run id and replaces the earlier
+    local run folder, so `wandb sync` of OUT/wandb uploads one run, not one per log."""
     cfg, out, tables, _ = _write_out(tmp_path / "OUT", mode="disabled")
+    runs = out.wandb / "wandb"
     assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
-    (run_dir,) = (out.wandb / "wandb").glob("offline-run-*")
-    run = read_run(run_dir)
+    (first,) = runs.glob("offline-run-*")
+    first_id = read_run(first)["id"]
+    assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
+    (second,) = runs.glob("offline-run-*")
+    run = read_run(second)
+    assert run["id"] == first_id and run["resume"]
+    assert not (out.wandb / "replaced").exists() and not list(runs.glob("run-*"))
+    record = json.loads((out.wandb / "sweep.json").read_text())
+    assert (record["run_id"], record["where"], record["mode"]) == (first_id, str(second), "offline")
+    (art,) = [a for a in run["artifacts"] if a["type"] == tracking.ARTIFACT_TYPE]
+    assert [{**a, "files": sorted(a["files"])} for a in record["artifacts"]] == [
+        {"name": art["name"], "type": art["type"], "digest": art["digest"], "files": sorted(art["files"])}]
     _assert_summary_logged(run["summary"], tables["summary"])
-    assert [a["type"] for a in run["artifacts"]].count(tracking.ARTIFACT_TYPE) == 1
     assert "figures/m1__before_after" in run["history"][0]
+    assert f"upload with: wandb sync {second}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("manifest, message", [
