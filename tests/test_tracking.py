@@ -10,6 +10,7 @@ fails here. Each module fixture logs one run and several tests read it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -27,6 +28,7 @@ import launch
 from jobs import charts, lineage, tracking
 from jobs.config import Config, load_config, reference_markdown
 from jobs.wandb_run import Session
+from tests.support.sweeps import sweep_overrides
 from tests.support.wandb_records import chart, read_run
 from verif.analysis.effects import EFFECT_METRICS, condition_effects
 from verif.analysis.tables import per_prompt_table
@@ -486,12 +488,12 @@ def test_failure_inside_run_warns_and_keeps_results(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "W&B logging failed" in err and str(out.root) in err and "launch.py --relog" in err
     assert out.summary.is_file() and out.shard("m0-p000000-c000").is_file()
+    assert not list((out.wandb / "wandb").glob("*-run-*")) and not (out.wandb / "sweep.json").exists()  # no half run
 
 
 def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, capsys):
     """Online mode against a closed port on this machine: after wandb.init_timeout the run is logged
     offline in OUT instead, one warning says how long it waited and gives the `wandb sync` command."""
-    import dataclasses
     import socket
 
     cfg, out, tables, figures = _write_out(tmp_path / "OUT", mode="online")
@@ -569,24 +571,165 @@ def test_log_weight_diff(tmp_path):
     assert set(art["files"]) == {"weight_diff.parquet", "weight_diff_selection.parquet"}
 
 
-def test_end_to_end_sweep_offline(seed_model_dir, tmp_path):
-    """A real sweep on the seed-shaped model: the run's summary equals OUT/summary.parquet."""
-    from jobs.sweep import run_sweep
+TARGET = "L3 H13, L17 H14, L25 H11"  # tests.support.sweeps' target: the reference sweep can resume with it
 
-    cfg = load_config(None, overrides=[
-        f"model.path={seed_model_dir}", "prompts.n=8", 'ablation.target_heads="L3 H13, L17 H14"',
-        "ablation.random_controls=3", "ray.workers=0", "wandb.mode=offline", "stats.n_boot=100",
-    ], out=str(tmp_path / "OUT"))
-    report = run_sweep(cfg)
-    assert report.finalized.wandb_dir is not None
-    run_dir = Path(report.finalized.wandb_dir)
-    assert run_dir.parent == (tmp_path / "OUT" / "wandb" / "wandb").resolve()
+
+def _producers(root: Path, seed_model_dir: Path) -> SimpleNamespace:
+    """A generate job's and a discovery's folders as those jobs leave them, each logged offline."""
+    gen_out = OutDir(root / "gen")
+    gen_out.root.mkdir(parents=True)
+    generations = pl.DataFrame({"problem_id": [0, 1], "nums": [[3, 5, 7], [79, 17, 60]], "target": [22, 36],
+                                "output_text": ["- 3 * 5 + 7 = 22", "- 79 - 60 + 17 = 36"]})
+    attempts = pl.DataFrame({"numbers": [[3, 5, 7], [79, 17, 60]], "target": [22, 36],
+                             "attempt": ["3 * 5 + 7 = 22", "79 - 60 + 17 = 36"], "label": [True, True]})
+    generations.write_parquet(gen_out.generations)
+    attempts.write_parquet(gen_out.attempts)
+    gen_cfg = load_config(None, ["name=gen", "wandb.mode=offline"], str(gen_out.root), file_default=False)
+    gen_run = tracking.log_generate(gen_cfg, gen_out, generations, attempts, {"n_samples": 2})
+    disc = OutDir(root / "sweep_and_discovery").discovery
+    disc.root.mkdir(parents=True)
+    heads = pl.DataFrame({"model": ["m1"] * 4, "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                          "atp": [0.5, -0.1, 0.2, 0.0], "exact": [0.4, None, 0.3, -0.05],
+                          "attn_to_target": [0.1, 0.2, 0.3, 0.4]})
+    sets = pl.DataFrame({"model": ["m1"] * 4, "ranking": ["atp", "atp", "exact", "exact"], "kind": ["head"] * 4,
+                         "k": [1, 2, 1, 2], "components": ["L0 H0", "L0 H0, L1 H0", "L0 H0", "L0 H0, L1 H0"],
+                         "delta": [0.4, 0.6, 0.4, 0.6], "null_mean": [0.01, 0.02, 0.01, 0.02],
+                         "null_std": [0.1, 0.15, 0.1, 0.15], "p_empirical": [0.05, 0.05, 0.05, 0.05]})
+    files = []
+    for name, frame in (("heads", heads), ("sets", sets)):
+        files.append(disc.root / f"{name}.parquet")
+        frame.write_parquet(files[-1])
+    target = disc.root / "target.yaml"
+    target.write_text(f"{lineage.TARGET_HEADER} on m1; test them with --sweep and its random controls.\n"
+                      f'ablation:\n  target_heads: "{TARGET}"\nmodel:\n  path: {seed_model_dir}\n')
+    files.append(target)
+    disc_cfg = load_config(None, ["name=disc", "wandb.mode=offline"], str(disc.root.parent), file_default=False)
+    disc_run = tracking.log_discovery(disc_cfg, disc, {"heads": heads, "sets": sets}, [], files, {"m1/discover/x": 1})
+    return SimpleNamespace(gen_out=gen_out, gen_run=Path(gen_run), disc=disc, disc_run=Path(disc_run), target=target,
+                           heads=heads, sets=sets)
+
+
+@pytest.fixture(scope="module")
+def lineage_runs(tmp_path_factory, seed_model_dir):
+    """Producers (a generate job, a discovery) and a sweep fed by both: prompts.file is the generations,
+    the --config the discovery's target.yaml."""
+    root = tmp_path_factory.mktemp("lineage")
+    made = _producers(root, seed_model_dir)
+    cfg, out, tables, figures = _write_out(root / "sweep", mode="offline")
+    cfg = cfg.replace(prompts=dataclasses.replace(cfg.prompts, file=str(made.gen_out.generations)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        where = tracking.log_sweep(cfg, out, tables, figures, None, None, config_file=str(made.target))
+    made.sweep_run = Path(where)
+    made.printed = printed.getvalue()
+    return made
+
+
+def _output(run: dict, kind: str) -> dict:
+    (art,) = [a for a in run["artifacts"] if a["type"] == kind and not a["use_after_commit"]]
+    return art
+
+
+def test_producers_record_their_run_and_artifacts(lineage_runs):
+    for out, job, run_dir, kind in ((lineage_runs.gen_out, "generate", lineage_runs.gen_run,
+                                     tracking.GENERATIONS_ARTIFACT_TYPE),
+                                    (lineage_runs.disc, "discover", lineage_runs.disc_run,
+                                     tracking.DISCOVERY_ARTIFACT_TYPE)):
+        record = lineage.read_record(out, job)
+        art = _output(read_run(run_dir), kind)
+        assert (record["where"], record["mode"], record["run_id"]) == (str(run_dir), "offline", read_run(run_dir)["id"])
+        assert [{**a, "files": sorted(a["files"])} for a in record["artifacts"]] == [
+            {"name": art["name"], "type": kind, "digest": art["digest"], "files": sorted(art["files"])}]
+    assert sorted(lineage.read_record(lineage_runs.disc, "discover")["artifacts"][0]["files"]) == [
+        "heads.parquet", "sets.parquet", "target.yaml"]
+
+
+def test_sweep_declares_the_producers_artifacts_as_inputs(lineage_runs):
+    """The sweep's run holds each producer's artifact (same name, type, digest and files), marked
+    use_after_commit: what `wandb sync` turns into the server's record that this run used it."""
+    run = read_run(lineage_runs.sweep_run)
+    used = sorted((a for a in run["artifacts"] if a["use_after_commit"]), key=lambda a: a["name"])
+    produced = [_output(read_run(lineage_runs.disc_run), tracking.DISCOVERY_ARTIFACT_TYPE),
+                _output(read_run(lineage_runs.gen_run), tracking.GENERATIONS_ARTIFACT_TYPE)]
+    assert [a["name"] for a in used] == ["disc-discovery", "gen-generations"]
+    for got, want in zip(used, produced):
+        assert (got["type"], got["digest"], sorted(got["files"])) == (want["type"], want["digest"], sorted(want["files"]))
+    assert not _output(run, tracking.ARTIFACT_TYPE)["use_after_commit"]  # its own results are an output
+    record = lineage.read_record(OutDir(lineage_runs.sweep_run.parents[2]), "sweep")
+    assert [(i["via"], i["name"]) for i in record["inputs"]] == [("prompts.file", "gen-generations"),
+                                                                   ("--config", "disc-discovery")]
+    # Producers upload first, so the server knows their artifacts as theirs when the sweep uses them.
+    assert (f"upload with: wandb sync {lineage_runs.gen_run} {lineage_runs.disc_run} {lineage_runs.sweep_run}"
+            in lineage_runs.printed)
+
+
+def test_discovery_charts(lineage_runs):
+    run = read_run(lineage_runs.disc_run)
+    panel, table = chart(lineage_runs.disc_run, run, "charts/m1/atp_vs_exact")
+    assert _fields(panel) == {"x": "atp", "y": "exact"}
+    assert sorted(_columns(table, "atp", "exact")) == sorted(
+        lineage_runs.heads.drop_nulls("exact").select("atp", "exact").rows())
+    panel, table = chart(lineage_runs.disc_run, run, "charts/m1/effect_vs_k/head")
+    assert panel["panel_config"]["panelDefId"] == "wandb/lineseries/v0"
+    assert _fields(panel) == {"step": "k", "lineKey": "series", "lineVal": "value"}
+    points = {(k, series): v for k, series, v in _columns(table, "k", "series", "value")}
+    assert points[(2, "top k by exact")] == 0.6 and points[(1, "random sets: mean")] == 0.01
+    assert points[(2, "random sets: mean + 2 sd")] == pytest.approx(0.02 + 2 * 0.15, abs=1e-15)
+    assert len(points) == 2 * 2 + 3 * 2  # two rankings and the band's three lines, at k = 1 and 2
+
+
+def test_an_input_copied_elsewhere_or_changed_has_no_lineage_said_once(lineage_runs, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(lineage_runs.gen_out.generations, elsewhere / "gen.parquet")
+    shutil.copy(lineage_runs.target, elsewhere / "target.yaml")
+    (elsewhere / "mine.yaml").write_text("prompts:\n  n: 4\n")  # a hand-written config: no input, no word
+    found, notes = lineage.find_inputs(prompts_file=str(elsewhere / "gen.parquet"),
+                                       config_file=str(elsewhere / "target.yaml"))
+    assert found == [] and len(notes) == 2
+    assert notes[0].startswith(f"W&B lineage: prompts.file {elsewhere / 'gen.parquet'} has no generate job's record")
+    assert notes[1].startswith(f"W&B lineage: --config {elsewhere / 'target.yaml'} has no discover job's record")
+    assert lineage.find_inputs(config_file=str(elsewhere / "mine.yaml")) == ([], [])
+    # A producer's file changed after its run logged it: the rebuilt artifact's digest differs.
+    copy = tmp_path / "gen"
+    shutil.copytree(lineage_runs.gen_out.root, copy)
+    pl.DataFrame({"attempt": ["changed"]}).write_parquet(copy / "attempts.parquet")
+    (changed,), [] = lineage.find_inputs(prompts_file=str(copy / "generations.parquet"))
+    (line,) = lineage.use_inputs(None, [changed], offline=True)  # no run needed: nothing is logged
+    assert line.startswith(f"W&B lineage: prompts.file {copy / 'generations.parquet'}: the files of gen-generations "
+                           "changed since its generate run logged them")
+
+
+def _sweep_argv(out: Path, config: Path, seed_model_dir: Path) -> list[str]:
+    argv = ["--sweep", "--resume", "--config", str(config), "--out", str(out)]
+    for item in sweep_overrides(seed_model_dir, "ray.workers=0", "wandb.mode=offline"):
+        argv += ["--set", item]
+    return argv
+
+
+def test_resumed_sweep_from_a_target_yaml_is_one_run_using_the_discovery(sweep_reference, lineage_runs,
+                                                                          seed_model_dir, tmp_path, capsys):
+    """The finished reference sweep resumed with --config the discovery's target.yaml (every shard is on
+    disk, so only its outputs and W&B run are made again), then re-logged: both logs are one run (one id,
+    one folder), the summary equals summary.parquet and the run names the discovery's artifact as its
+    input (the re-log reads the --config from the manifest)."""
+    out = tmp_path / "OUT"
+    shutil.copytree(sweep_reference[1], out)
+    assert launch.main(_sweep_argv(out, lineage_runs.target, seed_model_dir)) == 0, capsys.readouterr().err
+    (first,) = (out / "wandb" / "wandb").glob("offline-run-*")
+    first_id = read_run(first)["id"]
+    assert launch.main(["--relog", str(out), "--mode", "offline"]) == 0, capsys.readouterr().err  # the manifest names the --config
+    (run_dir,) = (out / "wandb" / "wandb").glob("offline-run-*")
     run = read_run(run_dir)
-    summary = pl.read_parquet(tmp_path / "OUT" / "summary.parquet")
-    assert summary.height == 5  # baseline, target, 3 random sets
+    assert run["id"] == first_id
+    assert run["id"] == json.loads((out / "wandb" / "sweep.json").read_text())["run_id"]
+    assert json.loads((out / "manifest.json").read_text())["config_file"] == str(lineage_runs.target.resolve())
+    summary = pl.read_parquet(out / "summary.parquet")
     _assert_summary_logged(run["summary"], summary)
-    assert run["summary"]["sweep/rows_written"] == 8 * 5
-    tvc = pl.read_parquet(tmp_path / "OUT" / "stats" / "target_vs_controls.parquet")
-    for row in tvc.iter_rows(named=True):
-        assert run["summary"][tracking.tvc_key(row["model"], row["metric"], "n_controls")] == 3
-    assert [a["type"] for a in run["artifacts"]].count(tracking.ARTIFACT_TYPE) == 1
+    assert run["summary"]["sweep/n_prompts"] == 6 and "sweep/shards_run" not in run["summary"]  # a re-log ran none
+    (used,) = [a for a in run["artifacts"] if a["use_after_commit"]]
+    assert (used["name"], used["type"]) == ("disc-discovery", tracking.DISCOVERY_ARTIFACT_TYPE)
+    effects = pl.read_parquet(out / "stats" / "condition_effects.parquet")
+    assert effects.height == summary.height == 4
+    assert {f"charts/{summary['model'][0]}/effects/delta_correct", f"charts/{summary['model'][0]}/null/delta_auroc"} <= set(
+        run["config"]["_wandb"]["visualize"])
