@@ -33,18 +33,21 @@ EFFECT_METRICS: tuple[str, ...] = ("delta_correct", "delta_incorrect", "delta_au
 _CHUNK_ENTRIES = 4_000_000
 
 
-def _weighted_auroc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC of `scores` (positives `pos`, negatives `neg`: index arrays) under each row of `weights`
-    ([n_resamples, n_prompts] draw counts): sum over (pos i, neg j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2),
-    over (sum of pos weights) x (sum of neg weights). NaN where either side has no weight."""
+def _weighted_auroc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray, weights_t: np.ndarray) -> np.ndarray:
+    """AUROC of `scores` (positives `pos`, negatives `neg`: index arrays) under each column of `weights_t`
+    ([n_prompts, n_resamples] draw counts, prompts first so that gathering prompts copies whole rows):
+    sum over (pos i, neg j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2), over (sum of pos weights) x
+    (sum of neg weights). NaN where either side has no weight."""
     order = neg[np.argsort(scores[neg], kind="stable")]
     sorted_neg = scores[order]
     lo = np.searchsorted(sorted_neg, scores[pos], side="left")
     hi = np.searchsorted(sorted_neg, scores[pos], side="right")
-    cum = np.concatenate([np.zeros((weights.shape[0], 1)), np.cumsum(weights[:, order], axis=1)], axis=1)
-    below, through = cum[:, lo], cum[:, hi]
-    wins = (weights[:, pos] * (below + 0.5 * (through - below))).sum(axis=1)
-    total = weights[:, pos].sum(axis=1) * weights[:, neg].sum(axis=1)
+    cum = np.zeros((order.size + 1, weights_t.shape[1]))
+    np.cumsum(weights_t[order], axis=0, out=cum[1:])
+    below, through = cum[lo], cum[hi]
+    w_pos = weights_t[pos]
+    wins = (w_pos * (below + 0.5 * (through - below))).sum(axis=0)
+    total = w_pos.sum(axis=0) * cum[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
 
@@ -94,7 +97,8 @@ def _model_effects(df: pl.DataFrame, model: str, baseline: str, n_boot: int, see
             w = weights * side
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[name] = (w @ (paired * change).T) / (w @ paired.T)
-        auroc = np.stack([_weighted_auroc(score[c], pos[finite[c, pos]], neg[finite[c, neg]], weights)
+        weights_t = np.ascontiguousarray(weights.T)
+        auroc = np.stack([_weighted_auroc(score[c], pos[finite[c, pos]], neg[finite[c, neg]], weights_t)
                           for c in range(len(conds))], axis=1)
         out["delta_auroc"] = auroc - auroc[:, [b]]
         return out
