@@ -559,16 +559,30 @@ def test_relog_refuses_what_it_cannot_log(tmp_path, capsys, manifest, message):
     assert not (out.root / "wandb").exists()
 
 
-def test_log_weight_diff(tmp_path):
+def test_weight_diff_and_compare_runs_name_their_inputs(tmp_path, lineage_runs):
+    """--weight-diff with a target.yaml as --config, and --compare with the generations as prompts.file and
+    the target.yaml as compare.neurons_from: each run logs its own artifact and uses the producers'."""
     cfg, out, _, _ = _write_out(tmp_path / "OUT")
     wd, selection = _weight_diff()
     wd.write_parquet(out.root / "weight_diff.parquet")
     selection.write_parquet(out.root / "weight_diff_selection.parquet")
-    run = read_run(tracking.log_weight_diff(cfg, out, wd, selection))
-    assert (run["group"], run["job_type"]) == ("syn", "weight_diff")
+    cfg = cfg.replace(weight_diff=dataclasses.replace(cfg.weight_diff, base="org/base", tuned=str(tmp_path)))
+    run = read_run(tracking.log_weight_diff(cfg, out, wd, selection, str(lineage_runs.target)))
+    assert (run["group"], run["job_type"], run["tags"]) == ("syn", "weight_diff", ["org/base", tmp_path.name])
     assert run["summary"]["weight_diff/target_heads/max_one_minus_cos"] == 1e-7
-    (art,) = [a for a in run["artifacts"] if a["type"] == tracking.WEIGHT_DIFF_ARTIFACT_TYPE]
+    art = _output(run, tracking.WEIGHT_DIFF_ARTIFACT_TYPE)
     assert set(art["files"]) == {"weight_diff.parquet", "weight_diff_selection.parquet"}
+    assert [a["name"] for a in run["artifacts"] if a["use_after_commit"]] == ["disc-discovery"]
+
+    (out.compare / "figures").mkdir(parents=True)
+    per_layer = pl.DataFrame({"layer": [0, 1], "one_minus_cos": [0.0, 1e-3]})
+    per_layer.write_parquet(out.compare / "residual.parquet")
+    cfg = cfg.replace(prompts=dataclasses.replace(cfg.prompts, file=str(lineage_runs.gen_out.attempts)),
+                      compare=dataclasses.replace(cfg.compare, neurons_from=str(lineage_runs.target)))
+    run = read_run(tracking.log_compare(cfg, out, per_layer, {"per_layer": per_layer}, [], {"n_layers": 2}))
+    assert run["job_type"] == "compare" and run["summary"]["compare/n_layers"] == 2
+    assert _output(run, tracking.COMPARE_ARTIFACT_TYPE)["files"] == ["compare/residual.parquet"]
+    assert sorted(a["name"] for a in run["artifacts"] if a["use_after_commit"]) == ["disc-discovery", "gen-generations"]
 
 
 TARGET = "L3 H13, L17 H14, L25 H11"  # tests.support.sweeps' target: the reference sweep can resume with it
