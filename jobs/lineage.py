@@ -120,7 +120,8 @@ def find_inputs(prompts_file: str | None = None, config_file: str | None = None,
             continue
         artifact, note = _producer(via, path, job)
         if artifact is not None:
-            found.append(artifact)
+            if (artifact.name, artifact.digest) not in {(f.name, f.digest) for f in found}:  # used once
+                found.append(artifact)
         elif always or _is_target_yaml(path):
             notes.append(note)
     return found, notes

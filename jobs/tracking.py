@@ -224,10 +224,16 @@ def run_tags(*groups: Any) -> list[str]:
     return list(dict.fromkeys(t if len(t) <= TAG_CHARS else "..." + t[-(TAG_CHARS - 3):] for t in tags))
 
 
+def model_order(cfg: Config, models: list[str]) -> list[str]:
+    """`models` (names as the rows carry them) in model.path order; names it does not give go last."""
+    order = [model_tag(p) for p in cfg.model.paths]
+    return sorted(models, key=lambda m: order.index(m) if m in order else len(order))
+
+
 def headline_metrics(summary: pl.DataFrame, effects: pl.DataFrame, tvc: pl.DataFrame | None,
-                     n_prompts: int) -> dict[str, Any]:
-    """Summary keys with the same names in every sweep, for panels over many runs: the first model's
-    under "headline/", the k-th's (k >= 1, model.path order) under "headline_k/"; with several groups
+                     n_prompts: int, models: list[str]) -> dict[str, Any]:
+    """Summary keys with the same names in every sweep, for panels over many runs: the first of `models`
+    (model.path order) under "headline/", the k-th (k >= 1) under "headline_k/"; with several groups
     (charts.GROUP_COLUMNS, e.g. intervention kinds) each group's under its value ("headline/mean/...").
 
       headline/model                                  the model's name
@@ -237,7 +243,7 @@ def headline_metrics(summary: pl.DataFrame, effects: pl.DataFrame, tvc: pl.DataF
       headline/<target>/{metric}/{p_empirical,z,n_controls}                    against the random sets
     """
     out: dict[str, Any] = {"headline/n_prompts": n_prompts}
-    for k, model in enumerate(summary["model"].unique(maintain_order=True).to_list()):
+    for k, model in enumerate(models):
         prefix = "headline" if k == 0 else f"headline_{k}"
         out[f"{prefix}/model"] = model
         base = summary.filter((pl.col("model") == model) & (pl.col("kind") == "baseline"))
@@ -286,7 +292,9 @@ def log_sweep(
         metrics = summary_metrics(summary)
         if tables.get("target_vs_controls") is not None:
             metrics.update(tvc_metrics(tables["target_vs_controls"]))
-        metrics.update(headline_metrics(summary, effects, tables.get("target_vs_controls"), tables["prompts"].height))
+        models = model_order(cfg, summary["model"].unique(maintain_order=True).to_list())
+        metrics.update(headline_metrics(summary, effects, tables.get("target_vs_controls"), tables["prompts"].height,
+                                        models))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
         metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})
@@ -307,7 +315,7 @@ def log_sweep(
         conditions = tables["conditions"]
         groups = [conditions[c].unique(maintain_order=True).to_list() for c in charts_mod.GROUP_COLUMNS
                   if c in conditions.columns]
-        return run_tags(tables["summary"]["model"].unique(maintain_order=True).to_list(),
+        return run_tags(model_order(cfg, tables["summary"]["model"].unique(maintain_order=True).to_list()),
                         conditions["kind"].unique(maintain_order=True).to_list(), *groups)
 
     return log_run(cfg, out, "sweep", fill, run_config(cfg), tags,

@@ -228,10 +228,14 @@ def test_config_is_every_resolved_key_flattened_group_job_type_tags(offline):
     assert run["tags"] == ["m1", "org/m2", "baseline", "target", "random", "layer", "single_head"]
 
 
-def test_run_tags_are_distinct_and_fit_w_and_b():
+def test_run_tags_fit_w_and_b_and_models_go_in_model_path_order(tmp_path):
     long = "/data/models/" + "x" * 80 + "/Qwen2.5-3B-Instruct"
     tags = tracking.run_tags([long, "a", None, ""], ["a", "b"])
     assert tags == ["..." + long[-61:], "a", "b"] and len(tags[0]) == tracking.TAG_CHARS
+    (tmp_path / "base").mkdir()
+    cfg = load_config(None, [f"model.path=[org/r1, packaged:smollm2-135m, {tmp_path / 'base'}]"], file_default=False)
+    assert tracking.model_order(cfg, ["base", "other", "org/r1", "smollm2-135m"]) == [
+        "org/r1", "smollm2-135m", "base", "other"]
 
 
 def test_headline_keys(offline):
@@ -523,10 +527,12 @@ def test_relog_twice_is_one_run_of_one_id(tmp_path, capsys):
     again (a second --relog, or --resume of a finished job) reuses the run id and replaces the earlier
     local run folder, so `wandb sync` of OUT/wandb uploads one run, not one per log."""
     cfg, out, tables, _ = _write_out(tmp_path / "OUT", mode="disabled")
+    (out.stats / "condition_effects.parquet").unlink()  # a folder of a sweep from before the charts
     runs = out.wandb / "wandb"
     assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
     (first,) = runs.glob("offline-run-*")
     first_id = read_run(first)["id"]
+    assert set(read_run(first)["config"]["_wandb"]["visualize"]) == set(_expected_charts())  # computed again
     assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
     (second,) = runs.glob("offline-run-*")
     run = read_run(second)
