@@ -5,10 +5,11 @@
   environment is restored afterwards, so nothing lands in the home folder (online mode keeps the
   user's WANDB_CONFIG_DIR, which holds the host set by `wandb login`).
 * One run per job and folder: the run id is kept in the job's tracking record
-  (`jobs.lineage`, `<job folder>/wandb/<job>.json`), so logging the same folder again (`--resume` of a
-  finished job, `--relog`) reuses it, with `resume="allow"`, and the earlier local run folder of that
-  id is replaced once the new run has finished: `wandb sync` of the folder uploads one run. The earlier
-  folder is set aside while the new run is written and put back if it fails.
+  (`jobs.lineage`, `<job folder>/wandb/<job>.json`, written before the run starts), so logging the same
+  folder again (`--resume` of a finished job, `--relog`, a job whose driver was killed while logging)
+  reuses it, with `resume="allow"`, and every earlier local run folder of that id is replaced once the
+  new run has finished: `wandb sync` of the folder uploads one run. The earlier folders are set aside
+  while the new run is written and put back if it fails.
 * Online mode waits at most `wandb.init_timeout` seconds for the server; a run that cannot start (no
   network, bad key) is logged offline instead, with one warning giving the `wandb sync` command, and
   the folder the failed online start left is removed.
@@ -206,6 +207,8 @@ def log_run(cfg: Config, out: OutDir, job_type: str, fill: Callable[[Session], N
     try:
         found, notes = inputs()
         tag_list = tags()
+        if record is None:  # before the run starts: a driver killed while logging leaves a folder of this id
+            lineage.write_record(out, job_type, {"run_id": run_id, "mode": mode, "where": None}, [], [])
         with _replacing(root, run_id):
             used = mode
             if mode == "online":

@@ -444,6 +444,22 @@ def test_layer_line_head_map_and_cross_model_scatter(offline):
     assert in_target == {(1, 1), (2, 0)}  # the target is "L1 H1, L2 H0"
 
 
+def test_intervention_kinds_get_their_own_charts_and_headline_keys(offline):
+    """A conditions column in charts.GROUP_COLUMNS (intervention, from ablation.kind) splits the charts and
+    headline keys by its value when it varies, and changes no key when it does not."""
+    eff = offline.tables["condition_effects"].filter(pl.col("model") == "m1")
+    both = pl.concat([eff.with_columns(pl.lit(kind).alias("intervention")) for kind in ("zero", "mean")])
+    keys = {c.key for c in charts.effect_charts(both, None)}
+    assert {"charts/m1/zero/effects/delta_correct", "charts/m1/mean/null/delta_auroc",
+            "charts/m1/mean/heads/map"} <= keys and not any(k.startswith("charts/m1/effects/") for k in keys)
+    one = eff.with_columns(pl.lit("zero").alias("intervention"))
+    assert {c.key for c in charts.effect_charts(one, None)} == {c.key for c in charts.effect_charts(eff, None)}
+    summary = offline.tables["summary"].filter(pl.col("model") == "m1")
+    headline = tracking.headline_metrics(summary, both, None, N_PROMPTS, ["m1"])
+    assert headline["headline/mean/target/delta_correct"] == eff.filter(pl.col("kind") == "target")["delta_correct"][0]
+    assert "headline/target/delta_correct" not in headline
+
+
 def test_a_chart_or_table_over_the_limit_logs_a_sample_and_says_so():
     import wandb
 
@@ -483,16 +499,17 @@ def test_disabled_writes_nothing(tmp_path, capsys):
 
 
 def test_failure_inside_run_warns_and_keeps_results(tmp_path, capsys):
-    """A failure after init (here: a broken summary frame) finishes the run, warns, restores the env."""
+    """A failure after init (here: a broken effects frame) finishes the run, warns, restores the env."""
     cfg, out, tables, figures = _write_out(tmp_path / "OUT")
-    tables["summary"] = tables["summary"].drop("model")
+    tables["condition_effects"] = tables["condition_effects"].drop("kind")
     before = _env()
     assert tracking.log_sweep(cfg, out, tables, figures, None, None) is None
     assert _env() == before
     err = capsys.readouterr().err
     assert "W&B logging failed" in err and str(out.root) in err and "launch.py --relog" in err
     assert out.summary.is_file() and out.shard("m0-p000000-c000").is_file()
-    assert not list((out.wandb / "wandb").glob("*-run-*")) and not (out.wandb / "sweep.json").exists()  # no half run
+    assert not list((out.wandb / "wandb").glob("*run-*"))  # no half run; the record keeps the id for a re-log
+    assert json.loads((out.wandb / "sweep.json").read_text())["where"] is None
 
 
 def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, capsys):
@@ -524,8 +541,9 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
 
 def test_relog_twice_is_one_run_of_one_id(tmp_path, capsys):
     """`launch.py --relog OUT` rebuilds the tables from disk and logs the same summary; logging the folder
-    again (a second --relog, or --resume of a finished job) reuses the run id and replaces the earlier
-    local run folder, so `wandb sync` of OUT/wandb uploads one run, not one per log."""
+    again (a second --relog, or --resume of a finished job) reuses the run id and replaces every earlier
+    local run folder of it (here also one a killed log left), so `wandb sync` of OUT/wandb uploads one
+    run, not one per log."""
     cfg, out, tables, _ = _write_out(tmp_path / "OUT", mode="disabled")
     (out.stats / "condition_effects.parquet").unlink()  # a folder of a sweep from before the charts
     runs = out.wandb / "wandb"
@@ -533,6 +551,7 @@ def test_relog_twice_is_one_run_of_one_id(tmp_path, capsys):
     (first,) = runs.glob("offline-run-*")
     first_id = read_run(first)["id"]
     assert set(read_run(first)["config"]["_wandb"]["visualize"]) == set(_expected_charts())  # computed again
+    shutil.copytree(first, runs / f"offline-run-19990101_000000-{first_id}")  # what a killed re-log would leave
     assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
     (second,) = runs.glob("offline-run-*")
     run = read_run(second)
