@@ -179,7 +179,7 @@ def logged_tables(session: Session, frames: dict[str, pl.DataFrame]) -> tuple[di
         if frame.height > TABLE_ROWS:
             cut[f"tables/{name}/n_rows"] = frame.height
             session.notes.append(f"W&B: tables/{name} holds the first {TABLE_ROWS} of its {frame.height} rows "
-                                 "(W&B's table limit); every row is in the run's artifact")
+                                 "(W&B's table limit); every row is in the job's files and the run's artifact")
     return items, cut
 
 

@@ -479,7 +479,7 @@ def test_a_chart_or_table_over_the_limit_logs_a_sample_and_says_so():
     assert len(items["tables/big"].data) == tracking.TABLE_ROWS and len(items["tables/small"].data) == 3
     assert cut == {"tables/big/n_rows": n}
     assert session.notes == [f"W&B: tables/big holds the first {tracking.TABLE_ROWS} of its {n} rows (W&B's table "
-                             "limit); every row is in the run's artifact"]
+                             "limit); every row is in the job's files and the run's artifact"]
 
 
 def test_to_wandb_table_keeps_none_and_stringifies_lists():
