@@ -539,34 +539,6 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     assert json.loads((out.wandb / "sweep.json").read_text())["mode"] == "offline"
 
 
-def test_relog_twice_is_one_run_of_one_id(tmp_path, capsys):
-    """`launch.py --relog OUT` rebuilds the tables from disk and logs the same summary; logging the folder
-    again (a second --relog, or --resume of a finished job) reuses the run id and replaces every earlier
-    local run folder of it (here also one a killed log left), so `wandb sync` of OUT/wandb uploads one
-    run, not one per log."""
-    cfg, out, tables, _ = _write_out(tmp_path / "OUT", mode="disabled")
-    (out.stats / "condition_effects.parquet").unlink()  # a folder of a sweep from before the charts
-    runs = out.wandb / "wandb"
-    assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
-    (first,) = runs.glob("offline-run-*")
-    first_id = read_run(first)["id"]
-    assert set(read_run(first)["config"]["_wandb"]["visualize"]) == set(_expected_charts())  # computed again
-    shutil.copytree(first, runs / f"offline-run-19990101_000000-{first_id}")  # what a killed re-log would leave
-    assert launch.main(["--relog", str(out.root), "--mode", "offline"]) == 0
-    (second,) = runs.glob("offline-run-*")
-    run = read_run(second)
-    assert run["id"] == first_id and run["resume"]
-    assert not (out.wandb / "replaced").exists() and not list(runs.glob("run-*"))
-    record = json.loads((out.wandb / "sweep.json").read_text())
-    assert (record["run_id"], record["where"], record["mode"]) == (first_id, str(second), "offline")
-    (art,) = [a for a in run["artifacts"] if a["type"] == tracking.ARTIFACT_TYPE]
-    assert [{**a, "files": sorted(a["files"])} for a in record["artifacts"]] == [
-        {"name": art["name"], "type": art["type"], "digest": art["digest"], "files": sorted(art["files"])}]
-    _assert_summary_logged(run["summary"], tables["summary"])
-    assert "figures/m1__before_after" in run["history"][0]
-    assert f"upload with: wandb sync {second}" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("manifest, message", [
     (None, "no manifest.json there; give the --out folder of a finished sweep"),
     ({"job": "discover", "finished": "x"}, "it holds a discover job's output and --relog re-logs sweeps; run the "
@@ -613,7 +585,7 @@ def test_weight_diff_and_compare_runs_name_their_inputs(tmp_path, lineage_runs):
 TARGET = "L3 H13, L17 H14, L25 H11"  # tests.support.sweeps' target: the reference sweep can resume with it
 
 
-def _producers(root: Path, seed_model_dir: Path) -> SimpleNamespace:
+def _producers(root: Path) -> SimpleNamespace:
     """A generate job's and a discovery's folders as those jobs leave them, each logged offline."""
     gen_out = OutDir(root / "gen")
     gen_out.root.mkdir(parents=True)
@@ -640,7 +612,7 @@ def _producers(root: Path, seed_model_dir: Path) -> SimpleNamespace:
         frame.write_parquet(files[-1])
     target = disc.root / "target.yaml"
     target.write_text(f"{lineage.TARGET_HEADER} on m1; test them with --sweep and its random controls.\n"
-                      f'ablation:\n  target_heads: "{TARGET}"\nmodel:\n  path: {seed_model_dir}\n')
+                      f'ablation:\n  target_heads: "{TARGET}"\n')
     files.append(target)
     disc_cfg = load_config(None, ["name=disc", "wandb.mode=offline"], str(disc.root.parent), file_default=False)
     disc_run = tracking.log_discovery(disc_cfg, disc, {"heads": heads, "sets": sets}, [], files, {"m1/discover/x": 1})
@@ -649,11 +621,11 @@ def _producers(root: Path, seed_model_dir: Path) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def lineage_runs(tmp_path_factory, seed_model_dir):
+def lineage_runs(tmp_path_factory):
     """Producers (a generate job, a discovery) and a sweep fed by both: prompts.file is the generations,
     the --config the discovery's target.yaml."""
     root = tmp_path_factory.mktemp("lineage")
-    made = _producers(root, seed_model_dir)
+    made = _producers(root)
     cfg, out, tables, figures = _write_out(root / "sweep", mode="offline")
     cfg = cfg.replace(prompts=dataclasses.replace(cfg.prompts, file=str(made.gen_out.generations)))
     printed = io.StringIO()
@@ -746,29 +718,42 @@ def _sweep_argv(out: Path, config: Path, seed_model_dir: Path) -> list[str]:
     return argv
 
 
-def test_resumed_sweep_from_a_target_yaml_is_one_run_using_the_discovery(sweep_reference, lineage_runs,
-                                                                          seed_model_dir, tmp_path, capsys):
+def test_resumed_and_relogged_sweep_is_one_run_using_the_discovery(sweep_reference, lineage_runs, seed_model_dir,
+                                                                   tmp_path, capsys):
     """The finished reference sweep resumed with --config the discovery's target.yaml (every shard is on
-    disk, so only its outputs and W&B run are made again), then re-logged: both logs are one run (one id,
-    one folder), the summary equals summary.parquet and the run names the discovery's artifact as its
-    input (the re-log reads the --config from the manifest)."""
+    disk, so only its outputs and W&B run are made again), then re-logged from its files as a folder from
+    before the charts (no stats/condition_effects.parquet) with the leftover of a killed log beside its
+    run: both logs are one run (one id, one folder: `wandb sync` of OUT/wandb uploads one run, not one
+    per log), the summary equals summary.parquet, the charts are made again, and the run names the
+    discovery's artifact as its input (the re-log reads the --config from the manifest)."""
     out = tmp_path / "OUT"
+    runs = out / "wandb" / "wandb"
     shutil.copytree(sweep_reference[1], out)
     assert launch.main(_sweep_argv(out, lineage_runs.target, seed_model_dir)) == 0, capsys.readouterr().err
-    (first,) = (out / "wandb" / "wandb").glob("offline-run-*")
-    first_id = read_run(first)["id"]
-    assert launch.main(["--relog", str(out), "--mode", "offline"]) == 0, capsys.readouterr().err  # the manifest names the --config
-    (run_dir,) = (out / "wandb" / "wandb").glob("offline-run-*")
-    run = read_run(run_dir)
-    assert run["id"] == first_id
-    assert run["id"] == json.loads((out / "wandb" / "sweep.json").read_text())["run_id"]
+    (first,) = runs.glob("offline-run-*")
+    first_run = read_run(first)
     assert json.loads((out / "manifest.json").read_text())["config_file"] == str(lineage_runs.target.resolve())
+    (out / "stats" / "condition_effects.parquet").unlink()
+    shutil.copytree(first, runs / f"offline-run-19990101_000000-{first_run['id']}")  # what a killed log leaves
+    capsys.readouterr()
+    assert launch.main(["--relog", str(out), "--mode", "offline"]) == 0, capsys.readouterr().err
+    (run_dir,) = runs.glob("offline-run-*")
+    run = read_run(run_dir)
+    assert run["id"] == first_run["id"] and run["resume"]
+    assert not (out / "wandb" / "replaced").exists() and not list(runs.glob("run-*"))
+    record = json.loads((out / "wandb" / "sweep.json").read_text())
+    assert (record["run_id"], record["where"], record["mode"]) == (run["id"], str(run_dir), "offline")
+    own = _output(run, tracking.ARTIFACT_TYPE)
+    assert [{**a, "files": sorted(a["files"])} for a in record["artifacts"]] == [
+        {"name": own["name"], "type": own["type"], "digest": own["digest"], "files": sorted(own["files"])}]
+    assert f"upload with: wandb sync {lineage_runs.disc_run} {run_dir}" in capsys.readouterr().out
     summary = pl.read_parquet(out / "summary.parquet")
     _assert_summary_logged(run["summary"], summary)
     assert run["summary"]["sweep/n_prompts"] == 6 and "sweep/shards_run" not in run["summary"]  # a re-log ran none
-    (used,) = [a for a in run["artifacts"] if a["use_after_commit"]]
-    assert (used["name"], used["type"]) == ("disc-discovery", tracking.DISCOVERY_ARTIFACT_TYPE)
-    effects = pl.read_parquet(out / "stats" / "condition_effects.parquet")
-    assert effects.height == summary.height == 4
-    assert {f"charts/{summary['model'][0]}/effects/delta_correct", f"charts/{summary['model'][0]}/null/delta_auroc"} <= set(
+    for logged in (first_run, run):
+        (used,) = [a for a in logged["artifacts"] if a["use_after_commit"]]
+        assert (used["name"], used["type"]) == ("disc-discovery", tracking.DISCOVERY_ARTIFACT_TYPE)
+    assert len(_table_json(run_dir, run["history"][0], "tables/condition_effects")["data"]) == summary.height == 4
+    model = summary["model"][0]
+    assert {f"charts/{model}/effects/delta_correct", f"charts/{model}/null/delta_auroc"} <= set(
         run["config"]["_wandb"]["visualize"])
