@@ -87,7 +87,7 @@ def _weight_diff(args: argparse.Namespace) -> int:
                              file_default=False)
     from jobs.weight_diff import weight_diff_job
 
-    result, run = weight_diff_job(cfg)
+    result, run = weight_diff_job(cfg, args.config)
     print("\n".join(result.verdicts))
     print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
     print(f"W&B run: {run or 'disabled'}")
@@ -113,7 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from jobs.compare import run_compare
 
-    print("\n".join(run_compare(config.load_config(args.config, args.overrides, args.out)).lines()))
+    print("\n".join(run_compare(config.load_config(args.config, args.overrides, args.out), args.config).lines()))
     return 0
 
 
@@ -128,7 +128,7 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
         print("\n".join(plan.prompt_source.lines()))
         return 0
-    print("\n".join(run_sweep(cfg, resume=args.resume).lines()))
+    print("\n".join(run_sweep(cfg, resume=args.resume, config_file=args.config).lines()))
     return 0
 
 

@@ -212,8 +212,9 @@ def _load_both(plan: ComparePlan) -> tuple[LoadedModel, LoadedModel]:
     return a, b
 
 
-def run_compare(cfg: Config) -> CompareReport:
-    """Check, load both models, compare them on the sweep's prompts, write OUT/compare/ and log it."""
+def run_compare(cfg: Config, config_file: str | None = None) -> CompareReport:
+    """Check, load both models, compare them on the sweep's prompts, write OUT/compare/ and log it
+    (`config_file`: the --config, an input of the W&B run when it is a discovery's target.yaml)."""
     start = time.perf_counter()
     plan = prepare_compare(cfg)
     out = OutDir(cfg.out)
@@ -254,5 +255,6 @@ def run_compare(cfg: Config) -> CompareReport:
             **numbers, "seconds": report.seconds, "load_seconds": load_seconds, "versions": package_versions(),
             "config": cfg.to_dict(),
         }, folder / "compare.json")
-        report.wandb_dir = log_compare(cfg, out, layers, {**summaries, "per_layer": layers}, figures, numbers)
+        report.wandb_dir = log_compare(cfg, out, layers, {**summaries, "per_layer": layers}, figures, numbers,
+                                       config_file)
         return report

@@ -16,11 +16,12 @@ from jobs.runtime.storage import OutDir, write_parquet_atomic
 from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
 from verif.analysis import figures, stats
+from verif.analysis.effects import condition_effects
 from verif.analysis.tables import per_prompt_table
 from verif.model.loading import Arch
 
 # Tables written under OUT/stats/ when they apply.
-STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls")
+STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects")
 
 
 @dataclass
@@ -41,6 +42,7 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
     tables["summary"] = stats.summarize(results, prompts, conditions)
     tables["by_error_kind"] = stats.by_error_kind(results, prompts)
     tables["per_prompt"] = per_prompt_table(results, prompts)
+    tables["condition_effects"] = condition_effects(results, prompts, conditions, n_boot=st.n_boot, seed=st.seed)
     kinds = set(conditions["kind"].to_list())
     if "target" in kinds:
         tables["paired_change"] = stats.paired_change(results, prompts, "target", n_boot=st.n_boot, seed=st.seed)
@@ -53,8 +55,10 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
     return tables
 
 
-def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict) -> Finalized:
-    """Summary, figures, the configured weight diff and the W&B run of a complete sweep."""
+def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict,
+             config_file: str | None = None) -> Finalized:
+    """Summary, figures, the configured weight diff and the W&B run of a complete sweep (`config_file`:
+    the --config it ran with, for the run's lineage)."""
     tables = compute_tables(cfg, out, results)
     pngs = figures.make_figures(
         tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
@@ -63,5 +67,6 @@ def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookke
     weight_diff = run_configured_weight_diff(cfg, out)
     if weight_diff is not None:
         tables["weight_diff_selection"] = weight_diff.selection
-    wandb_dir = log_sweep(cfg, out, tables, pngs, weight_diff.table if weight_diff else None, bookkeeping)
+    wandb_dir = log_sweep(cfg, out, tables, pngs, weight_diff.table if weight_diff else None, bookkeeping,
+                          config_file)
     return Finalized(tables["summary"], pngs, wandb_dir)

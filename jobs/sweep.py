@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
@@ -263,8 +264,11 @@ def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
 
 
-def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
+def run_sweep(cfg: Config, resume: bool = False, config_file: str | None = None) -> SweepReport:
     """The whole job: plan, score, check completeness, then finalize. Returns where everything is.
+
+    `config_file` is the --config the config came from: kept in the manifest (as `config_file`) so the
+    W&B run, and a later --relog, name the discovery behind a target.yaml as its input (`jobs.lineage`).
 
     OUT and every input are checked before anything is created there (`jobs.inputs.check_out_dir`,
     `prepare`; a second driver into the same folder is refused at once); then OUT's lock is held
@@ -280,13 +284,15 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out)
         manifest = job.manifest
+        if config_file:
+            manifest["config_file"] = str(Path(config_file).resolve())
         skipped = job.total - sum(e["status"] != "done" for e in manifest["shards"].values())
         ran = run_shards(plan, out, manifest)
         results = out.read_results([s.id for s in plan.shards])
         check_complete(results, plan)
         report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
                              ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
-        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
+        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping(), manifest.get("config_file"))
         report.seconds = time.perf_counter() - start
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,

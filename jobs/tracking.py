@@ -1,58 +1,60 @@
-"""W&B tracking of a finished sweep (or weight-diff, discovery, generate or compare job): one run per job,
-written by the driver only.
+"""W&B tracking of a finished sweep (or weight-diff, discovery, generate or compare job): one run per job
+and folder, written by the driver only, from the frames of files already on disk (a W&B failure costs
+no result: `jobs.wandb_run` opens, replaces and closes the run, and falls back offline).
 
-Everything is logged from the parquet files' frames after they are on disk, so tracking can never lose
-a result: if W&B fails (full disk, a broken frame) a warning says where the results are and how to
-re-log them (`python launch.py --relog OUT`), and the sweep carries on. An online run that cannot start
-within `wandb.init_timeout` seconds (no network, bad key) is logged offline in OUT instead, and one
-warning gives the `wandb sync` command that uploads it later.
+Run metadata, the same for every job, so W&B's run table filters, groups and compares sweeps:
+  config       the whole resolved config, flattened: "model.path", "ablation.target_heads",
+               "prompts.template", ... (every key of `python launch.py --config-reference`)
+  group        the sweep name (`name`); job_type the job (sweep, discover, weight_diff, generate, compare)
+  tags         the model names and the condition kinds (sweep) or component kinds (discover)
 
-Offline runs (the default) live entirely under OUT/wandb: the W&B folders (`WANDB_DIR`, cache, data,
-config, artifact staging) are pointed there for the duration of the call, and the previous environment
-is restored afterwards, so nothing lands in the home folder (online mode keeps the user's
-WANDB_CONFIG_DIR, which holds the host set by `wandb login`; the key is read from ~/.netrc or
-WANDB_API_KEY). An offline run is uploaded later with `wandb sync`.
-
-Keys:
-  run.summary  "{model}/{condition}/{column}"          every numeric column of summary.parquet
+Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
+  run.summary  "headline/..."                          stable names for panels over many runs
+                                                       (`headline_metrics`)
+               "{model}/{condition}/{column}"          every numeric column of summary.parquet
                "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
                "sweep/{rows_written,shards_run,...}"   job bookkeeping
-  history      "tables/<name>"                         W&B Tables (summary, per_prompt, ...)
+  history      "charts/..."                            native charts (`jobs.charts`): their tables are
+                                                       "charts/..._table", their panels in the config
+                                                       under _wandb.visualize
+               "tables/<name>"                         W&B Tables (summary, condition_effects, per_prompt, ...)
                "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target, <kind>_pooled
                "figures/<file stem>"                   the PNG figures as images
   artifact     "<name>-results" of type "sweep-results" (results/, summary, prompts, conditions, stats/,
                and OUT/weight_diff* when that job ran); the weight-diff-only job logs "<name>-weight-diff"
                of type "weight-diff-results"; a discovery logs "<name>-discovery" of type "discovery-results"
-               (OUT/discovery's tables and target configs)
+               (OUT/discovery's tables and target configs); generate "<name>-generations"; compare
+               "<name>-compare"
+  inputs       the artifacts of the generate job and discovery this job's files came from (`jobs.lineage`)
 A discovery run (job_type "discover") has "{model}/discover/{objective,spearman_atp_exact,best_head_set/...}"
-and "discover/{shards_run,...}" in its summary, and the tables heads, neurons (top rows by |atp|), probes
-and sets.
+and "discover/{shards_run,...}" in its summary, the tables heads, neurons (top rows by |atp|), probes
+and sets, and the charts atp vs exact and effect vs k.
 The generate and compare jobs log their own runs (job_type generate / compare; `log_generate`,
 `log_compare` say what they hold).
-Tables are cut at wandb.Table.MAX_ROWS (10,000) rows and the weight-diff table at its top 5,000 rows by
-1 - cos; the full frames are in the artifact.
+A table above W&B's 10,000 rows logs its first 10,000 and says so (a line at the end of the job, and
+"tables/<name>/n_rows" in the summary); the weight-diff table logs its top 5,000 rows by 1 - cos; the
+full frames are in the artifact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from jobs import charts as charts_mod
+from jobs import lineage
+from jobs.charts import Chart, to_wandb_table
 from jobs.config import Config, config_from_dict
 from jobs.errors import InputError
 from jobs.runtime.storage import OutDir, read_manifest
+from jobs.wandb_run import Session, log_run
+from verif.analysis.effects import EFFECT_METRICS, condition_effects
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
@@ -67,7 +69,10 @@ OWN_HISTOGRAM_KINDS = ("baseline", "target")
 TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", "p_empirical", "p_less",
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
-LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind")
+LOGGED_TABLES = ("summary", "condition_effects", "per_prompt", "target_vs_controls", "paired_change",
+                 "by_error_kind")
+TABLE_ROWS = charts_mod.CHART_ROWS  # wandb.Table.MAX_ROWS: W&B cuts a longer table with only a log line
+TAG_CHARS = 64  # W&B refuses longer tags
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,18 +120,6 @@ def tvc_metrics(tvc: pl.DataFrame) -> dict[str, Any]:
     return out
 
 
-def to_wandb_table(df: pl.DataFrame):
-    """A polars frame as a wandb.Table: nested columns (lists, structs) become strings, None stays None."""
-    import wandb
-
-    nested = {c for c, t in df.schema.items() if t.is_nested()}
-    columns = [
-        [None if v is None else str(v) for v in df[c].to_list()] if c in nested else df[c].to_list()
-        for c in df.columns
-    ]
-    return wandb.Table(columns=df.columns, data=[list(r) for r in zip(*columns)] if columns else [])
-
-
 def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl.DataFrame) -> dict[str, Any]:
     """Histograms of p_yes_norm per model, condition group and label, on fixed bins over [0, 1].
 
@@ -156,159 +149,123 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
     return hists
 
 
-def weight_diff_logs(weight_diff: pl.DataFrame, selection: pl.DataFrame | None, out: OutDir) -> tuple[dict, dict]:
-    """(summary metrics, history items) of a weight diff: the selection whole, the table's top rows, and
-    the per-(head, matrix) summary of the row view when it was computed."""
+def weight_diff_logs(session: Session, weight_diff: pl.DataFrame, selection: pl.DataFrame | None,
+                     out: OutDir) -> tuple[dict, dict]:
+    """(summary metrics, history items) of a weight diff: the selection whole, the table's top rows by
+    1 - cos, and the per-(head, matrix) summary of the row view when it was computed."""
     top = weight_diff.sort("one_minus_cos", descending=True, nulls_last=True).head(WEIGHT_DIFF_MAX_ROWS)
-    history = {"tables/weight_diff_top": to_wandb_table(top)}
+    frames = {"weight_diff_top": top}
     if out.weight_diff_rows_summary.is_file():
-        rows = pl.read_parquet(out.weight_diff_rows_summary)
-        history["tables/weight_diff_rows_summary"] = to_wandb_table(_capped(rows))
+        frames["weight_diff_rows_summary"] = pl.read_parquet(out.weight_diff_rows_summary)
     metrics: dict[str, Any] = {
         "weight_diff/n_rows": weight_diff.height,
         "weight_diff/max_one_minus_cos": _scalar(weight_diff["one_minus_cos"].max()),
     }
     if selection is not None and selection.height:
-        history["tables/weight_diff_selection"] = to_wandb_table(selection)
+        frames["weight_diff_selection"] = selection
         cols = _numeric_columns(selection)
         for row in selection.iter_rows(named=True):
             metrics.update({f"weight_diff/{row['selection']}/{c}": _scalar(row[c]) for c in cols})
-    return metrics, history
+    history, cut = logged_tables(session, frames)
+    return metrics | cut, history
+
+
+def logged_tables(session: Session, frames: dict[str, pl.DataFrame]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """History items "tables/<name>" and, for a frame above W&B's row limit, its first TABLE_ROWS rows,
+    its full row count as summary "tables/<name>/n_rows" and a line saying so (never cut silently)."""
+    items, cut = {}, {}
+    for name, frame in frames.items():
+        items[f"tables/{name}"] = to_wandb_table(frame.head(TABLE_ROWS))
+        if frame.height > TABLE_ROWS:
+            cut[f"tables/{name}/n_rows"] = frame.height
+            session.notes.append(f"W&B: tables/{name} holds the first {TABLE_ROWS} of its {frame.height} rows "
+                                 "(W&B's table limit); every row is in the job's files and the run's artifact")
+    return items, cut
+
+
+def chart_items(charts: list[Chart]) -> dict[str, Any]:
+    """The charts as history items: W&B writes each table as "<key>_table" and its panel in the config."""
+    return {c.key: c.to_wandb() for c in charts}
 
 
 # --------------------------------------------------------------------------------------------
-# the run
+# run metadata: config, tags, headline numbers
 # --------------------------------------------------------------------------------------------
 
 
-def _wandb_env(root: Path, mode: str) -> dict[str, str]:
-    """W&B's folders under OUT/wandb. Online keeps the user's config dir: it holds the login's host."""
-    env = {
-        "WANDB_DIR": str(root),
-        "WANDB_CACHE_DIR": str(root / "cache"),
-        "WANDB_DATA_DIR": str(root / "data"),
-        "WANDB_ARTIFACT_DIR": str(root / "artifacts"),
-        "WANDB_SILENT": "true",
-    }
-    if mode == "offline":
-        env["WANDB_CONFIG_DIR"] = str(root / "config")
-    return env
+def run_config(cfg: Config) -> dict[str, Any]:
+    """Every resolved key of the config under its dotted name (the sections' fields; a dict-valued key such
+    as ray.resources_per_worker stays one value)."""
 
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block and restore the previous values (or absence) after."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
+    def flat(section: Any, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                out.update(flat(value, f"{prefix}{f.name}."))
             else:
-                os.environ[k] = v
+                out[f"{prefix}{f.name}"] = value
+        return out
+
+    return flat(cfg, "")
 
 
-def _settings(mode: str, init_timeout: float):
-    """Keep init fast and the run folder small: no console capture, code, git, stats or machine probe."""
-    import wandb
-
-    return wandb.Settings(
-        mode=mode,
-        init_timeout=init_timeout,
-        console="off",
-        save_code=False,
-        disable_code=True,
-        disable_git=True,
-        x_disable_stats=True,
-        x_disable_machine_info=True,
-        x_disable_meta=True,
-        silent=True,
-    )
+def model_tag(spec: str) -> str:
+    """A model.path entry as the name its rows carry: packaged:<name>, a folder's or file's name, a hub id."""
+    if spec.startswith("packaged:"):
+        return spec.split(":", 1)[1]
+    path = Path(spec).expanduser()
+    return path.name if path.exists() else spec
 
 
-def _safe_name(name: str) -> str:
-    """Artifact names allow letters, digits, '-', '_' and '.' only."""
-    return re.sub(r"[^\w.-]", "-", name)
+def run_tags(*groups: Any) -> list[str]:
+    """Distinct non-empty tags in order, each cut to W&B's 64 characters (the end kept: it names the model)."""
+    tags = [str(t) for group in groups for t in group if t is not None and str(t)]
+    return list(dict.fromkeys(t if len(t) <= TAG_CHARS else "..." + t[-(TAG_CHARS - 3):] for t in tags))
 
 
-def _relog_hint(out: OutDir) -> str:
-    return f"python launch.py --relog {out.root} [--mode offline|online]"
+def model_order(cfg: Config, models: list[str]) -> list[str]:
+    """`models` (names as the rows carry them) in model.path order; names it does not give go last."""
+    order = [model_tag(p) for p in cfg.model.paths]
+    return sorted(models, key=lambda m: order.index(m) if m in order else len(order))
 
 
-class _InitFailed(Exception):
-    """wandb.init itself failed (no network, bad key, server down): nothing was logged yet."""
+def headline_metrics(summary: pl.DataFrame, effects: pl.DataFrame, tvc: pl.DataFrame | None,
+                     n_prompts: int, models: list[str]) -> dict[str, Any]:
+    """Summary keys with the same names in every sweep, for panels over many runs: the first of `models`
+    (model.path order) under "headline/", the k-th (k >= 1) under "headline_k/"; with several groups
+    (charts.GROUP_COLUMNS, e.g. intervention kinds) each group's under its value ("headline/mean/...").
 
-
-def _run_once(cfg: Config, root: Path, mode: str, job_type: str, fill: Callable[[Any], None]) -> str:
-    """Open one run in `mode`, let `fill` log into it, close it; returns the run folder or URL."""
-    w = cfg.wandb
-    run = None
-    with _environment(_wandb_env(root, mode)):
-        import wandb
-
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            try:
-                run = wandb.init(
-                    project=w.project, entity=w.entity, group=cfg.name, job_type=job_type,
-                    name=f"{cfg.name}-{job_type}", config=cfg.to_dict(), dir=str(root), reinit="create_new",
-                    settings=_settings(mode, w.init_timeout),
-                )
-            except Exception as e:  # noqa: BLE001 - any init failure means the same: try offline
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # W&B's advice lines name its API
-                raise _InitFailed(f"{type(e).__name__}: {first}") from e
-            fill(run)
-            where = run.url if mode == "online" else str(Path(run.settings.sync_dir))
-            run.finish()
-            run = None
-            return where
-        finally:
-            if run is not None:
-                run.finish(exit_code=1)
-            # Stop the W&B service: it keeps the environment it started with, and the next run
-            # (another OUT, or the offline fallback) must not inherit this one's folders.
-            wandb.teardown()
-
-
-def _log_run(cfg: Config, out: OutDir, job_type: str, fill: Callable[[Any], None]) -> str | None:
-    """Open one run (group = sweep name), let `fill` log into it, close it; never raises.
-
-    Online mode waits at most `wandb.init_timeout` seconds for the server; if it cannot start the run
-    (no network, bad key) the run is logged offline in OUT instead, with one warning that gives the
-    `wandb sync` command. Returns the offline run folder, the online URL, or None (disabled, or failed).
+      headline/model                                  the model's name
+      headline/n_prompts
+      headline/baseline/{auroc,mean_p_yes_norm_correct,mean_p_yes_norm_incorrect}
+      headline/<target>/{delta_correct,delta_incorrect,delta_auroc}[_lo|_hi]   95% CI bounds
+      headline/<target>/{metric}/{p_empirical,z,n_controls}                    against the random sets
     """
-    mode = cfg.wandb.mode
-    if mode == "disabled":
-        return None
-    root = out.wandb.resolve()
-    try:
-        if mode == "online":
-            started = time.perf_counter()
-            try:
-                where = _run_once(cfg, root, "online", job_type, fill)
-            except _InitFailed as e:
-                waited = time.perf_counter() - started
-                where = _run_once(cfg, root, "offline", job_type, fill)
-                print(
-                    f"WARNING: W&B online run could not start after {waited:.0f} s (wandb.init_timeout = "
-                    f"{cfg.wandb.init_timeout:g} s; {e}). Logged it offline instead; upload it with: wandb sync {where}",
-                    file=sys.stderr,
-                )
-                return where
-        else:
-            where = _run_once(cfg, root, mode, job_type, fill)
-    except Exception as e:  # noqa: BLE001 - tracking must never cost the computed results
-        print(
-            f"WARNING: W&B logging failed ({type(e).__name__}: {e}). Nothing is lost: every result is on disk "
-            f"in {out.root} (summary.parquet, results/, stats/, figures/). Re-log it with: {_relog_hint(out)}",
-            file=sys.stderr,
-        )
-        return None
-    hint = f" (upload with: wandb sync {where})" if mode == "offline" else ""
-    print(f"W&B {job_type} run ({mode}): {where}{hint}")
-    return where
+    out: dict[str, Any] = {"headline/n_prompts": n_prompts}
+    for k, model in enumerate(models):
+        prefix = "headline" if k == 0 else f"headline_{k}"
+        out[f"{prefix}/model"] = model
+        base = summary.filter((pl.col("model") == model) & (pl.col("kind") == "baseline"))
+        if base.height:
+            row = base.row(0, named=True)
+            for col in ("auroc", "mean_p_yes_norm_correct", "mean_p_yes_norm_incorrect"):
+                out[f"{prefix}/baseline/{col}"] = _scalar(row[col])
+        for suffix, rows in charts_mod.groups(effects.filter(pl.col("model") == model)):
+            for t in rows.filter(pl.col("kind") == "target").iter_rows(named=True):
+                where = f"{prefix}{suffix}/{t['condition']}"
+                for metric in EFFECT_METRICS:
+                    out.update({f"{where}/{c}": _scalar(t[c]) for c in (metric, f"{metric}_lo", f"{metric}_hi")})
+                    stats = charts_mod.tvc_row(tvc, model, metric, t["condition"])
+                    if stats:
+                        out.update({f"{where}/{metric}/{s}": _scalar(stats[s]) for s in ("p_empirical", "z",
+                                                                                           "n_controls")})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the jobs' runs
+# --------------------------------------------------------------------------------------------
 
 
 def log_sweep(
@@ -318,60 +275,76 @@ def log_sweep(
     figures: list[Path],
     weight_diff: pl.DataFrame | None,
     bookkeeping: dict[str, float] | None,
+    config_file: str | None = None,
 ) -> str | None:
     """Log a finished sweep as one W&B run (job_type "sweep"); see the module docstring for the keys.
 
     `tables` are the frames of `jobs.finalize.compute_tables` (optionally `weight_diff_selection`),
-    `bookkeeping` the sweep's own numbers (rows written, shards run, ...; None on a re-log). Returns the
+    `bookkeeping` the sweep's own numbers (rows written, shards run, ...; None on a re-log), `config_file`
+    the --config it was started with (an input when it is a discovery's target.yaml). Returns the
     offline run folder, the online URL, or None when disabled or W&B failed (reported, never raised).
     """
 
-    def fill(run) -> None:
+    def fill(session: Session) -> None:
         import wandb
 
-        metrics = summary_metrics(tables["summary"])
+        summary, effects = tables["summary"], tables["condition_effects"]
+        metrics = summary_metrics(summary)
         if tables.get("target_vs_controls") is not None:
             metrics.update(tvc_metrics(tables["target_vs_controls"]))
+        models = model_order(cfg, summary["model"].unique(maintain_order=True).to_list())
+        metrics.update(headline_metrics(summary, effects, tables.get("target_vs_controls"), tables["prompts"].height,
+                                        models))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
         metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})
-        items: dict[str, Any] = {
-            f"tables/{name}": to_wandb_table(_capped(tables[name]))
-            for name in LOGGED_TABLES if tables.get(name) is not None
-        }
+        items, cut = logged_tables(session, {n: tables[n] for n in LOGGED_TABLES if tables.get(n) is not None})
+        metrics.update(cut)
         items.update(p_yes_norm_histograms(tables["results"], tables["prompts"], tables["conditions"]))
+        items.update(chart_items(charts_mod.sweep_charts(tables)))
         items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
         if weight_diff is not None:
-            wd_metrics, wd_items = weight_diff_logs(weight_diff, tables.get("weight_diff_selection"), out)
+            wd_metrics, wd_items = weight_diff_logs(session, weight_diff, tables.get("weight_diff_selection"), out)
             metrics.update(wd_metrics)
             items.update(wd_items)
-        run.summary.update(metrics)
-        run.log(items)
-        run.log_artifact(_results_artifact(cfg.name, out))
+        session.run.summary.update(metrics)
+        session.run.log(items)
+        session.log_artifact(f"{cfg.name}-results", ARTIFACT_TYPE, out.root, _results_files(out))
 
-    return _log_run(cfg, out, "sweep", fill)
+    def tags() -> list[str]:
+        conditions = tables["conditions"]
+        groups = [conditions[c].unique(maintain_order=True).to_list() for c in charts_mod.GROUP_COLUMNS
+                  if c in conditions.columns]
+        return run_tags(model_order(cfg, tables["summary"]["model"].unique(maintain_order=True).to_list()),
+                        conditions["kind"].unique(maintain_order=True).to_list(), *groups)
+
+    return log_run(cfg, out, "sweep", fill, run_config(cfg), tags,
+                   lambda: lineage.find_inputs(prompts_file=cfg.prompts.file, config_file=config_file))
 
 
-def log_weight_diff(cfg: Config, out: OutDir, weight_diff: pl.DataFrame, selection: pl.DataFrame | None) -> str | None:
+def _model_tags(cfg: Config) -> list[str]:
+    return [model_tag(p) for p in cfg.model.paths]
+
+
+def log_weight_diff(cfg: Config, out: OutDir, weight_diff: pl.DataFrame, selection: pl.DataFrame | None,
+                    config_file: str | None = None) -> str | None:
     """Log a weight-diff-only job as one W&B run (job_type "weight_diff").
 
     Logs the selection table and its numbers, the top rows by 1 - cos, and the OUT/weight_diff*
-    files as one artifact. Same return value and failure handling as `log_sweep`.
+    files as one artifact; a `config_file` that is a discovery's target.yaml is its input. Same return
+    value and failure handling as `log_sweep`.
     """
 
-    def fill(run) -> None:
-        import wandb
+    def fill(session: Session) -> None:
+        metrics, items = weight_diff_logs(session, weight_diff, selection, out)
+        session.run.summary.update(metrics)
+        session.run.log(items)
+        session.log_artifact(f"{cfg.name}-weight-diff", WEIGHT_DIFF_ARTIFACT_TYPE, out.root, list(out.weight_diff_files))
 
-        metrics, items = weight_diff_logs(weight_diff, selection, out)
-        run.summary.update(metrics)
-        run.log(items)
-        art = wandb.Artifact(f"{_safe_name(cfg.name)}-weight-diff", type=WEIGHT_DIFF_ARTIFACT_TYPE)
-        for path in out.weight_diff_files:
-            if path.is_file():
-                art.add_file(str(path), name=path.name)
-        run.log_artifact(art)
-
-    return _log_run(cfg, out, "weight_diff", fill)
+    wd = cfg.weight_diff
+    return log_run(cfg, out, "weight_diff", fill, run_config(cfg),
+                   lambda: run_tags([model_tag(p) for p in (wd.base, wd.tuned) if p]),
+                   lambda: lineage.find_inputs(config_file=config_file))
 
 
 def log_discovery(cfg: Config, out: OutDir, tables: dict[str, pl.DataFrame], figures: list[Path], files: list[Path],
@@ -379,27 +352,32 @@ def log_discovery(cfg: Config, out: OutDir, tables: dict[str, pl.DataFrame], fig
     """Log a finished discovery as one W&B run (job_type "discover").
 
     `metrics` become summary values, `tables` W&B Tables (the neurons' sorted by |atp| first, so the
-    cut at Table.MAX_ROWS keeps the largest), `figures` images, and `files` one artifact. Same return
-    value and failure handling as `log_sweep`.
+    cut at the row limit keeps the largest), the charts atp vs exact and effect vs k (`jobs.charts`),
+    `figures` images, and `files` one artifact (with target.yaml: what a sweep's --config names as its
+    input). A `prompts.file` from a generate job is its input. Same return value and failure handling
+    as `log_sweep`.
     """
 
-    def fill(run) -> None:
+    def fill(session: Session) -> None:
         import wandb
 
-        run.summary.update({k: _scalar(v) for k, v in metrics.items()})
-        items: dict[str, Any] = {}
-        for name, frame in tables.items():
-            if name == "neurons":
-                frame = frame.sort(pl.col("atp").abs(), descending=True, nulls_last=True)
-            items[f"tables/{name}"] = to_wandb_table(_capped(frame))
+        frames = dict(tables)
+        if "neurons" in frames:
+            frames["neurons"] = frames["neurons"].sort(pl.col("atp").abs(), descending=True, nulls_last=True)
+        items, cut = logged_tables(session, frames)
+        session.run.summary.update({k: _scalar(v) for k, v in metrics.items()} | cut)
+        if "heads" in tables and "sets" in tables:
+            items.update(chart_items(charts_mod.discovery_charts(tables["heads"], tables["sets"])))
         items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
-        run.log(items)
-        art = wandb.Artifact(f"{_safe_name(cfg.name)}-discovery", type=DISCOVERY_ARTIFACT_TYPE)
-        for path in files:
-            art.add_file(str(path), name=path.name)
-        run.log_artifact(art)
+        session.run.log(items)
+        session.log_artifact(f"{cfg.name}-discovery", DISCOVERY_ARTIFACT_TYPE, out.root, list(files))
 
-    return _log_run(cfg, out, "discover", fill)
+    def tags() -> list[str]:
+        models = tables["heads"]["model"].unique(maintain_order=True).to_list() if "heads" in tables else _model_tags(cfg)
+        return run_tags(models, tables["sets"]["kind"].unique(maintain_order=True).to_list() if "sets" in tables else [])
+
+    return log_run(cfg, out, "discover", fill, run_config(cfg), tags,
+                   lambda: lineage.find_inputs(prompts_file=cfg.prompts.file))
 
 
 def log_generate(cfg: Config, out: OutDir, generations: pl.DataFrame, attempts: pl.DataFrame,
@@ -408,76 +386,58 @@ def log_generate(cfg: Config, out: OutDir, generations: pl.DataFrame, attempts: 
 
     Summary "generate/<number>" (samples, fraction correct by TinyZero's reward, tokens/s, attempts, ...),
     the tables "tables/generations" and "tables/attempts", and both parquet files as the artifact
-    "<name>-generations" of type "generations". Same return value and failure handling as `log_sweep`.
+    "<name>-generations" of type "generations": the input a sweep with `prompts.file` on either file
+    names. Same return value and failure handling as `log_sweep`.
     """
 
-    def fill(run) -> None:
-        import wandb
+    def fill(session: Session) -> None:
+        items, cut = logged_tables(session, {"generations": generations, "attempts": attempts})
+        session.run.summary.update({f"generate/{k}": _scalar(v) for k, v in numbers.items()} | cut)
+        session.run.log(items)
+        session.log_artifact(f"{cfg.name}-generations", GENERATIONS_ARTIFACT_TYPE, out.root,
+                             [out.generations, out.attempts])
 
-        run.summary.update({f"generate/{k}": _scalar(v) for k, v in numbers.items()})
-        run.log({"tables/generations": to_wandb_table(_capped(generations)),
-                 "tables/attempts": to_wandb_table(_capped(attempts))})
-        art = wandb.Artifact(f"{_safe_name(cfg.name)}-generations", type=GENERATIONS_ARTIFACT_TYPE)
-        for path in (out.generations, out.attempts):
-            art.add_file(str(path), name=path.name)
-        run.log_artifact(art)
-
-    return _log_run(cfg, out, "generate", fill)
+    return log_run(cfg, out, "generate", fill, run_config(cfg), lambda: run_tags(_model_tags(cfg)))
 
 
 def log_compare(cfg: Config, out: OutDir, per_layer: pl.DataFrame, tables: dict[str, pl.DataFrame],
-                figures: list[Path], numbers: dict[str, Any]) -> str | None:
+                figures: list[Path], numbers: dict[str, Any], config_file: str | None = None) -> str | None:
     """Log a compare job as one W&B run (job_type "compare").
 
     `per_layer` (one row per layer) becomes the history, one step per layer, so every column is a
     curve over the depth ("compare/<column>" against "layer"); `tables` become "tables/compare_<name>",
     the figures "figures/<stem>", `numbers` the summary "compare/<number>"; the files of OUT/compare
-    are the artifact "<name>-compare" of type "compare-results". Same return value and failure handling
-    as `log_sweep`.
+    are the artifact "<name>-compare" of type "compare-results". Its inputs: a `prompts.file` from a
+    generate job, and a discovery's target.yaml as `compare.neurons_from` or `config_file`. Same return
+    value and failure handling as `log_sweep`.
     """
 
-    def fill(run) -> None:
+    def fill(session: Session) -> None:
         import wandb
 
+        run = session.run
         run.define_metric("layer")
         run.define_metric("compare/*", step_metric="layer")
         for row in per_layer.iter_rows(named=True):
             run.log({"layer": row["layer"], **{f"compare/{k}": _scalar(v) for k, v in row.items() if k != "layer"}})
-        run.summary.update({f"compare/{k}": _scalar(v) for k, v in numbers.items()})
-        items: dict[str, Any] = {f"tables/compare_{name}": to_wandb_table(_capped(t)) for name, t in tables.items()}
+        items, cut = logged_tables(session, {f"compare_{name}": t for name, t in tables.items()})
+        run.summary.update({f"compare/{k}": _scalar(v) for k, v in numbers.items()} | cut)
         items.update({f"figures/{Path(p).stem}": wandb.Image(str(p)) for p in figures})
         run.log(items)
-        art = wandb.Artifact(f"{_safe_name(cfg.name)}-compare", type=COMPARE_ARTIFACT_TYPE)
-        for path in sorted(out.compare.rglob("*")):
-            if path.suffix in (".parquet", ".json", ".png"):
-                art.add_file(str(path), name=str(path.relative_to(out.root)))
-        run.log_artifact(art)
+        files = [p for p in sorted(out.compare.rglob("*")) if p.suffix in (".parquet", ".json", ".png")]
+        session.log_artifact(f"{cfg.name}-compare", COMPARE_ARTIFACT_TYPE, out.root, files)
 
-    return _log_run(cfg, out, "compare", fill)
-
-
-def _capped(df: pl.DataFrame) -> pl.DataFrame:
-    """W&B truncates tables above Table.MAX_ROWS with only a log line; cut explicitly instead."""
-    import wandb
-
-    return df.head(wandb.Table.MAX_ROWS)
+    return log_run(cfg, out, "compare", fill, run_config(cfg), lambda: run_tags(_model_tags(cfg)),
+                   lambda: lineage.find_inputs(prompts_file=cfg.prompts.file, config_file=config_file,
+                                               neurons_from=cfg.compare.neurons_from))
 
 
-def _results_artifact(name: str, out: OutDir):
-    """The parquet outputs as one artifact (copied to staging now, so later rewrites cannot corrupt it)."""
-    import wandb
-
-    art = wandb.Artifact(f"{_safe_name(name)}-results", type=ARTIFACT_TYPE)
-    for path in (out.summary, out.prompts, out.conditions):
-        if path.is_file():
-            art.add_file(str(path), name=path.name)
+def _results_files(out: OutDir) -> list[Path]:
+    """The sweep's parquet outputs (and OUT/weight_diff* when that job ran) for its results artifact."""
+    files = [out.summary, out.prompts, out.conditions]
     for folder in (out.results, out.stats):
-        if folder.is_dir():
-            art.add_dir(str(folder), name=folder.name)
-    for path in out.weight_diff_files:
-        if path.is_file():
-            art.add_file(str(path), name=path.name)
-    return art
+        files += sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+    return files + list(out.weight_diff_files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +446,8 @@ def _results_artifact(name: str, out: OutDir):
 
 
 def relog(out_root: str | Path, mode: str | None = None) -> str | None:
-    """Log a finished sweep folder again from its files (after a W&B failure, or to go online).
+    """Log a finished sweep folder again from its files (after a W&B failure, or to go online), into the
+    same W&B run (its id is in OUT/wandb/sweep.json), with the --config it was started with as input.
 
     Other jobs' folders and unfinished sweeps are refused with what to do instead."""
     out = OutDir(out_root)
@@ -504,14 +465,17 @@ def relog(out_root: str | Path, mode: str | None = None) -> str | None:
     cfg = config_from_dict(manifest["config"])
     if mode:
         cfg = cfg.replace(wandb=dataclasses.replace(cfg.wandb, mode=mode))
-    results, prompts = out.read_results(), pl.read_parquet(out.prompts)
+    results, prompts, conditions = out.read_results(), pl.read_parquet(out.prompts), pl.read_parquet(out.conditions)
     tables: dict[str, pl.DataFrame | None] = {
-        "results": results, "prompts": prompts, "conditions": pl.read_parquet(out.conditions),
+        "results": results, "prompts": prompts, "conditions": conditions,
         "summary": pl.read_parquet(out.summary), "per_prompt": per_prompt_table(results, prompts),
     }
     for path in sorted(out.stats.glob("*.parquet")):
         tables[path.stem] = pl.read_parquet(path)
+    if tables.get("condition_effects") is None:  # a folder finished before the sweep wrote it
+        tables["condition_effects"] = condition_effects(results, prompts, conditions, cfg.stats.n_boot, cfg.stats.seed)
     weight_diff = pl.read_parquet(out.weight_diff) if out.weight_diff.is_file() else None
     sel = out.weight_diff_selection
     tables["weight_diff_selection"] = pl.read_parquet(sel) if sel.is_file() else None
-    return log_sweep(cfg, out, tables, sorted(out.figures.glob("*.png")), weight_diff, None)
+    return log_sweep(cfg, out, tables, sorted(out.figures.glob("*.png")), weight_diff, None,
+                     manifest.get("config_file"))

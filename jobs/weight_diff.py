@@ -259,10 +259,11 @@ def run_configured_weight_diff(cfg: Config, out: OutDir) -> WeightDiffResult | N
                            value_vectors=configured_neurons(cfg), top_k=wd.top_k, rows=wd.granularity == "row")
 
 
-def weight_diff_job(cfg: Config) -> tuple[WeightDiffResult, str | None]:
-    """`launch.py --weight-diff`: check, compare, write and log; returns the result and the W&B run."""
+def weight_diff_job(cfg: Config, config_file: str | None = None) -> tuple[WeightDiffResult, str | None]:
+    """`launch.py --weight-diff`: check, compare, write and log; returns the result and the W&B run
+    (`config_file`: the --config, an input of the run when it is a discovery's target.yaml)."""
     check_weight_diff(cfg)
     out = OutDir(cfg.out)
     result = run_configured_weight_diff(cfg, out)
-    return result, log_weight_diff(cfg, out, result.table, result.selection)
+    return result, log_weight_diff(cfg, out, result.table, result.selection, config_file)
 

@@ -26,6 +26,7 @@ from jobs.discover.job import DiscoveryError, discovery_differences, run_discove
 from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.runtime.storage import write_shard
 from jobs.sweep import run_sweep
+from jobs.lineage import find_inputs
 from jobs.tracking import DISCOVERY_ARTIFACT_TYPE
 from jobs.runtime.worker import WorkerSpec
 from verif.analysis.discovery.metric import PROMPT_CHOICES
@@ -253,6 +254,10 @@ def test_wandb_run(finished):
     assert {"tables/heads", "tables/neurons", "tables/sets", "tables/probes", f"figures/{model}__atp_vs_exact"} <= logged
     (art,) = [a for a in run["artifacts"] if a["type"] == DISCOVERY_ARTIFACT_TYPE]
     assert {"heads.parquet", "neurons.parquet", "probes.parquet", "sets.parquet", "target.yaml"} <= set(art["files"])
+    assert "charts/" + model + "/atp_vs_exact" in run["config"]["_wandb"]["visualize"]
+    # A sweep run with --config target.yaml names this artifact as its input (jobs.lineage).
+    (found,), notes = find_inputs(config_file=str(out / "discovery" / "target.yaml"))
+    assert (found.name, found.type, found.digest, notes) == (art["name"], art["type"], art["digest"], [])
 
 
 @pytest.mark.parametrize("item, key", [

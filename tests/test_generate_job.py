@@ -128,11 +128,14 @@ def test_generate_end_to_end_feeds_a_sweep(scripted_dir, problems_file, seed_mod
     (art,) = [a for a in run["artifacts"] if a["type"] == tracking.GENERATIONS_ARTIFACT_TYPE]
     assert set(art["files"]) == {"generations.parquet", "attempts.parquet"}
 
-    # The outputs are a sweep's prompts.file as they are.
+    # The outputs are a sweep's prompts.file as they are, and its W&B run names them as its input.
     sweep_out = tmp_path / "SWEEP"
     rc = launch.main(_argv("--sweep", sweep_out, sweep_overrides(
-        seed_model_dir, "ray.workers=0", f"prompts.file={gen_out / 'generations.parquet'}")))
+        seed_model_dir, "ray.workers=0", f"prompts.file={gen_out / 'generations.parquet'}", "wandb.mode=offline")))
     assert rc == 0, capsys.readouterr().err
+    (sweep_run,) = (sweep_out / "wandb" / "wandb").glob("offline-run-*")
+    (used,) = [a for a in read_run(sweep_run)["artifacts"] if a["use_after_commit"]]
+    assert (used["name"], used["type"], used["digest"]) == (art["name"], art["type"], art["digest"])
     prompts = pl.read_parquet(sweep_out / "prompts.parquet")
     cols = ["numbers", "target", "attempt", "label", "source_row"]
     assert_frame_equal(prompts.select(cols), attempts.select(cols))

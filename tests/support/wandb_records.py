@@ -70,20 +70,22 @@ def _put(target: dict, item: Any, value: Any) -> None:
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """An offline run folder's contents: config, summary, history steps, artifacts, group, job type.
+    """An offline run folder's contents: config, summary, history steps, artifacts, id, group, job type, tags.
 
     Summary updates are merged in order (later wins, removals drop keys); each history record is one
-    step as a dict; artifacts are {name, type, files} with the files in the artifact's manifest.
+    step as a dict; artifacts are {name, type, digest, use_after_commit, files} with the files in the
+    artifact's manifest (use_after_commit: the run declares it as an input, W&B's offline use_artifact).
     """
     files = sorted(Path(run_dir).glob("*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"{run_dir}: expected one .wandb file, found {len(files)}")
     run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "artifacts": [], "group": None,
-                           "job_type": None}
+                           "job_type": None, "id": None, "tags": [], "resume": None}
     for rec in iter_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            run["group"], run["job_type"] = rec.run.run_group, rec.run.job_type
+            run["group"], run["job_type"], run["id"] = rec.run.run_group, rec.run.job_type, rec.run.run_id
+            run["tags"], run["resume"] = list(rec.run.tags), rec.run.resume
             for i in rec.run.config.update:
                 _put(run["config"], i, json.loads(i.value_json))
         elif kind == "config":
@@ -101,7 +103,18 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
             run["history"].append(step)
         elif kind == "artifact":
             a = rec.artifact
-            run["artifacts"].append({"name": a.name, "type": a.type, "files": [e.path for e in a.manifest.contents]})
+            run["artifacts"].append({"name": a.name, "type": a.type, "digest": a.digest,
+                                     "use_after_commit": a.use_after_commit,
+                                     "files": [e.path for e in a.manifest.contents]})
     return run
 
 
+
+
+def chart(run_dir: str | Path, run: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `wandb.plot` chart logged under `key`: (its panel config, as W&B keeps it under
+    _wandb.visualize.<key> in the run config; its table's JSON, from the table file the summary names)."""
+    panel = run["config"]["_wandb"]["visualize"][key]
+    table_key = panel["panel_config"]["userQuery"]["queryFields"][0]["fields"][3]["args"][0]["value"]
+    entry = run["summary"][table_key]
+    return panel, json.loads((Path(run_dir) / "files" / entry["path"]).read_text())

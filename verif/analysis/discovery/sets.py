@@ -166,12 +166,16 @@ def best_set(table: pl.DataFrame, kind: str) -> dict | None:
     return min(rows, key=key)
 
 
+# The first words of every target config (a copy of one is still recognised by them: jobs.lineage).
+TARGET_HEADER = "# Best sets found by --discover"
+
+
 def target_yaml(heads: dict | None, neurons: dict | None, model: str) -> str:
     """A config fragment setting `ablation.target_heads` / `target_neurons` to the best sets (rows of
     `sets_table`), so `--sweep` can test them with full random-set controls."""
     if heads is None and neurons is None:
         raise ValueError("target_yaml: no set to write (no head or neuron set has a p-value)")
-    lines = [f"# Best sets found by --discover on {model}; test them with --sweep and its random controls."]
+    lines = [f"{TARGET_HEADER} on {model}; test them with --sweep and its random controls."]
     for row in (heads, neurons):
         if row is not None:
             lines.append(
