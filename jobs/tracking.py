@@ -16,6 +16,8 @@ WANDB_API_KEY). An offline run is uploaded later with `wandb sync`.
 Keys:
   run.summary  "{model}/{condition}/{column}"          every numeric column of summary.parquet
                "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
+               "cross/{a}__{b}/target/{metric}/{stat}", "cross/{a}__{b}/maps/{sweep}/{metric}/{stat}"
+                                                       with two or more models (`cross_model_logs`)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
                "sweep/{rows_written,shards_run,...}"   job bookkeeping
   history      "tables/<name>"                         W&B Tables (summary, per_prompt, ...)
@@ -53,6 +55,7 @@ import polars as pl
 from jobs.config import Config, config_from_dict
 from jobs.errors import InputError
 from jobs.runtime.storage import OutDir, read_manifest
+from verif.analysis.cross_figures import pair_figures
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
@@ -68,6 +71,10 @@ TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", 
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
 LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind")
+# Summary values of the target's cross-model rows and of the effect-map rows.
+CROSS_TARGET_STATS = ("effect_a", "effect_b", "diff", "diff_lo", "diff_hi", "ratio", "pearson", "spearman",
+                      "diff_z", "diff_p_empirical")
+CROSS_MAP_STATS = ("spearman", "spearman_lo", "spearman_hi", "pearson", "k", "overlap", "expected_overlap", "p_overlap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +181,30 @@ def weight_diff_logs(weight_diff: pl.DataFrame, selection: pl.DataFrame | None, 
         for row in selection.iter_rows(named=True):
             metrics.update({f"weight_diff/{row['selection']}/{c}": _scalar(row[c]) for c in cols})
     return metrics, history
+
+
+def cross_model_logs(tables: dict[str, pl.DataFrame | None], out: OutDir) -> tuple[dict, dict]:
+    """(summary metrics, history items) of the cross-model tables, each pair under "cross/{a}__{b}/": the
+    target's rows (".../target/{metric}/{stat}"), the effect maps' (".../maps/{sweep}/{metric}/{stat}"), the
+    pair's tables (".../tables/cross_model", ".../tables/maps") and figures (".../figures/{figure}")."""
+    import wandb
+
+    cross, maps = tables.get("cross_model"), tables.get("cross_model_maps")
+    metrics: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for pair in ([] if cross is None else cross["pair"].unique(maintain_order=True).to_list()):
+        rows = cross.filter(pl.col("pair") == pair)
+        for r in rows.filter(pl.col("kind") == "target").iter_rows(named=True):
+            metrics.update({f"cross/{pair}/target/{r['metric']}/{s}": _scalar(r[s]) for s in CROSS_TARGET_STATS})
+        items[f"cross/{pair}/tables/cross_model"] = to_wandb_table(_capped(rows))
+        pair_maps = None if maps is None else maps.filter(pl.col("pair") == pair)
+        if pair_maps is not None and pair_maps.height:
+            for r in pair_maps.iter_rows(named=True):
+                metrics.update({f"cross/{pair}/maps/{r['sweep']}/{r['metric']}/{s}": _scalar(r[s]) for s in CROSS_MAP_STATS})
+            items[f"cross/{pair}/tables/maps"] = to_wandb_table(pair_maps)
+        items.update({f"cross/{pair}/figures/{name}": wandb.Image(str(p))
+                      for name, p in pair_figures(out.cross_figures, pair).items()})
+    return metrics, items
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +376,9 @@ def log_sweep(
             wd_metrics, wd_items = weight_diff_logs(weight_diff, tables.get("weight_diff_selection"), out)
             metrics.update(wd_metrics)
             items.update(wd_items)
+        cross_metrics, cross_items = cross_model_logs(tables, out)
+        metrics.update(cross_metrics)
+        items.update(cross_items)
         run.summary.update(metrics)
         run.log(items)
         run.log_artifact(_results_artifact(cfg.name, out))
@@ -468,7 +502,7 @@ def _results_artifact(name: str, out: OutDir):
     import wandb
 
     art = wandb.Artifact(f"{_safe_name(name)}-results", type=ARTIFACT_TYPE)
-    for path in (out.summary, out.prompts, out.conditions):
+    for path in (out.summary, out.prompts, out.conditions, out.cross_model, out.cross_model_maps):
         if path.is_file():
             art.add_file(str(path), name=path.name)
     for folder in (out.results, out.stats):
@@ -509,7 +543,7 @@ def relog(out_root: str | Path, mode: str | None = None) -> str | None:
         "results": results, "prompts": prompts, "conditions": pl.read_parquet(out.conditions),
         "summary": pl.read_parquet(out.summary), "per_prompt": per_prompt_table(results, prompts),
     }
-    for path in sorted(out.stats.glob("*.parquet")):
+    for path in sorted(out.stats.glob("*.parquet")) + [p for p in (out.cross_model, out.cross_model_maps) if p.is_file()]:
         tables[path.stem] = pl.read_parquet(path)
     weight_diff = pl.read_parquet(out.weight_diff) if out.weight_diff.is_file() else None
     sel = out.weight_diff_selection
