@@ -242,8 +242,8 @@ def _set_sizes(v: list) -> str | None:
 class DiscoverConfig:
     prompts: str = doc("Prompts the objective M (mean log P(Yes) - log P(No)) averages: correct, incorrect or "
                        "all attempts.", "correct", _one_of(*DISCOVER_PROMPTS))
-    max_prompts: int | None = doc("M averages at most the first N prompts `prompts` selects (null = all of them); "
-                                  "the probes read every prompt.", None, at_least(1))
+    max_prompts: int | None = doc("M averages at most the first N prompts `prompts` selects in each half (null = "
+                                  "all of them); the probes read every prompt of the selection half.", None, at_least(1))
     exact: int | str = doc("Heads whose ablation effect is scored exactly, one at a time: all, or the k with the "
                            "largest absolute atp.", 64, _screen)
     k: list = listing("Set sizes: each ranking's top k is ablated together (k capped at what it scored).",
