@@ -307,6 +307,14 @@ def test_no_prompt_for_the_objective_is_refused_before_loading(tiny_dir, tmp_pat
     assert not (tmp_path / "OUT").exists()  # refused before anything was written: no folder left behind
 
 
+def test_a_holdout_that_leaves_no_prompt_to_rank_on_is_refused_before_loading(tiny_dir, tmp_path):
+    # 4 correct attempts of 8, floor(0.9 * 4 + 0.5) = 4 held out: none left to choose on
+    cfg = load_config(None, overrides(tiny_dir, "discover.holdout=0.9"), str(tmp_path / "OUT"))
+    with pytest.raises(DiscoveryError, match=r"^discover.holdout: 0.9 holds out all 4 correct prompts of 8"):
+        run_discovery(cfg)
+    assert not (tmp_path / "OUT").exists()
+
+
 def test_two_models_get_their_own_rows_and_targets(tiny_dir, tmp_path):
     other = build_seed_shaped_model(tmp_path / "other", seed=1, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=HEAD_DIM)
     cfg = load_config(None, [f"model.path=[{tiny_dir}, {other}]", *SETTINGS, "prompts.n=4", "discover.max_prompts=1",
