@@ -130,10 +130,13 @@ class _Ranker:
         self.position = np.empty(x.size, dtype=np.intp)  # where each value sits in the sort
         self.position[self.order] = np.arange(x.size)
 
-    def sorted_ranks(self, w_sorted: np.ndarray) -> np.ndarray:
-        """`[B, n]` ranks in sorted order, from the weights `[B, n]` in sorted order."""
+    def sorted_ranks(self, w_sorted: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """`[B, n]` ranks minus `shift` (`[B, 1]`) in sorted order, from the weights `[B, n]` in sorted order:
+        a group drawn c times after m draws below it takes ranks m+1..m+c, whose mean is m + (c + 1) / 2."""
         counts = w_sorted if self.starts is None else np.add.reduceat(w_sorted, self.starts, axis=1)
-        avg = np.cumsum(counts, axis=1) - (counts - 1) / 2
+        avg = np.cumsum(counts, axis=1)
+        avg -= 0.5 * counts
+        avg -= shift - 0.5
         return avg if self.group is None else avg[:, self.group]
 
 
@@ -150,8 +153,8 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray, rank_x: _Rank
     w = np.atleast_2d(w).astype(np.float64, copy=False)
     w_x = w[:, rank_x.order]
     mean = (w.sum(1, keepdims=True) + 1) / 2
-    ranks_y = rank_y.sorted_ranks(w[:, rank_y.order])[:, rank_y.position[rank_x.order]]
-    return _centred_pearson(rank_x.sorted_ranks(w_x) - mean, ranks_y - mean, w_x)
+    dy = rank_y.sorted_ranks(w[:, rank_y.order], mean)[:, rank_y.position[rank_x.order]]
+    return _centred_pearson(rank_x.sorted_ranks(w_x, mean), dy, w_x)
 
 
 def _row_ranks(x: np.ndarray) -> np.ndarray:
@@ -270,8 +273,9 @@ class _AurocTable:
         """P(correct > incorrect) + P(tie) / 2 under the weights (Mann-Whitney), one per resample."""
         cum = np.zeros((w_n.shape[0], w_n.shape[1] + 1))
         np.cumsum(w_n[:, self.neg_order], axis=1, out=cum[:, 1:])
-        lt, le = cum[:, self.below], cum[:, self.below_or_equal]
-        return (w_p * (lt + 0.5 * (le - lt))).sum(1) / (w_p.sum(1) * w_n.sum(1))
+        # each correct attempt beats the incorrect ones below it and ties those equal to it: (lt + le) / 2
+        wins = cum[:, self.below] + cum[:, self.below_or_equal]
+        return 0.5 * np.einsum("bn,bn->b", w_p, wins) / (w_p.sum(1) * w_n.sum(1))
 
 
 def _side(frame: pl.DataFrame, suffix: str, label: np.ndarray) -> _Side:
