@@ -5,7 +5,6 @@ cross-model tables and figures, logs them to W&B under cross/<a>__<b>/, and its 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import polars as pl
