@@ -27,9 +27,11 @@ from verif.analysis import stats
 
 __all__ = ["MIN_GAP", "gap_closed", "cmap_table", "cmap_vs_controls"]
 
-# 0.05 nats: the two models' odds of Yes differ by 5% (far above float32 rounding of a log-odds, ~1e-5,
-# and small enough that real verdict differences are kept).
-MIN_GAP = 0.05
+MIN_GAP = 0.1
+"""Smallest |LD_a - LD_b| (nats of log-odds) a prompt's gap is divided by. Near P(Yes) = 0.5 a gap of 0.1
+is 2.5 points of normalised P(Yes): below it the two models barely differ on the prompt, and any
+scoring noise in the numerator is blown up by 1 / gap into values of no meaning. (The same threshold
+as the counterfactual-pair patching metric's on main, verif.analysis.patching.MIN_GAP.)"""
 CMAP_COLUMNS = ("source", "model", "condition", "kind", "prompt_id", "ld_patched", "ld_source", "ld_receiver")
 
 
