@@ -30,8 +30,8 @@ __all__ = ["MIN_GAP", "gap_closed", "cmap_table", "cmap_vs_controls"]
 MIN_GAP = 0.1
 """Smallest |LD_a - LD_b| (nats of log-odds) a prompt's gap is divided by. Near P(Yes) = 0.5 a gap of 0.1
 is 2.5 points of normalised P(Yes): below it the two models barely differ on the prompt, and any
-scoring noise in the numerator is blown up by 1 / gap into values of no meaning. (The same threshold
-as the counterfactual-pair patching metric's on main, verif.analysis.patching.MIN_GAP.)"""
+scoring noise in the numerator is blown up by 1 / gap into values of no meaning. The counterfactual-pair
+patching metric divides by the same (`verif.analysis.patching.MIN_GAP`)."""
 CMAP_COLUMNS = ("source", "model", "condition", "kind", "prompt_id", "ld_patched", "ld_source", "ld_receiver")
 
 
