@@ -244,6 +244,10 @@ def _screen(v: int | str) -> str | None:
     return None if v >= 1 else "must be >= 1"
 
 
+def _holdout(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be at least 0 and below 1 (the fraction of prompts held out)"
+
+
 def _set_sizes(v: list) -> str | None:
     ok = v and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v)
     return None if ok else "must be a non-empty list of whole numbers >= 1"
@@ -253,17 +257,22 @@ def _set_sizes(v: list) -> str | None:
 class DiscoverConfig:
     prompts: str = doc("Prompts the objective M (mean log P(Yes) - log P(No)) averages: correct, incorrect or "
                        "all attempts.", "correct", _one_of(*DISCOVER_PROMPTS))
-    max_prompts: int | None = doc("M averages at most the first N prompts `prompts` selects (null = all of them); "
-                                  "the probes read every prompt.", None, at_least(1))
+    max_prompts: int | None = doc("M averages at most the first N prompts `prompts` selects in each half (null = "
+                                  "all of them); the probes read every prompt of the selection half.", None, at_least(1))
     exact: int | str = doc("Heads whose ablation effect is scored exactly, one at a time: all, or the k with the "
                            "largest absolute atp.", 64, _screen)
     k: list = listing("Set sizes: each ranking's top k is ablated together (k capped at what it scored).",
                       [1, 2, 4, 8, 16, 29, 64], _set_sizes)
     controls: int = doc("Random sets per size and kind (heads, neurons): the null each top-k set is judged "
                         "against.", 20, at_least(1))
-    seed: int = doc("Seed of the random sets and of the probes' train / held-out split.", 0)
+    seed: int = doc("Seed of the random sets, of the probes' train / held-out split and of discover.holdout's "
+                    "split.", 0)
     batch_size: int = doc("Prompts per forward (and backward) of the attribution, attention and residual "
                           "passes.", 8, at_least(1))
+    holdout: float = doc("Fraction of the prompts (of each label) kept out of the ranking and the choice of sets: "
+                         "sets.parquet also scores every set on them, and target.yaml points the follow-up sweep "
+                         "at them. 0 = rank, choose and test on the same prompts (optimistic p-values).", 0.5,
+                         _holdout)
 
 
 def _positive(v: float) -> str | None:

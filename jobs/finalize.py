@@ -6,12 +6,14 @@ what is on disk, so a resumed sweep and an uninterrupted one summarise exactly t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from jobs.config import Config
+from jobs.cross_model import CrossModel, cross_model_outputs
 from jobs.runtime.storage import OutDir, write_parquet_atomic
 from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
@@ -31,6 +33,7 @@ class Finalized:
     summary: pl.DataFrame
     figures: list[Path]
     wandb_dir: str | None
+    cross: CrossModel | None = None
 
 
 def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str, pl.DataFrame]:
@@ -56,10 +59,14 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
 
 
 def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict,
-             config_file: str | None = None) -> Finalized:
-    """Summary, figures, the configured weight diff and the W&B run of a complete sweep (`config_file`:
-    the --config it ran with, for the run's lineage)."""
+             config_file: str | None = None, models: Sequence[str] = ()) -> Finalized:
+    """Summary, figures, the cross-model tables (two or more `models`, in model.path order), the
+    configured weight diff and the W&B run of a complete sweep (`config_file`: the --config it ran with,
+    for the run's lineage)."""
     tables = compute_tables(cfg, out, results)
+    cross = cross_model_outputs(cfg, out, tables, models)
+    if cross is not None:
+        tables["cross_model"], tables["cross_model_maps"] = cross.table, cross.maps
     pngs = figures.make_figures(
         tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
         n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
@@ -69,4 +76,4 @@ def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookke
         tables["weight_diff_selection"] = weight_diff.selection
     wandb_dir = log_sweep(cfg, out, tables, pngs, weight_diff.table if weight_diff else None, bookkeeping,
                           config_file)
-    return Finalized(tables["summary"], pngs, wandb_dir)
+    return Finalized(tables["summary"], pngs, wandb_dir, cross)

@@ -108,6 +108,8 @@ class SweepReport:
             f"manifest: {out.manifest}",
             f"W&B run:  {(fin and fin.wandb_dir) or 'disabled'}",
         ]
+        if fin is not None and fin.cross is not None:
+            lines += fin.cross.lines(out)
         if fin is not None:
             lines.append(_headline(fin.summary))
         return lines
@@ -292,7 +294,8 @@ def run_sweep(cfg: Config, resume: bool = False, config_file: str | None = None)
         check_complete(results, plan)
         report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
                              ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
-        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping(), manifest.get("config_file"))
+        report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping(), manifest.get("config_file"),
+                                    plan.model_names)
         report.seconds = time.perf_counter() - start
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,

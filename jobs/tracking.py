@@ -13,6 +13,8 @@ Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
                                                        (`headline_metrics`)
                "{model}/{condition}/{column}"          every numeric column of summary.parquet
                "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
+               "cross/{a}__{b}/target/{metric}/{stat}", "cross/{a}__{b}/maps/{sweep}/{metric}/{stat}"
+                                                       with two or more models (`cross_model_logs`)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
                "sweep/{rows_written,shards_run,...}"   job bookkeeping
   history      "charts/..."                            native charts (`jobs.charts`): their tables are
@@ -55,6 +57,7 @@ from jobs.errors import InputError
 from jobs.runtime.storage import OutDir, read_manifest
 from jobs.wandb_run import Session, log_run
 from verif.analysis.effects import EFFECT_METRICS, condition_effects
+from verif.analysis.cross_figures import pair_figures
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
@@ -73,6 +76,10 @@ LOGGED_TABLES = ("summary", "condition_effects", "per_prompt", "target_vs_contro
                  "by_error_kind")
 TABLE_ROWS = charts_mod.CHART_ROWS  # wandb.Table.MAX_ROWS: W&B cuts a longer table with only a log line
 TAG_CHARS = 64  # W&B refuses longer tags
+# Summary values of the target's cross-model rows and of the effect-map rows.
+CROSS_TARGET_STATS = ("effect_a", "effect_b", "diff", "diff_lo", "diff_hi", "ratio", "pearson", "spearman",
+                      "diff_z", "diff_p_empirical")
+CROSS_MAP_STATS = ("spearman", "spearman_lo", "spearman_hi", "pearson", "k", "overlap", "expected_overlap", "p_overlap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +193,33 @@ def logged_tables(session: Session, frames: dict[str, pl.DataFrame]) -> tuple[di
 def chart_items(charts: list[Chart]) -> dict[str, Any]:
     """The charts as history items: W&B writes each table as "<key>_table" and its panel in the config."""
     return {c.key: c.to_wandb() for c in charts}
+
+
+def cross_model_logs(session: Session, tables: dict[str, pl.DataFrame | None], out: OutDir) -> tuple[dict, dict]:
+    """(summary metrics, history items) of the cross-model tables, each pair under "cross/{a}__{b}/": the
+    target's rows (".../target/{metric}/{stat}"), the effect maps' (".../maps/{sweep}/{metric}/{stat}"), the
+    pair's tables (".../tables/cross_model", ".../tables/maps") and figures (".../figures/{figure}")."""
+    import wandb
+
+    cross, maps = tables.get("cross_model"), tables.get("cross_model_maps")
+    metrics: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for pair in ([] if cross is None else cross["pair"].unique(maintain_order=True).to_list()):
+        rows = cross.filter(pl.col("pair") == pair)
+        for r in rows.filter(pl.col("kind") == "target").iter_rows(named=True):
+            metrics.update({f"cross/{pair}/target/{r['metric']}/{s}": _scalar(r[s]) for s in CROSS_TARGET_STATS})
+        items[f"cross/{pair}/tables/cross_model"] = to_wandb_table(rows.head(TABLE_ROWS))
+        if rows.height > TABLE_ROWS:
+            session.notes.append(f"W&B: cross/{pair}/tables/cross_model holds the first {TABLE_ROWS} of its "
+                                 f"{rows.height} rows (W&B's table limit); every row is in OUT/cross_model.parquet")
+        pair_maps = None if maps is None else maps.filter(pl.col("pair") == pair)
+        if pair_maps is not None and pair_maps.height:
+            for r in pair_maps.iter_rows(named=True):
+                metrics.update({f"cross/{pair}/maps/{r['sweep']}/{r['metric']}/{s}": _scalar(r[s]) for s in CROSS_MAP_STATS})
+            items[f"cross/{pair}/tables/maps"] = to_wandb_table(pair_maps.head(TABLE_ROWS))
+        items.update({f"cross/{pair}/figures/{name}": wandb.Image(str(p))
+                      for name, p in pair_figures(out.cross_figures, pair).items()})
+    return metrics, items
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +341,9 @@ def log_sweep(
             wd_metrics, wd_items = weight_diff_logs(session, weight_diff, tables.get("weight_diff_selection"), out)
             metrics.update(wd_metrics)
             items.update(wd_items)
+        cross_metrics, cross_items = cross_model_logs(session, tables, out)
+        metrics.update(cross_metrics)
+        items.update(cross_items)
         session.run.summary.update(metrics)
         session.run.log(items)
         session.log_artifact(f"{cfg.name}-results", ARTIFACT_TYPE, out.root, _results_files(out))
@@ -434,7 +471,7 @@ def log_compare(cfg: Config, out: OutDir, per_layer: pl.DataFrame, tables: dict[
 
 def _results_files(out: OutDir) -> list[Path]:
     """The sweep's parquet outputs (and OUT/weight_diff* when that job ran) for its results artifact."""
-    files = [out.summary, out.prompts, out.conditions]
+    files = [out.summary, out.prompts, out.conditions] + [p for p in (out.cross_model, out.cross_model_maps) if p.is_file()]
     for folder in (out.results, out.stats):
         files += sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
     return files + list(out.weight_diff_files)
@@ -470,7 +507,7 @@ def relog(out_root: str | Path, mode: str | None = None) -> str | None:
         "results": results, "prompts": prompts, "conditions": conditions,
         "summary": pl.read_parquet(out.summary), "per_prompt": per_prompt_table(results, prompts),
     }
-    for path in sorted(out.stats.glob("*.parquet")):
+    for path in sorted(out.stats.glob("*.parquet")) + [p for p in (out.cross_model, out.cross_model_maps) if p.is_file()]:
         tables[path.stem] = pl.read_parquet(path)
     if tables.get("condition_effects") is None:  # a folder finished before the sweep wrote it
         tables["condition_effects"] = condition_effects(results, prompts, conditions, cfg.stats.n_boot, cfg.stats.seed)

@@ -1,7 +1,7 @@
 """`python launch.py --discover` end to end on a 4-layer x 4-head seed-shaped model, in this process.
 
-One discovery (8 prompts in scan shards of at most 3; M over the first 3 of the 4 correct ones) is run through the command line
-once per module; the tests read its folder: the files and columns, its exact effects against a
+One discovery (8 prompts, a quarter of each label held out: the 6 of the selection half in scan shards of 3; M over
+its 3 correct ones, the held-out M over the 1 held-out correct one) is run through the command line once per module; the tests read its folder: the files and columns, its exact effects against a
 sweep's single-head conditions, its combined attribution sums against one pass over all prompts, a
 resume after a shard file is deleted, its target config run as a sweep, and its W&B run.
 """
@@ -41,7 +41,7 @@ N_LAYERS, N_HEADS, HEAD_DIM = 4, 4, 8
 N_NEURONS = 2 * N_HEADS * HEAD_DIM  # the seed shape's MLP width is twice its hidden size
 SETTINGS = (
     "model.device=cpu", "model.dtype=float32", "prompts.n=8", "shards.prompts_per_shard=3", "ray.workers=0",
-    "discover.max_prompts=3", "discover.exact=6", "discover.k=[1, 2, 4]", "discover.controls=3",
+    "discover.max_prompts=3", "discover.exact=6", "discover.k=[1, 2, 4]", "discover.controls=3", "discover.holdout=0.25",
     # One prompt per forward: each prompt's sums are then the same bits in any shard layout.
     "discover.batch_size=1",
 )
@@ -83,7 +83,8 @@ def test_files_columns_and_printed_report(finished):
     heads, neurons, probes, sets = (read(out, n) for n in ("heads", "neurons", "probes", "sets"))
     assert heads.columns == ["model", "layer", "head", "atp", "exact", "attn_to_target"]
     assert neurons.columns == ["model", "layer", "neuron", "atp", "logit_yes_no", "probe_cos"]
-    assert sets.columns == ["model", "ranking", "kind", "k", "components", "delta", "null_mean", "null_std", "p_empirical"]
+    assert sets.columns == ["model", "ranking", "kind", "k", "components", "delta", "null_mean", "null_std", "p_empirical",
+                            "heldout_delta", "heldout_null_mean", "heldout_null_std", "heldout_p_empirical"]
     assert {"model", "layer", "heldout_acc", "separates"} <= set(probes.columns) and probes.height == N_LAYERS
     assert heads.height == N_LAYERS * N_HEADS and neurons.height == N_LAYERS * N_NEURONS
     assert heads["exact"].is_not_null().sum() == 6  # discover.exact: the top 6 by |atp|
@@ -110,32 +111,44 @@ def test_files_columns_and_printed_report(finished):
 
 
 def test_exact_equals_a_sweeps_single_head_effects(finished, tiny_dir, tmp_path):
+    """On the selection half the screened heads' exact effects, on the held-out half the single-head sets'
+    held-out deltas, each against a sweep's single-head conditions on the same prompts."""
     out, _ = finished
     cfg = load_config(None, overrides(tiny_dir, "ablation.target_heads=null", "ablation.random_controls=0", "ablation.sweeps=[single_head]",
                                       "wandb.mode=disabled", "stats.n_boot=10"), str(tmp_path / "sweep"))
     run_sweep(cfg)
     results = pl.read_parquet(tmp_path / "sweep" / "results" / "*.parquet")
-    objective = read(out, "prompts").filter("in_objective")["prompt_id"]
-    assert objective.len() == 3  # discover.max_prompts
-    lo = results.filter(pl.col("prompt_id").is_in(objective.implode())).pivot("condition", index="prompt_id",
-                                                                            values="log_odds")
+    prompts = read(out, "prompts")
+    objective, heldout = (prompts.filter(c)["prompt_id"] for c in ("in_objective", "in_heldout_objective"))
+    assert objective.len() == 3 and heldout.len() == 1  # discover.max_prompts; a quarter of the 4 correct ones
+
+    def effect(ids: pl.Series, layer: int, head: int) -> float:
+        lo = results.filter(pl.col("prompt_id").is_in(ids.implode())).pivot("condition", index="prompt_id",
+                                                                          values="log_odds")
+        return (lo[f"head-L{layer:02d}H{head:02d}"] - lo["baseline"]).mean()
+
+    # Both are float32 forwards of 4 layers (width 32) batched differently: a logit rounds by
+    # ~|logit| * 4 * sqrt(32) * 6e-8 ~ 1.4e-5 for |logit| ~ 10, a difference of two log-odds by
+    # twice that. 1e-4 keeps a 1e-3 change of a probability (>= 4e-3 in log-odds) a failure.
     screened = read(out, "heads").filter(pl.col("exact").is_not_null())
     for row in screened.iter_rows(named=True):
-        sweep_effect = (lo[f"head-L{row['layer']:02d}H{row['head']:02d}"] - lo["baseline"]).mean()
-        # Both are float32 forwards of 4 layers (width 32) batched differently: a logit rounds by
-        # ~|logit| * 4 * sqrt(32) * 6e-8 ~ 1.4e-5 for |logit| ~ 10, a difference of two log-odds by
-        # twice that. 1e-4 keeps a 1e-3 change of a probability (>= 4e-3 in log-odds) a failure.
-        assert row["exact"] == pytest.approx(sweep_effect, abs=1e-4)
+        assert row["exact"] == pytest.approx(effect(objective, row["layer"], row["head"]), abs=1e-4)
+    singles = read(out, "sets").filter((pl.col("kind") == "head") & (pl.col("k") == 1))
+    assert singles.height == 3  # one per head ranking
+    for row in singles.iter_rows(named=True):
+        ((layer, head),) = parse_heads(row["components"])
+        assert row["heldout_delta"] == pytest.approx(effect(heldout, layer, head), abs=1e-4)
+        assert row["delta"] == pytest.approx(effect(objective, layer, head), abs=1e-4)
 
 
 def test_combined_sums_equal_one_pass_over_all_prompts(finished, tiny_dir):
-    """The job cut the prompts into 3 scan shards and added their sums; one worker pass over all of
-    them must give the same means up to float64 summation order: each prompt's own sums are the
-    same bits in any layout (one prompt per forward, one thread)."""
+    """The job cut the selection half's prompts into 2 scan shards and added their sums; one worker pass
+    over all of them must give the same means up to float64 summation order: each prompt's own sums are
+    the same bits in any layout (one prompt per forward, one thread)."""
     out, _ = finished
     cfg = load_config(None, overrides(tiny_dir), str(out))
-    prompts = read(out, "prompts")
-    assert sum(k.startswith("m0-scan") for k in json.loads((out / "discovery" / "manifest.json").read_text())["shards"]) == 3
+    prompts = read(out, "prompts").filter(~pl.col("heldout"))
+    assert sum(k.startswith("m0-scan") for k in json.loads((out / "discovery" / "manifest.json").read_text())["shards"]) == 2
     spec = WorkerSpec(model=str(tiny_dir), dtype="float32", device="cpu", yes=tuple(cfg.scoring.yes),
                       no=tuple(cfg.scoring.no), engine=cfg.engine)
     worker = DiscoveryWorker(spec)
@@ -186,10 +199,11 @@ def test_resume_recomputes_only_the_deleted_shard(finished, tiny_dir, tmp_path, 
     shutil.copytree(src, out)
     results = out / "discovery" / "results"
     before = {p.name: p.read_bytes() for p in results.glob("*.parquet")}
-    (results / "m0-scan-p000003.parquet").unlink()
+    (scan,) = [p for p in sorted(results.glob("m0-scan-*.parquet"))[1:]]
+    scan.unlink()
     cfg = load_config(None, overrides(tiny_dir, "wandb.mode=disabled"), str(out))
     report = run_discovery(cfg, resume=True)
-    assert "m0-scan-p000003: missing; it will be recomputed" in capsys.readouterr().err
+    assert f"{scan.stem}: missing; it will be recomputed" in capsys.readouterr().err
     assert (report.counts.run, report.counts.reused) == (1, len(before) - 1)
     assert {p.name: p.read_bytes() for p in results.glob("*.parquet")} == before  # the same bytes again
     for name in ("heads", "neurons", "sets"):
@@ -199,12 +213,13 @@ def test_resume_recomputes_only_the_deleted_shard(finished, tiny_dir, tmp_path, 
 def test_resume_recomputes_the_steps_whose_inputs_moved(finished, tiny_dir, tmp_path, capsys):
     """A scan shard whose sums changed (here: rewritten with one unscreened head's attribution raised,
     its manifest record updated so that the file verifies) changes the screen: every exact and sets
-    shard was computed for other heads and is recomputed; the scan and neuron shards are kept."""
+    shard (of both halves) was computed for other heads and is recomputed; the scan and neuron shards
+    are kept."""
     out = tmp_path / "OUT"
     shutil.copytree(finished[0], out)
     folder = out / "discovery"
     unscreened = read(out, "heads").filter(pl.col("exact").is_null()).row(0, named=True)
-    path = folder / "results" / "m0-scan-p000000.parquet"
+    path = sorted((folder / "results").glob("m0-scan-*.parquet"))[0]
     frame = pl.read_parquet(path)
     row = frame.filter(pl.col("key") == "atp_heads").row(0, named=True)
     values = np.asarray(row["values"])
@@ -216,7 +231,8 @@ def test_resume_recomputes_the_steps_whose_inputs_moved(finished, tiny_dir, tmp_
     (folder / "manifest.json").write_text(json.dumps(manifest))
     report = run_discovery(load_config(None, overrides(tiny_dir, "wandb.mode=disabled"), str(out)), resume=True)
     steps = {shard_id.split("-")[1] for shard_id in report.counts.recomputed}
-    assert steps == {"exact", "sets"} and report.counts.run == len(report.counts.recomputed) == 6
+    # 3 exact shards (the selection half's objective), 4 sets shards (those and the held-out one)
+    assert steps == {"exact", "sets"} and report.counts.run == len(report.counts.recomputed) == 7
     assert "computed from other inputs" in capsys.readouterr().err
     heads = read(out, "heads")
     raised = heads.filter((pl.col("layer") == unscreened["layer"]) & (pl.col("head") == unscreened["head"]))
@@ -238,6 +254,15 @@ def test_target_yaml_runs_as_a_sweep_config(finished, tiny_dir, tmp_path):
     conditions = pl.read_parquet(tmp_path / "sweep" / "conditions.parquet").filter(pl.col("kind") == "target")
     assert parse_heads(conditions["heads"][0]) == parse_heads(cfg.ablation.target_heads)
     assert parse_neurons(conditions["neurons"][0]) == parse_neurons(cfg.ablation.target_neurons)
+    # The follow-up sweep verifies exactly the held-out attempts, none of the selection half's.
+    def attempts(frame: pl.DataFrame) -> list[tuple]:
+        return sorted((tuple(r["numbers"]), r["target"], r["attempt"]) for r in frame.iter_rows(named=True))
+
+    swept, discovery = pl.read_parquet(tmp_path / "sweep" / "prompts.parquet"), read(out, "prompts")
+    assert cfg.prompts.file == str((out / "discovery" / "heldout_prompts.parquet").resolve())
+    assert "kept out of the selection half" in target.read_text()
+    assert attempts(swept) == attempts(discovery.filter("heldout"))
+    assert not set(attempts(swept)) & set(attempts(discovery.filter(~pl.col("heldout"))))
 
 
 def test_wandb_run(finished):
@@ -287,10 +312,19 @@ def test_no_prompt_for_the_objective_is_refused_before_loading(tiny_dir, tmp_pat
     assert not (tmp_path / "OUT").exists()  # refused before anything was written: no folder left behind
 
 
+def test_a_holdout_that_leaves_no_prompt_to_rank_on_is_refused_before_loading(tiny_dir, tmp_path):
+    # 4 correct attempts of 8, floor(0.9 * 4 + 0.5) = 4 held out: none left to choose on
+    cfg = load_config(None, overrides(tiny_dir, "discover.holdout=0.9"), str(tmp_path / "OUT"))
+    with pytest.raises(DiscoveryError, match=r"^discover.holdout: 0.9 holds out all 4 correct prompts of 8"):
+        run_discovery(cfg)
+    assert not (tmp_path / "OUT").exists()
+
+
 def test_two_models_get_their_own_rows_and_targets(tiny_dir, tmp_path):
     other = build_seed_shaped_model(tmp_path / "other", seed=1, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=HEAD_DIM)
     cfg = load_config(None, [f"model.path=[{tiny_dir}, {other}]", *SETTINGS, "prompts.n=4", "discover.max_prompts=1",
-                             "discover.exact=2", "discover.k=[1]", "discover.controls=1", "wandb.mode=disabled"],
+                             "discover.exact=2", "discover.k=[1]", "discover.controls=1", "discover.holdout=0",
+                             "wandb.mode=disabled"],
                       str(tmp_path / "OUT"))
     report = run_discovery(cfg)
     names = [f.model for f in report.findings]
@@ -301,6 +335,8 @@ def test_two_models_get_their_own_rows_and_targets(tiny_dir, tmp_path):
     assert counts["probes"] == {names[0]: N_LAYERS, "other": 3}
     assert sorted(p.name for p in (tmp_path / "OUT" / "discovery").glob("target*.yaml")) == sorted(
         f"target-{n}.yaml" for n in names)
+    # 4 x 4 heads against 3 x 2: no component of one is a component of the other, so no overlap is counted
+    assert read(tmp_path / "OUT", "cross_model").height == 0
 
 
 def test_slices_are_even_and_stable():

@@ -3,15 +3,19 @@ the top of each ranking buys against random sets.
 
 Same config file, prompts (`jobs.prepare.build_prompts`), models, Yes/No variants, Ray workers and
 folder conventions as a sweep; its folder is OUT/discovery (so a sweep and a discovery with one config
-can share OUT). Per model, in four steps, each cut into shards of prompts that workers run and the
+can share OUT). The prompts are split first (`discover.holdout`, `verif.analysis.discovery.holdout`):
+everything that ranks or chooses reads the selection half only, and the held-out half scores the sets
+that were chosen. Per model, in four steps, each cut into shards of prompts that workers run and the
 driver adds up (every score is a mean over prompts: shards return sums, `PromptSums`):
 
-1. scan (all prompts): attribution-patching sums for every head and neuron and the attention to the
-   target (over the prompts the objective M averages, `discover.prompts`), and the last-position
-   residuals (all prompts); the driver then fits the probes and picks the heads to score exactly;
+1. scan (the selection half): attribution-patching sums for every head and neuron and the attention
+   to the target (over the prompts the objective M averages, `discover.prompts`), and the
+   last-position residuals; the driver then fits the probes and picks the heads to score exactly;
 2. neurons (one shard): the value vectors' Yes-minus-No logits and their cosine with the probes;
-3. exact (the objective's prompts): one condition per screened head, through the sweep's engine;
-4. sets (the objective's prompts): every ranking's top-k sets and the random sets of each size.
+3. exact (the selection half's objective prompts): one condition per screened head, through the
+   sweep's engine;
+4. sets (the objective prompts of both halves): every ranking's top-k sets and the random sets of
+   each size, judged on each half apart.
 
 As in a sweep, each shard's file is written atomically as it lands and recorded in the manifest
 (rows, bytes, SHA-256), OUT holds one driver at a time, SIGINT/SIGTERM stop cleanly, and `--resume`
@@ -37,7 +41,7 @@ from tqdm.auto import tqdm
 
 from jobs import config as config_mod
 from jobs.config import Config
-from jobs.discover.outputs import Findings, Written, write_outputs
+from jobs.discover.outputs import Findings, Written, follow_up_prompts, write_outputs
 from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
 from jobs.inputs import check_out_dir
@@ -48,6 +52,7 @@ from jobs.prepare import PromptSource, build_prompts, check_tokens, resolve_mode
 from jobs.tracking import log_discovery
 from verif.analysis.discovery.attention import target_spans
 from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
+from verif.analysis.discovery.holdout import holdout_mask
 from verif.analysis.discovery.metric import choose_prompts
 from verif.analysis.discovery.probes import Probe, fit_probes
 from verif.analysis.discovery.sets import plan_sets, sets_table
@@ -80,7 +85,9 @@ class DiscoveryPlan:
     cfg: Config
     sources: list[ModelSource]
     archs: list[Arch]
-    prompts: pl.DataFrame  # the build_prompts frame + in_objective (the prompts M averages)
+    # the build_prompts frame + heldout (discover.holdout's split), in_objective (the selection half's
+    # prompts M averages) and in_heldout_objective (the held-out half's)
+    prompts: pl.DataFrame
     prompt_source: PromptSource
     shards: list[DiscoveryShard]
 
@@ -105,19 +112,22 @@ def slices(ids: Sequence[int], per_shard: int) -> list[tuple[int, ...]]:
     return out
 
 
-def plan_shards(names: list[str], prompt_ids: list[int], objective: list[int], per_shard: int) -> list[DiscoveryShard]:
+def plan_shards(names: list[str], selection: list[int], objective: list[int], heldout_objective: list[int],
+                per_shard: int) -> list[DiscoveryShard]:
     """Every shard of every model, with stable ids (named by their first prompt id).
 
-    Scan shards are slices of `shards.prompts_per_shard` prompts. Exact and sets shards hold one
-    prompt each: one prompt already scores every screened head or every set (tens to hundreds of
-    rows, a full batch), and single prompts let any number of workers share the costliest steps evenly.
+    Scan shards are slices of `shards.prompts_per_shard` prompts of the selection half. Exact and
+    sets shards hold one prompt each: one prompt already scores every screened head or every set (tens
+    to hundreds of rows, a full batch), and single prompts let any number of workers share the
+    costliest steps evenly. Exact shards score the selection half's objective prompts, sets shards
+    those of both halves.
     """
     shards = []
     for m, name in enumerate(names):
-        shards += [DiscoveryShard(f"m{m}-scan-p{s[0]:06d}", name, "scan", s) for s in slices(prompt_ids, per_shard)]
+        shards += [DiscoveryShard(f"m{m}-scan-p{s[0]:06d}", name, "scan", s) for s in slices(selection, per_shard)]
         shards.append(DiscoveryShard(f"m{m}-neurons", name, "neurons"))
-        for step in ("exact", "sets"):
-            shards += [DiscoveryShard(f"m{m}-{step}-p{i:06d}", name, "deltas", (i,), step) for i in objective]
+        for step, ids in (("exact", objective), ("sets", sorted(objective + heldout_objective))):
+            shards += [DiscoveryShard(f"m{m}-{step}-p{i:06d}", name, "deltas", (i,), step) for i in ids]
     return shards
 
 
@@ -131,17 +141,27 @@ def prepare(cfg: Config) -> DiscoveryPlan:
         prompts, prompt_source, _ = build_prompts(cfg, tokenizers)
     except ValueError as e:
         raise DiscoveryError(str(e)) from e
+    labels = prompts["label"].to_list()
     try:
-        objective = choose_prompts(prompts["label"].to_list(), d.prompts)[:d.max_prompts]
+        held = holdout_mask(labels, d.holdout, d.seed)
+        chosen = choose_prompts(labels, d.prompts)
     except ValueError as e:
         raise DiscoveryError(str(e)) from e
+    objective = [i for i in chosen if not held[i]][:d.max_prompts]
+    heldout_objective = [i for i in chosen if held[i]][:d.max_prompts]
+    if not objective:
+        raise DiscoveryError(f"discover.holdout: {d.holdout} holds out all {len(chosen)} {d.prompts} prompts of "
+                             f"{len(labels)}, leaving the selection half none to rank on; lower it or add prompts")
     for row in prompts[objective].iter_rows(named=True):
         if not target_spans(row["prompt"], row["target"]):
             raise DiscoveryError(f"prompt {row['prompt_id']}: no copy of its target {row['target']} in the prompt, "
                                  "so attn_to_target has nothing to read; check prompts.template")
     ids = prompts["prompt_id"].to_list()
-    prompts = prompts.with_columns(pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]))
-    shards = plan_shards(names, ids, [ids[i] for i in objective], cfg.shards.prompts_per_shard)
+    prompts = prompts.with_columns(pl.Series("heldout", held), pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]),
+                                   pl.Series("in_heldout_objective", [i in set(heldout_objective) for i in range(len(ids))]))
+    selection = [ids[i] for i in range(len(ids)) if not held[i]]
+    shards = plan_shards(names, selection, [ids[i] for i in objective], [ids[i] for i in heldout_objective],
+                         cfg.shards.prompts_per_shard)
     return DiscoveryPlan(cfg, sources, archs, prompts, prompt_source, shards)
 
 
@@ -300,37 +320,45 @@ def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
 
     scan_frames = shards.run(plan.of(name, "scan"), scan_inputs, lambda s: digest(scan_inputs(s).__dict__), "scan")
     scan = combine(frame_sums(f) for f in scan_frames)
-    prompt_ids = plan.prompts["prompt_id"].to_list()
-    probes, probe_note = _fit(frame_residuals(scan_frames, prompt_ids), plan.prompts["label"].to_list(), d.seed)
+    selection = plan.prompts.filter(~pl.col("heldout"))
+    probes, probe_note = _fit(frame_residuals(scan_frames, selection["prompt_id"].to_list()),
+                              selection["label"].to_list(), d.seed)
 
     probes_digest = digest([[p.layer, p.separates] for p in probes], *[p.weight for p in probes])
     (neuron_frame,) = shards.run(plan.of(name, "neurons"), lambda s: probes, lambda s: probes_digest, "neurons")
     neuron_scores = frame_sums(neuron_frame).sums
 
-    def deltas(step: str, sets: list[Ablation]) -> PromptSums:
+    def deltas(step: str, sets: list[Ablation]) -> tuple[PromptSums, PromptSums | None]:
+        """The sums over the selection half's objective prompts, and over the held-out half's (None: none)."""
         described = [a.describe() for a in sets]
-        frames = shards.run(plan.of(name, "deltas", step), lambda s: ([texts[i] for i in s.prompt_ids], sets),
-                            lambda s: digest(described), step)
-        return combine(frame_sums(f) for f in frames)
+        planned = plan.of(name, "deltas", step)
+        frames = shards.run(planned, lambda s: ([texts[i] for i in s.prompt_ids], sets), lambda s: digest(described),
+                            step)
+        halves = {True: [], False: []}
+        for shard, frame in zip(planned, frames):
+            halves[in_objective[shard.prompt_ids[0]]].append(frame_sums(frame))
+        return combine(halves[True]), (combine(halves[False]) if halves[False] else None)
 
     atp_heads = scan.mean("atp_heads")
     screen = heads_to_screen(atp_heads, d.exact)
-    exact = exact_map(atp_heads.shape, screen, deltas("exact", single_head_sets(screen)).mean("delta"))
+    exact = exact_map(atp_heads.shape, screen, deltas("exact", single_head_sets(screen))[0].mean("delta"))
     head_scores = {"atp": atp_heads, "exact": exact, "attn_to_target": scan.mean("attn_to_target")}
     neuron_maps = {"atp": scan.mean("atp_neurons"), "logit_yes_no": neuron_scores["logit_yes_no"],
                    "probe_cos": neuron_scores["probe_cos"]}
     head_plan = plan_sets(head_scores, "head", d.k, d.controls, d.seed)
     neuron_plan = plan_sets(neuron_maps, "neuron", d.k, d.controls, d.seed)
-    set_sums = deltas("sets", head_plan.conditions + neuron_plan.conditions)
+    set_sums, heldout_sums = deltas("sets", head_plan.conditions + neuron_plan.conditions)
     effects = set_sums.mean("delta")
+    heldout = heldout_sums.mean("delta") if heldout_sums else np.full(effects.shape, np.nan)
     n_head_sets = len(head_plan.conditions)
-    sets = pl.concat([sets_table(head_plan, effects[:n_head_sets]), sets_table(neuron_plan, effects[n_head_sets:])])
+    sets = pl.concat([sets_table(head_plan, effects[:n_head_sets], heldout[:n_head_sets]),
+                      sets_table(neuron_plan, effects[n_head_sets:], heldout[n_head_sets:])])
     return Findings(
         model=name, spec=plan.sources[shards.m].spec, n_objective=scan.n_prompts, which=d.prompts,
         head_maps=head_scores, neuron_maps=neuron_maps, probes=probes,
         sets=sets.select(pl.lit(name).alias("model"), pl.all()),
         objective_attribution=float(scan.mean("log_odds")), objective_engine=float(set_sums.mean("log_odds")),
-        n_controls=d.controls, probe_note=probe_note,
+        n_controls=d.controls, probe_note=probe_note, n_heldout=heldout_sums.n_prompts if heldout_sums else 0,
     )
 
 
@@ -369,7 +397,9 @@ def _open_out(plan: DiscoveryPlan, out: OutDir) -> tuple[dict, dict[str, str]]:
         "config_hash": config_mod.config_hash(cfg, DISCOVERY_NEUTRAL),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "prompts": {**dataclasses.asdict(plan.prompt_source), "n_objective": int(plan.prompts["in_objective"].sum())},
+        "prompts": {**dataclasses.asdict(plan.prompt_source), "n_objective": int(plan.prompts["in_objective"].sum()),
+                    "n_heldout": int(plan.prompts["heldout"].sum()),
+                    "n_heldout_objective": int(plan.prompts["in_heldout_objective"].sum())},
         "shards": {s.id: {"status": "pending", "model": s.model, "phase": s.step or s.phase, "prompts": len(s.prompt_ids)}
                    for s in plan.shards},
     }
@@ -442,7 +472,7 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
                 startup = pool.startup_seconds
         finally:
             bar.close()
-        written = write_outputs(out, findings)
+        written = write_outputs(out, findings, follow_up_prompts(cfg, plan.prompts, out))
         report = DiscoveryReport(out, findings, written, counts, time.perf_counter() - start, startup)
         report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
                                      written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})

@@ -1,13 +1,15 @@
 """What a finished discovery writes and prints: the tables, the target set for a sweep, the figures.
 
 Files under OUT/discovery (see the README's "Finding components"): heads.parquet, neurons.parquet,
-probes.parquet and sets.parquet (every model's rows, `model` column first), target.yaml (the best
-head and neuron sets as a sweep config; one `target-<model>.yaml` per model when there are several)
-and figures/.
+probes.parquet and sets.parquet (every model's rows, `model` column first), cross_model.parquet (with
+two or more models: how far their top-k sets overlap), target.yaml (the best head and neuron sets as a
+sweep config, pointed at prompts the sets were not chosen on; one `target-<model>.yaml` per model when
+there are several), heldout_prompts.parquet (the held-out attempts it points at) and figures/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,17 +18,23 @@ import numpy as np
 import polars as pl
 import yaml
 
+from jobs.config import Config
+from jobs.prepare import build_prompts
 from jobs.runtime.storage import OutDir, write_parquet_atomic
 from verif.analysis.discovery import figures
 from verif.analysis.discovery.probes import Probe, probe_table
 from verif.analysis.discovery.ranking import pearson, ranked, spearman
-from verif.analysis.discovery.sets import HEAD_RANKINGS, NEURON_RANKINGS, best_set, target_yaml
+from verif.analysis.discovery.sets import HEAD_RANKINGS, NEURON_RANKINGS, SET_STATS, best_set, set_overlaps, target_yaml
 from verif.analysis.discovery.tables import heads_table, neurons_table
 from verif.design.heads import parse_heads
 
 TOP_PRINTED = 5  # heads and neurons listed at the end of a run
 TOP_NEURONS_PLOTTED = 100
-SET_STATS = ("k", "delta", "null_mean", "null_std", "p_empirical")
+# The held-out attempts (a prompts.file of attempts: the columns of prompts.parquet it takes).
+HELDOUT_PROMPTS = "heldout_prompts"
+ATTEMPT_COLUMNS = ("numbers", "target", "attempt", "error_kind")
+# Seeds tried after the discovery's own for a follow-up sweep's generated prompts (discover.holdout 0).
+FRESH_SEEDS = 100
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Findings:
     objective_engine: float  # M as the engine computed it (the sets step's baseline)
     n_controls: int  # random sets per size and kind (discover.controls): p_empirical >= 1 / (n_controls + 1)
     probe_note: str | None = None
+    n_heldout: int = 0  # held-out prompts the sets were also scored on (discover.holdout)
 
     @property
     def heads(self) -> pl.DataFrame:
@@ -72,7 +81,7 @@ class Findings:
         }
         for kind in ("head", "neuron"):
             best = self.best(kind)
-            for stat in SET_STATS:
+            for stat in ("k", *SET_STATS, *(f"heldout_{c}" for c in SET_STATS)):
                 values[f"best_{kind}_set/{stat}"] = None if best is None else best[stat]
         return {f"{self.model}/discover/{k}": (None if isinstance(v, float) and not np.isfinite(v) else v)
                 for k, v in values.items()}
@@ -108,6 +117,11 @@ class Findings:
                          f"({self.n_controls} random sets {best['null_mean']:+.4f} +- {best['null_std'] or 0:.4f}), "
                          f"p_empirical {best['p_empirical']:.3f} (the least possible: {1 / (self.n_controls + 1):.3f}): "
                          f"{_shorten(best['components'])}")
+            if best["heldout_delta"] is not None:
+                p = best["heldout_p_empirical"]
+                lines.append(f"    on the {self.n_heldout} held-out prompts: delta {best['heldout_delta']:+.4f} nats (random "
+                             f"sets {best['heldout_null_mean']:+.4f} +- {best['heldout_null_std'] or 0:.4f}), p_empirical "
+                             f"{'n/a' if p is None else f'{p:.3f}'}")
         return lines
 
     def probe_summary(self) -> str:
@@ -150,11 +164,50 @@ class Written:
         return lines
 
 
-def _target(findings: Findings, path: Path) -> Path | None:
+@dataclass(frozen=True)
+class FollowUp:
+    """Where the sweep that tests a discovery's sets takes its prompts (target.yaml's `prompts`), and why."""
+
+    prompts: dict
+    note: str
+    heldout: pl.DataFrame | None = None  # the held-out attempts, written as HELDOUT_PROMPTS
+
+
+def follow_up_prompts(cfg: Config, prompts: pl.DataFrame, out: OutDir) -> FollowUp:
+    """Prompts disjoint from the selection half for the follow-up sweep: the held-out attempts (as a
+    prompts.file); without a held-out half, generated attempts from the next seed that repeats none of
+    the discovery's; with neither (discover.holdout 0 on a prompts.file), none, and a note saying so."""
+    p, d = cfg.prompts, cfg.discover
+    held = prompts.filter(pl.col("heldout"))
+    if held.height:
+        path = (out.root / f"{HELDOUT_PROMPTS}.parquet").resolve()
+        return FollowUp({"file": str(path), "template": p.template},
+                        f"prompts: the {held.height} attempts discover.holdout {d.holdout} (seed {d.seed}) kept out of "
+                        "the selection half: no ranking and no set was chosen on them.", held.select(ATTEMPT_COLUMNS))
+    if p.file:
+        return FollowUp({}, f"prompts: discover.holdout 0 chose these sets on every attempt of {p.file}; give the "
+                            "sweep other attempts (prompts.file) before reading its p-values.")
+    seen = _attempt_keys(prompts)
+    for seed in range(p.seed + 1, p.seed + 1 + FRESH_SEEDS):
+        fresh, _, _ = build_prompts(cfg.replace(prompts=dataclasses.replace(p, seed=seed)))
+        if not _attempt_keys(fresh) & seen:
+            return FollowUp({"n": p.n, "seed": seed, "p_correct": p.p_correct, "template": p.template},
+                            f"prompts: generated from seed {seed}, none of them among the {prompts.height} attempts "
+                            f"(prompts.seed {p.seed}) these sets were chosen on (discover.holdout 0).")
+    return FollowUp({}, f"prompts: no seed up to {p.seed + FRESH_SEEDS} generates attempts disjoint from the discovery's; "
+                        "give the sweep other attempts before reading its p-values.")
+
+
+def _attempt_keys(prompts: pl.DataFrame) -> set[tuple]:
+    return {(tuple(r["numbers"]), r["target"], r["attempt"]) for r in prompts.select("numbers", "target", "attempt").iter_rows(named=True)}
+
+
+def _target(findings: Findings, path: Path, follow_up: FollowUp) -> Path | None:
     heads, neurons = findings.best("head"), findings.best("neuron")
     if heads is None and neurons is None:
         return None
-    text = target_yaml(heads, neurons, findings.model) + yaml.safe_dump({"model": {"path": findings.spec}})
+    text = (target_yaml(heads, neurons, findings.model, follow_up.prompts, follow_up.note)
+            + yaml.safe_dump({"model": {"path": findings.spec}}))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -176,7 +229,7 @@ def _figures(f: Findings, folder: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
-def write_outputs(out: OutDir, findings: list[Findings]) -> Written:
+def write_outputs(out: OutDir, findings: list[Findings], follow_up: FollowUp) -> Written:
     """Write every model's tables, target config and figures under `out` (OUT/discovery)."""
     tables = {
         "heads": pl.concat([f.heads for f in findings]),
@@ -184,12 +237,17 @@ def write_outputs(out: OutDir, findings: list[Findings]) -> Written:
         "probes": pl.concat([probe_table(f.model, f.probes) for f in findings]),
         "sets": pl.concat([f.sets for f in findings]),
     }
+    if len(findings) > 1:
+        populations = {f.model: {"head": f.head_maps["atp"].size, "neuron": f.neuron_maps["atp"].size} for f in findings}
+        tables["cross_model"] = set_overlaps(tables["sets"], populations, [f.model for f in findings])
+    if follow_up.heldout is not None:
+        tables[HELDOUT_PROMPTS] = follow_up.heldout
     files = []
     for name, frame in tables.items():
         files.append(out.root / f"{name}.parquet")
         write_parquet_atomic(frame, files[-1])
     one = len(findings) == 1
-    targets = {f.model: _target(f, out.root / ("target.yaml" if one else f"target-{_safe(f.model)}.yaml"))
+    targets = {f.model: _target(f, out.root / ("target.yaml" if one else f"target-{_safe(f.model)}.yaml"), follow_up)
                for f in findings}
     files += [p for p in targets.values() if p is not None]
     written = Written(out.root, tables, files, targets)

@@ -51,6 +51,10 @@ class OutDir:
     stats = property(lambda self: self.root / "stats")
     manifest = property(lambda self: self.root / "manifest.json")
     figures = property(lambda self: self.root / "figures")
+    # With two or more models: the cross-model tables (jobs.cross_model) and their figures.
+    cross_model = property(lambda self: self.root / "cross_model.parquet")
+    cross_model_maps = property(lambda self: self.root / "cross_model_maps.parquet")
+    cross_figures = property(lambda self: self.root / "figures" / "cross")
     wandb = property(lambda self: self.root / "wandb")
     # Held while a driver writes here (jobs.runtime.lock), and the local Ray it started (jobs.runtime.local_ray).
     lock = property(lambda self: self.root / ".lock")

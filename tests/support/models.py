@@ -8,9 +8,12 @@ model folders (config.json + safetensors + tokenizer) so the real loaders are ex
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tests.support.tokenizer import qwen25_tokenizer
@@ -54,4 +57,26 @@ def build_seed_shaped_model(out_dir: str | Path, seed: int = 0, **shape: int) ->
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     qwen25_tokenizer().save_pretrained(out)
+    return out
+
+
+def copy_with_scaled_queries(src: str | Path, out_dir: str | Path, heads: list[tuple[int, int]], factor: float) -> Path:
+    """A copy of a model folder whose `heads` have their rows of W_Q (q_proj.weight) multiplied by `factor`.
+
+    Only those query heads compute differently: under grouped-query attention a key/value head serves
+    several query heads, so scaling W_K or W_V would change its partners too.
+    """
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, out / path.name)
+    tensors = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    for layer, head in heads:
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        tensors[key] = tensors[key].clone()
+        tensors[key][head * head_dim:(head + 1) * head_dim] *= factor
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out

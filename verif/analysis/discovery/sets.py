@@ -6,6 +6,10 @@ the sweep's empirical p-value, `(1 + #controls with |delta| >= |set's delta|) / 
 (as `verif.analysis.stats.target_vs_controls`). This is the study's "cumulative prefix" search with
 the controls it lacked.
 
+With `discover.holdout` the rankings, and so the sets, come from the selection half of the prompts;
+every set and its controls are also scored on the held-out half, and `sets_table` reports both: the
+held-out numbers are the ones no choice has seen.
+
 Random sets are drawn from all components of the kind, top-k members included: the null is "k
 components picked blindly". (Excluding the top-k, as a sweep excludes its target, would draw the
 null from what the ranking put last and flatter the ranking.) They depend only on (seed, kind, k),
@@ -15,15 +19,19 @@ kind are the conditions of one engine call (`SetPlan.conditions`, duplicates sco
 
 from __future__ import annotations
 
+import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from verif.design.conditions import Ablation
+from verif.analysis.cross_model import model_pairs, pair_name, topk_overlap
 from verif.analysis.discovery.ranking import ranked
-from verif.design.heads import format_heads
+from verif.design.conditions import Ablation
+from verif.design.heads import format_heads, parse_heads
+from verif.design.neurons import parse_neurons
 
 DEFAULT_K = (1, 2, 4, 8, 16, 29, 64)
 DEFAULT_CONTROLS = 20
@@ -118,35 +126,45 @@ def plan_sets(
     return SetPlan(conditions, planned)
 
 
+SET_STATS = ("delta", "null_mean", "null_std", "p_empirical")
 SETS_SCHEMA = {
-    "ranking": pl.Utf8, "kind": pl.Utf8, "k": pl.Int64, "components": pl.Utf8, "delta": pl.Float64,
-    "null_mean": pl.Float64, "null_std": pl.Float64, "p_empirical": pl.Float64,
+    "ranking": pl.Utf8, "kind": pl.Utf8, "k": pl.Int64, "components": pl.Utf8,
+    **{c: pl.Float64 for c in SET_STATS}, **{f"heldout_{c}": pl.Float64 for c in SET_STATS},
 }  # fmt: skip
 
 
-def sets_table(plan: SetPlan, deltas: np.ndarray) -> pl.DataFrame:
-    """`sets.parquet` rows from the plan and each condition's exact delta (`[len(plan.conditions)]`).
+def _judged(delta: float, null: np.ndarray) -> dict:
+    """A set's delta against its controls' (non-finite controls left out, null_std with ddof=1)."""
+    null = null[np.isfinite(null)]
+    ok = np.isfinite(delta) and null.size > 0
+    return {
+        "delta": float(delta) if np.isfinite(delta) else None,
+        "null_mean": float(null.mean()) if null.size else None,
+        "null_std": float(null.std(ddof=1)) if null.size >= 2 else None,
+        "p_empirical": (1 + int((np.abs(null) >= abs(delta)).sum())) / (null.size + 1) if ok else None,
+    }
+
+
+def sets_table(plan: SetPlan, deltas: np.ndarray, heldout: np.ndarray | None = None) -> pl.DataFrame:
+    """`sets.parquet` rows from the plan and each condition's exact delta (`[len(plan.conditions)]`) on
+    the prompts the sets were chosen on, and on the held-out prompts (`heldout_*` columns; null
+    without them, or where `heldout` is NaN).
 
     null_std has ddof=1; controls with a non-finite delta are left out of the null, as in the sweep.
     """
+    n = len(plan.conditions)
     deltas = np.asarray(deltas, dtype=np.float64)
-    if deltas.shape != (len(plan.conditions),):
-        raise ValueError(f"deltas {deltas.shape}: expected one per planned condition ({len(plan.conditions)})")
+    heldout = np.full(n, np.nan) if heldout is None else np.asarray(heldout, dtype=np.float64)
+    for name, values in (("deltas", deltas), ("heldout", heldout)):
+        if values.shape != (n,):
+            raise ValueError(f"{name} {values.shape}: expected one per planned condition ({n})")
     rows = []
     for s in plan.sets:
-        delta = deltas[s.condition]
-        null = deltas[list(s.controls)]
-        null = null[np.isfinite(null)]
-        ok = np.isfinite(delta) and null.size > 0
+        controls = list(s.controls)
         rows.append({
-            "ranking": s.ranking,
-            "kind": s.kind,
-            "k": s.k,
-            "components": format_components(s.kind, s.members),
-            "delta": float(delta),
-            "null_mean": float(null.mean()) if null.size else None,
-            "null_std": float(null.std(ddof=1)) if null.size >= 2 else None,
-            "p_empirical": (1 + int((np.abs(null) >= abs(delta)).sum())) / (null.size + 1) if ok else None,
+            "ranking": s.ranking, "kind": s.kind, "k": s.k, "components": format_components(s.kind, s.members),
+            **_judged(deltas[s.condition], deltas[controls]),
+            **{f"heldout_{c}": v for c, v in _judged(heldout[s.condition], heldout[controls]).items()},
         })
     return pl.DataFrame(rows, schema=SETS_SCHEMA)
 
@@ -170,21 +188,68 @@ def best_set(table: pl.DataFrame, kind: str) -> dict | None:
 TARGET_HEADER = "# Best sets found by --discover"
 
 
-def target_yaml(heads: dict | None, neurons: dict | None, model: str) -> str:
+def target_yaml(heads: dict | None, neurons: dict | None, model: str, prompts: dict | None = None,
+                prompts_note: str = "") -> str:
     """A config fragment setting `ablation.target_heads` / `target_neurons` to the best sets (rows of
-    `sets_table`), so `--sweep` can test them with full random-set controls."""
+    `sets_table`), so `--sweep` can test them with full random-set controls, and the `prompts` section
+    that sweep should read (with `prompts_note`, why, as a comment above it)."""
     if heads is None and neurons is None:
         raise ValueError("target_yaml: no set to write (no head or neuron set has a p-value)")
     lines = [f"{TARGET_HEADER} on {model}; test them with --sweep and its random controls."]
     for row in (heads, neurons):
         if row is not None:
-            lines.append(
-                f"# {row['kind']}s: top {row['k']} by {row['ranking']}, delta {row['delta']:+.4g} nats "
-                f"(random sets {row['null_mean']:+.4g} +- {row['null_std'] or 0:.2g}), p_empirical {row['p_empirical']:.3g}"
-            )
+            lines.append(f"# {row['kind']}s: top {row['k']} by {row['ranking']}, chosen on the selection prompts: "
+                         + _set_numbers(row))
+            if row.get("heldout_delta") is not None:
+                lines.append(f"#   on the held-out prompts: {_set_numbers(row, 'heldout_')}")
     lines.append("ablation:")
     if heads is not None:
         lines.append(f'  target_heads: "{heads["components"]}"')
     if neurons is not None:
         lines.append(f'  target_neurons: "{neurons["components"]}"')
+    lines += [f"# {line}" for line in textwrap.wrap(prompts_note, 100)]
+    if prompts:
+        lines.append("prompts:")
+        lines += [f"  {key}: {json.dumps(value)}" for key, value in prompts.items()]
     return "\n".join(lines) + "\n"
+
+
+def _set_numbers(row: dict, prefix: str = "") -> str:
+    p = row[f"{prefix}p_empirical"]
+    return (f"delta {row[f'{prefix}delta']:+.4g} nats (random sets {row[f'{prefix}null_mean']:+.4g} +- "
+            f"{row[f'{prefix}null_std'] or 0:.2g}), p_empirical {'n/a' if p is None else f'{p:.3g}'}")
+
+
+OVERLAP_SCHEMA = {
+    "pair": pl.Utf8, "model_a": pl.Utf8, "model_b": pl.Utf8, "kind": pl.Utf8, "ranking": pl.Utf8, "k": pl.Int64,
+    "n_components": pl.Int64, "overlap": pl.Int64, "expected_overlap": pl.Float64, "p_overlap": pl.Float64,
+    "shared": pl.Utf8,
+}  # fmt: skip
+
+
+def set_overlaps(sets: pl.DataFrame, populations: Mapping[str, Mapping[str, int]], models: Sequence[str]) -> pl.DataFrame:
+    """For each pair of models (a before b in `models`), kind, ranking and k both have: how many components
+    their top-k sets share, how many two random sets of those sizes would share on average, and the
+    hypergeometric p of sharing at least that many (`verif.analysis.cross_model.topk_overlap`).
+
+    `populations[model][kind]` is how many components of the kind the model has; a pair whose models
+    differ in it is left out for that kind (their components do not correspond).
+    """
+    parse = {"head": parse_heads, "neuron": parse_neurons}
+    rows = []
+    for a, b in model_pairs(models):
+        for kind in KINDS:
+            n = populations[a][kind]
+            if populations[b][kind] != n:
+                continue
+            mine = sets.filter((pl.col("model") == a) & (pl.col("kind") == kind))
+            theirs = sets.filter((pl.col("model") == b) & (pl.col("kind") == kind)).select(
+                "ranking", "k", pl.col("components").alias("components_b"))
+            for row in mine.join(theirs, on=["ranking", "k"], how="inner").iter_rows(named=True):
+                members_a, members_b = parse[kind](row["components"]), parse[kind](row["components_b"])
+                ov = topk_overlap(members_a, members_b, n)
+                rows.append({"pair": pair_name(a, b), "model_a": a, "model_b": b, "kind": kind, "ranking": row["ranking"],
+                             "k": row["k"], "n_components": n, "overlap": ov["overlap"],
+                             "expected_overlap": ov["expected_overlap"], "p_overlap": ov["p_overlap"],
+                             "shared": format_components(kind, sorted(set(members_a) & set(members_b)))})
+    return pl.DataFrame(rows, schema=OVERLAP_SCHEMA)
