@@ -88,11 +88,11 @@ def test_top_k_sets_of_two_models_against_chance():
 def test_follow_up_prompts(tmp_path):
     out = OutDir(tmp_path / "discovery")
     cfg = load_config(None, ["prompts.n=12", "discover.holdout=0"], str(tmp_path))
-    prompts, _, _ = build_prompts(cfg)
-    fresh = follow_up_prompts(cfg, prompts.with_columns(pl.lit(False).alias("heldout")), out)
+    prompts, _, _ = build_prompts(cfg, {})
+    fresh = follow_up_prompts(cfg, prompts.with_columns(pl.lit(False).alias("heldout")), out, {})
     seed = fresh.prompts["seed"]
     assert fresh.prompts["n"] == 12 and seed != cfg.prompts.seed and fresh.heldout is None
-    other, _, _ = build_prompts(load_config(None, ["prompts.n=12", f"prompts.seed={seed}"]))
+    other, _, _ = build_prompts(load_config(None, ["prompts.n=12", f"prompts.seed={seed}"]), {})
 
     def attempts(frame: pl.DataFrame) -> set[tuple]:
         return {(tuple(r["numbers"]), r["target"], r["attempt"]) for r in frame.iter_rows(named=True)}
@@ -100,9 +100,9 @@ def test_follow_up_prompts(tmp_path):
     assert not attempts(other) & attempts(prompts) and f"generated from seed {seed}" in fresh.note
     held = holdout_mask(prompts["label"].to_list(), 0.5, 0)
     split = follow_up_prompts(load_config(None, ["prompts.n=12"], str(tmp_path)),
-                              prompts.with_columns(pl.Series("heldout", held)), out)
+                              prompts.with_columns(pl.Series("heldout", held)), out, {})
     assert split.prompts == {"file": str((out.root / "heldout_prompts.parquet").resolve()), "template": "study"}
     assert split.heldout.columns == ["numbers", "target", "attempt", "error_kind"] and split.heldout.height == sum(held)
     from_file = follow_up_prompts(cfg.replace(prompts=dataclasses.replace(cfg.prompts, file="x.jsonl")),
-                                  prompts.with_columns(pl.lit(False).alias("heldout")), out)
+                                  prompts.with_columns(pl.lit(False).alias("heldout")), out, {})
     assert from_file.prompts == {} and "every attempt of x.jsonl" in from_file.note

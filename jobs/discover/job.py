@@ -90,6 +90,7 @@ class DiscoveryPlan:
     prompts: pl.DataFrame
     prompt_source: PromptSource
     shards: list[DiscoveryShard]
+    tokenizers: dict  # model name -> its tokenizer (a follow-up's pairs must match lengths in each)
 
     @property
     def model_names(self) -> list[str]:
@@ -162,7 +163,7 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     selection = [ids[i] for i in range(len(ids)) if not held[i]]
     shards = plan_shards(names, selection, [ids[i] for i in objective], [ids[i] for i in heldout_objective],
                          cfg.shards.prompts_per_shard)
-    return DiscoveryPlan(cfg, sources, archs, prompts, prompt_source, shards)
+    return DiscoveryPlan(cfg, sources, archs, prompts, prompt_source, shards, tokenizers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +473,7 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
                 startup = pool.startup_seconds
         finally:
             bar.close()
-        written = write_outputs(out, findings, follow_up_prompts(cfg, plan.prompts, out))
+        written = write_outputs(out, findings, follow_up_prompts(cfg, plan.prompts, out, plan.tokenizers))
         report = DiscoveryReport(out, findings, written, counts, time.perf_counter() - start, startup)
         report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
                                      written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})

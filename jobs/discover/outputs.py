@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,7 @@ class FollowUp:
     heldout: pl.DataFrame | None = None  # the held-out attempts, written as HELDOUT_PROMPTS
 
 
-def follow_up_prompts(cfg: Config, prompts: pl.DataFrame, out: OutDir) -> FollowUp:
+def follow_up_prompts(cfg: Config, prompts: pl.DataFrame, out: OutDir, tokenizers: Mapping[str, object]) -> FollowUp:
     """Prompts disjoint from the selection half for the follow-up sweep: the held-out attempts (as a
     prompts.file); without a held-out half, generated attempts from the next seed that repeats none of
     the discovery's; with neither (discover.holdout 0 on a prompts.file), none, and a note saying so."""
@@ -189,7 +190,7 @@ def follow_up_prompts(cfg: Config, prompts: pl.DataFrame, out: OutDir) -> Follow
                             "sweep other attempts (prompts.file) before reading its p-values.")
     seen = _attempt_keys(prompts)
     for seed in range(p.seed + 1, p.seed + 1 + FRESH_SEEDS):
-        fresh, _, _ = build_prompts(cfg.replace(prompts=dataclasses.replace(p, seed=seed)))
+        fresh, _, _ = build_prompts(cfg.replace(prompts=dataclasses.replace(p, seed=seed)), tokenizers)
         if not _attempt_keys(fresh) & seen:
             return FollowUp({"n": p.n, "seed": seed, "p_correct": p.p_correct, "template": p.template},
                             f"prompts: generated from seed {seed}, none of them among the {prompts.height} attempts "
