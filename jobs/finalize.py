@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from jobs.config import Config
-from jobs.runtime.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic, writing
 from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
 from verif.analysis import figures, stats
@@ -56,10 +56,11 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
 def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict) -> Finalized:
     """Summary, figures, the configured weight diff and the W&B run of a complete sweep."""
     tables = compute_tables(cfg, out, results)
-    pngs = figures.make_figures(
-        tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
-        n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
-    )
+    with writing(out.figures):
+        pngs = figures.make_figures(
+            tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
+            n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
+        )
     weight_diff = run_configured_weight_diff(cfg, out)
     if weight_diff is not None:
         tables["weight_diff_selection"] = weight_diff.selection

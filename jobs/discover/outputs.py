@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import yaml
 
-from jobs.runtime.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic, writing
 from verif.analysis.discovery import figures
 from verif.analysis.discovery.probes import Probe, probe_table
 from verif.analysis.discovery.ranking import pearson, ranked, spearman
@@ -156,8 +156,9 @@ def _target(findings: Findings, path: Path) -> Path | None:
         return None
     text = target_yaml(heads, neurons, findings.model) + yaml.safe_dump({"model": {"path": findings.spec}})
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with writing(path, tmp):
+        tmp.write_text(text)
+        tmp.replace(path)
     return path
 
 
@@ -194,6 +195,7 @@ def write_outputs(out: OutDir, findings: list[Findings]) -> Written:
     files += [p for p in targets.values() if p is not None]
     written = Written(out.root, tables, files, targets)
     for f in findings:
-        written.figures += _figures(f, out.root / "figures")
+        with writing(out.root / "figures"):
+            written.figures += _figures(f, out.root / "figures")
         written.metrics.update(f.metrics())
     return written

@@ -164,6 +164,11 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
 def load_problems(path: str | Path) -> list[Problem]:
     """The problems of a JSONL or parquet file whose records have `nums` (or `numbers`) and
     `target`, in file order; other fields are ignored."""
+    return [problem for _, problem in located_problems(path)]
+
+
+def located_problems(path: str | Path) -> list[tuple[str, Problem]]:
+    """`load_problems`, each problem with where it is (`file:line`, for messages about it)."""
     problems = []
     for where, rec in read_records(path):
         key = "nums" if isinstance(rec, dict) and "nums" in rec else "numbers"
@@ -172,7 +177,7 @@ def load_problems(path: str | Path) -> list[Problem]:
             raise ValueError(f"{where}: a problem needs 'nums' (or 'numbers'): a non-empty list of integers")
         if type(target) is not int:
             raise ValueError(f"{where}: a problem needs 'target': an integer")
-        problems.append(Problem(tuple(numbers), target))
+        problems.append((where, Problem(tuple(numbers), target)))
     if not problems:
         raise ValueError(f"problems file {str(path)!r}: no records")
     return problems
