@@ -30,6 +30,7 @@ class Job:
     subfolder: str = ""  # its folder inside OUT (OUT/discovery, OUT/compare), or OUT itself
     prompts: bool = False  # it reads the sweep's prompts (prompts.*: generated, or prompts.file)
     targets: bool = False  # it checks ablation.target_heads / target_neurons against its models
+    ablates_targets: bool = False  # ... and ablates them (a discovery ablates sets of its own)
     engine: bool = False  # its prompts go through the scoring engine, whose token budgets are a limit too
 
     def folder(self, cfg: Config) -> OutDir:
@@ -37,7 +38,7 @@ class Job:
 
 
 JOBS = {job.name: job for job in (
-    Job("sweep", prompts=True, targets=True, engine=True),
+    Job("sweep", prompts=True, targets=True, ablates_targets=True, engine=True),
     Job("discover", "discovery", prompts=True, targets=True, engine=True),
     Job("generate"),
     Job("compare", "compare", prompts=True),

@@ -91,7 +91,11 @@ def prepare_models(cfg: Config, job: Job, distinct: bool = True) -> Prepared:
     name (a job's rows and files are keyed by it). A job's own checks of its models come next, before
     the seconds that tokenizers cost; then `prepare_prompts`."""
     sources, archs = resolve_models(cfg.model.paths, distinct)
-    heads, neurons = check_targets(cfg, sources, archs) if job.targets else ((), ())
+    heads, neurons = ((), ())
+    if job.targets:
+        unused = "" if job.ablates_targets else (f" (--{job.name} ablates sets of its own, yet refuses a target the "
+                                                 "model does not have: fix it, or unset it with --set KEY=null)")
+        heads, neurons = check_targets(cfg, sources, archs, unused)
     return Prepared(sources, archs, [], heads, neurons)
 
 
@@ -113,9 +117,10 @@ def prepare_prompts(cfg: Config, job: Job, prepared: Prepared) -> Prepared:
     return prepared
 
 
-def check_targets(cfg: Config, sources: Sequence[ModelSource], archs: Sequence[Arch]) -> tuple[HeadSet, NeuronSet]:
+def check_targets(cfg: Config, sources: Sequence[ModelSource], archs: Sequence[Arch],
+                  note: str = "") -> tuple[HeadSet, NeuronSet]:
     """`ablation.target_heads` and `target_neurons` within every model (a discovery, which ablates its own
-    sets, still refuses a config whose target no model has); returns them in canonical form."""
+    sets, still refuses a config whose target no model has: `note` says so); returns them in canonical form."""
     ab = cfg.ablation
     heads, neurons = (), ()
     for src, arch in zip(sources, archs):
@@ -125,7 +130,7 @@ def check_targets(cfg: Config, sources: Sequence[ModelSource], archs: Sequence[A
             neurons = validate_neurons(parse_neurons(ab.target_neurons or []), arch.n_layers, arch.n_neurons,
                                        what=f"ablation.target_neurons (model {src.spec})")
         except ValueError as e:
-            raise PrepareError(str(e)) from e
+            raise PrepareError(f"{e}{note}") from e
     return heads, neurons
 
 
