@@ -27,8 +27,8 @@ def _holder(text: str) -> str:
     the job was recorded name no job)."""
     try:
         info = json.loads(text)
-        return (f"{'a ' + info['job'] + ' job' if info.get('job') else 'a driver'}, pid {info['pid']} on host "
-                f"{info['host']} (started {info['started']})")
+        who = f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+        return f"a {info['job']} job, {who}" if info.get("job") else who
     except (ValueError, KeyError, TypeError, AttributeError):
         return "another process"
 
