@@ -32,7 +32,7 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.inputs import JOBS, check_out_dir, located_problems_of
 from jobs.runtime.pool import run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
 from jobs.prepare import limit_generation, prepare_models, prepare_prompts
 from jobs.tracking import log_generate
@@ -343,7 +343,5 @@ def run_generate(cfg: Config, resume: bool = False) -> GenerateReport:
         report.wandb_dir = log_generate(cfg, out, generations, attempts.frame,
                                         {**report.numbers, **report.bookkeeping()})
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = report.bookkeeping()
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, **report.bookkeeping())
         return report

@@ -1,14 +1,15 @@
 """What every job prepares before it loads any weights, on one path: its models resolved, the config's
-head and neuron sets checked against them, its prompts built, their Yes/No tokens checked, every prompt
-within its limits in each model's tokens.
+head and neuron sets checked against them, their tokenizers and Yes/No tokens checked, its prompts
+built, every prompt within its limits in each model's tokens.
 
 The sweep, discovery, generate and compare drivers all take their inputs from here, in two steps with
 their own checks of the models between them (conditions, shapes, settings: instant, so they come
-before the seconds that tokenizers cost): `prepare_models`, then `prepare_prompts` (generate's own
-prompts are measured by `limit_generation`). A check written here holds for each of them; what
-differs between jobs is said once, in `jobs.inputs.JOBS`. Everything reads configs and
-tokenizers only; a failure is an `InputError` (one line naming the key, the file and line, or the
-model), raised before the job's folder is created and before any worker starts.
+before the seconds that tokenizers cost): `prepare_models`, then `prepare_prompts` (tokenizers, then
+prompts and their lengths; generate's own prompts are measured by `limit_generation`). A check
+written here holds for each of them; what differs between jobs is said once, in `jobs.inputs.JOBS`.
+Everything reads configs and tokenizers only; a failure is an `InputError` (one line naming the key,
+the file and line, or the model), raised before the job's folder is created and before any worker
+starts.
 """
 
 from __future__ import annotations
@@ -100,20 +101,19 @@ def prepare_models(cfg: Config, job: Job, distinct: bool = True) -> Prepared:
 
 
 def prepare_prompts(cfg: Config, job: Job, prepared: Prepared) -> Prepared:
-    """The second step: its prompts (`job.prompts`), each model's tokenizer and Yes/No variants, and
+    """The second step: each model's tokenizer and Yes/No variants, its prompts (`job.prompts`), and
     every prompt's length in each model's tokens (`limit_lengths`); fills in and returns `prepared`."""
-    where: list[str] = []
-    if job.prompts:
-        try:
-            prepared.prompts, prepared.prompt_source, where = build_prompts(cfg)
-        except ValueError as e:
-            raise PrepareError(str(e)) from e
     distinct = list({s.spec: s for s in prepared.sources}.values())  # a path given twice is read once
     by_spec = {s.spec: tok for s, tok in zip(distinct, check_tokens(distinct, cfg))}
     prepared.tokenizers = [by_spec[s.spec] for s in prepared.sources]
-    if job.prompts:
-        prepared.prompts, prepared.prompt_source = limit_lengths(cfg, job, prepared.sources, by_spec,
-                                                                 prepared.prompts, where, prepared.prompt_source)
+    if not job.prompts:
+        return prepared
+    try:
+        prompts, source, where = build_prompts(cfg)
+    except ValueError as e:
+        raise PrepareError(str(e)) from e
+    prepared.prompts, prepared.prompt_source = limit_lengths(cfg, job, prepared.sources, by_spec, prompts, where,
+                                                             source)
     return prepared
 
 

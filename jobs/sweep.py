@@ -28,7 +28,7 @@ from jobs.finalize import Finalized, finalize
 from jobs.inputs import JOBS, check_out_dir
 from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.runtime.pool import run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import (
     RESULT_SCHEMA,
     OutDir,
@@ -277,10 +277,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepReport:
                              ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
         report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping())
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
-                              "rows_written": ran.rows}
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, seconds=report.seconds, startup_seconds=ran.startup_seconds, rows_written=ran.rows)
         return report
 
 

@@ -42,7 +42,7 @@ from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
 from jobs.inputs import JOBS, check_out_dir
 from jobs.runtime.pool import WorkerPool, run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
 from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.tracking import log_discovery
@@ -456,7 +456,5 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
         report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
                                      written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "steps": counts.seconds}
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, seconds=report.seconds, startup_seconds=startup, steps=counts.seconds)
         return report

@@ -206,8 +206,8 @@ def open_unsharded(out: OutDir, job: str, cfg: Config) -> dict:
     return manifest
 
 
-def finish(out: OutDir, manifest: dict, **timing: float) -> None:
-    """Mark a job's manifest finished (with its timings) once everything it writes is written."""
+def finish(out: OutDir, manifest: dict, **timing: object) -> None:
+    """Mark a job's manifest finished, with this run's timings, once everything it writes is written."""
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    manifest["timing"] = {**manifest.get("timing", {}), **timing}
+    manifest["timing"] = timing
     write_json_atomic(manifest, out.manifest)
