@@ -120,10 +120,12 @@ class Watchdog:
         read_end, self._pipe = os.pipe()  # not inherited: Ray's processes must not hold the pipe open
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(path),
-                 str(os.getpid())],
+                [sys.executable, "-m", __name__, str(path), str(os.getpid())],
                 stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                 cwd=Path(__file__).resolve().parents[2])
+        except BaseException:
+            os.close(self._pipe)
+            raise
         finally:
             os.close(read_end)
 
