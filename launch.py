@@ -4,18 +4,19 @@ or check a configuration.
     python launch.py --sweep [--config FILE] [--set dotted.key=value ...] [--out DIR] [--resume]
     python launch.py --discover [--config FILE] [--set ...] [--out DIR] [--resume]   rank heads and neurons
     python launch.py --check [--config FILE] [--set ...]      validate everything, load no weights
-    python launch.py --weight-diff --base A --tuned B [--config FILE] [--set ...] [--out DIR]
+    python launch.py --weight-diff --base A --tuned B [--config FILE] [--set ...] [--out DIR] [--resume]
     python launch.py --generate [--config FILE] [--set ...] [--out DIR] [--resume]   a model's chains of thought
-    python launch.py --compare [--config FILE] [--set ...] [--out DIR]   two models' mechanisms, same prompts
+    python launch.py --compare [--config FILE] [--set ...] [--out DIR] [--resume]   two models' mechanisms, same prompts
     python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
     python launch.py --config-reference                        print the configuration reference
 
-The jobs are imported only once the configuration, the output folder and the prompt file are
-checked: they pull in torch, transformers and Ray (seconds), and a typo should cost a fraction of one.
-Bad input (`jobs.errors.InputError`, and a command line argparse refuses) is one line on stderr and
-exit code 2; a traceback means a bug (`--debug` shows one for bad input too). A sharded job that stops
-early (SIGINT/SIGTERM: exit 128 + the signal; shards that failed on every attempt: exit 1) prints one
-line: how many shards are on disk and the command that continues it.
+The jobs are imported only once the configuration, the job's output folder and the files it reads are
+checked (`jobs.inputs.check_job_inputs`): they pull in torch, transformers and Ray (seconds), and a typo
+should cost a fraction of one. Bad input (`jobs.errors.InputError`, and a command line argparse refuses)
+is one line on stderr and exit code 2; a traceback means a bug (`--debug` shows one for bad input too).
+A job that stops early (SIGINT/SIGTERM: exit 128 + the signal; shards that failed on every attempt, or an
+output folder that could not be written: exit 1) prints one line: what is on disk and the command that
+continues it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import sys
 
 from jobs import config, inputs
 from jobs.errors import InputError
+from jobs.inputs import JOBS
 from jobs.runtime.resumable import JobFailed, JobInterrupted
-from jobs.runtime.storage import OutDir
 
 EXIT_INPUT = 2  # bad input, as argparse exits for a bad command line
 
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set prompts.n=128 (repeatable)")
     p.add_argument("--out", help="output folder (default: config `out`, else runs/<name>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the sweep, discovery or generate job in --out, skipping finished shards")
+                   help="continue the job in --out with the config it was started with: a sweep, discovery or "
+                        "generate job skips its finished shards, a compare or weight diff is computed again")
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
@@ -85,9 +87,10 @@ def _weight_diff(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}"]
     cfg = config.load_config(args.config, ["name=weight-diff", *overrides], args.out or "runs/weight_diff",
                              file_default=False)
+    inputs.check_job_inputs(cfg, JOBS["weight-diff"], args.resume)  # before the seconds of imports below
     from jobs.weight_diff import weight_diff_job
 
-    result, run = weight_diff_job(cfg, args.config)
+    result, run = weight_diff_job(cfg, args.resume, args.config)
     print("\n".join(result.verdicts))
     print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
     print(f"W&B run: {run or 'disabled'}")
@@ -103,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
     """The generate job; its folder is --out, else runs/<name>-generate (never the sweep's)."""
     cfg = config.load_config(args.config, args.overrides)
     cfg = cfg.replace(out=args.out or config.generate_out(cfg))
-    inputs.check_out_dir(OutDir(cfg.out), args.resume, "generate")  # before the seconds of imports below
+    inputs.check_job_inputs(cfg, JOBS["generate"], args.resume)  # before the seconds of imports below
     from jobs.generate import run_generate
 
     print("\n".join(run_generate(cfg, resume=args.resume).lines()))
@@ -111,15 +114,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    cfg = config.load_config(args.config, args.overrides, args.out)
+    inputs.check_job_inputs(cfg, JOBS["compare"], args.resume)  # OUT/compare; before the imports below
     from jobs.compare import run_compare
 
-    print("\n".join(run_compare(config.load_config(args.config, args.overrides, args.out), args.config).lines()))
+    print("\n".join(run_compare(cfg, resume=args.resume, config_file=args.config).lines()))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
-    inputs.check_sweep_inputs(cfg, args.resume)  # before the seconds of imports below
+    inputs.check_job_inputs(cfg, JOBS["sweep"], args.resume)  # before the seconds of imports below
     from jobs.sweep import prepare, run_sweep
 
     if args.check:
@@ -134,7 +139,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _discover(args: argparse.Namespace) -> int:
     cfg = config.load_config(args.config, args.overrides, args.out)
-    inputs.check_out_dir(OutDir(cfg.out).discovery, args.resume, "discover")  # before the imports below
+    inputs.check_job_inputs(cfg, JOBS["discover"], args.resume)  # OUT/discovery; before the imports below
     from jobs.discover.job import run_discovery
 
     print("\n".join(run_discovery(cfg, resume=args.resume).lines()))

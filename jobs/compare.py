@@ -15,6 +15,7 @@ Writes OUT/compare/:
                             attempts and for the correct and incorrect ones (column `attempts`)
   figures/compare_<attempts>.png  per-layer curves of both models (`plot_comparison`)
   compare.json              the models, counts, the first layer where they differ, timings
+  manifest.json             job (compare), config; `finished` once everything above is written
 
 and one W&B run (job_type compare). It runs in this process, not on Ray workers: every number pairs
 the two models' activations on the same prompt, so both must meet in one place; the work is one
@@ -34,9 +35,10 @@ import yaml
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.runtime.lock import OutLock
-from jobs.runtime.storage import OutDir, package_versions, write_json_atomic, write_parquet_atomic
-from jobs.prepare import PromptSource, build_prompts, check_tokens, resolve_models
+from jobs.inputs import JOBS, check_out_dir
+from jobs.prepare import PromptSource, prepare_models, prepare_prompts
+from jobs.runtime.resumable import finish, open_unsharded, recover, refuse_changed_config, running
+from jobs.runtime.storage import OutDir, package_versions, write_json_atomic, write_parquet_atomic, writing
 from jobs.tracking import log_compare
 from verif.analysis.compare import SIDES, Comparison, compare_models, plot_comparison, summarize_comparison
 from verif.design.neurons import Neuron, format_neurons, parse_neurons, validate_neurons
@@ -46,6 +48,9 @@ from verif.model.loading import LoadedModel, ModelSource, load_model
 # Prompt groups summarised separately: every attempt, then by our validator's label.
 ATTEMPT_GROUPS = {"all": None, "correct": True, "incorrect": False}
 SHAPE_FIELDS = ("n_layers", "hidden_size", "intermediate_size")
+# Config keys that change no number of a compare: allowed to differ on --resume.
+COMPARE_NEUTRAL = ("name", "out", "engine", "shards", "ray", "wandb", "ablation", "weight_diff", "discover",
+                   "generate")
 
 
 class CompareError(InputError):
@@ -96,27 +101,26 @@ def selected_neurons(cfg: Config, arch: Arch) -> tuple[list[Neuron], str]:
 
 
 def prepare_compare(cfg: Config) -> ComparePlan:
-    """Every check that can fail (two comparable models, neurons, prompts, tokens) before any weights load."""
-    paths = cfg.model.paths
+    """Every check that can fail (two comparable models, neurons, prompts and their lengths, tokens:
+    `jobs.prepare`) before any weights load."""
+    paths, job = cfg.model.paths, JOBS["compare"]
     if len(paths) != 2:
         raise CompareError(f"model.path: --compare needs exactly two models (a, b), got {len(paths)} "
                            f"({', '.join(paths)}); e.g. --set 'model.path=[BASE, TUNED]'")
-    sources, archs = resolve_models(paths, distinct=False)  # a model against itself is a check
+    models = prepare_models(cfg, job, distinct=False)  # a model against itself is a check
+    archs = models.archs
     for f in SHAPE_FIELDS:
         if getattr(archs[0], f) != getattr(archs[1], f):
             raise CompareError(f"model.path: the models differ in {f} ({getattr(archs[0], f)} vs "
                                f"{getattr(archs[1], f)}); layers can only be compared between models of one shape")
     neurons, neurons_from = selected_neurons(cfg, archs[0])
-    distinct = list({s.spec: s for s in sources}.values())  # a path given twice: once
-    tokenizers = check_tokens(distinct, cfg)
-    if len(tokenizers) == 2 and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
+    prepared = prepare_prompts(cfg, job, models)
+    a, b = prepared.tokenizers
+    if a is not b and a.get_vocab() != b.get_vocab():
         raise CompareError(f"model.path: {paths[0]!r} and {paths[1]!r} have different tokenizers; the same prompts "
                            "must be the same token ids in both")
-    try:
-        prompts, prompt_source, _ = build_prompts(cfg, {s.spec: t for s, t in zip(distinct, tokenizers)})
-    except ValueError as e:
-        raise CompareError(str(e)) from e
-    return ComparePlan(cfg, sources, archs[0], prompts, prompt_source, neurons, neurons_from)
+    return ComparePlan(cfg, tuple(prepared.sources), archs[0], prepared.prompts, prepared.prompt_source, neurons,
+                       neurons_from)
 
 
 def _subset(c: Comparison, prompt_ids: list[int]) -> Comparison:
@@ -212,14 +216,23 @@ def _load_both(plan: ComparePlan) -> tuple[LoadedModel, LoadedModel]:
     return a, b
 
 
-def run_compare(cfg: Config, config_file: str | None = None) -> CompareReport:
+def run_compare(cfg: Config, resume: bool = False, config_file: str | None = None) -> CompareReport:
     """Check, load both models, compare them on the sweep's prompts, write OUT/compare/ and log it
-    (`config_file`: the --config, an input of the W&B run when it is a discovery's target.yaml)."""
+    (`config_file`: the --config, an input of the W&B run when it is a discovery's target.yaml).
+
+    OUT/compare is new, or on `resume` a compare's with the same config (it is computed again: a compare
+    has no shards to keep); its lock is held throughout, and a stopped or failed run says how to continue
+    (`jobs.runtime.resumable.running`), as every job's.
+    """
     start = time.perf_counter()
-    plan = prepare_compare(cfg)
     out = OutDir(cfg.out)
-    folder = out.compare
-    with OutLock(folder / ".lock"):
+    folder = JOBS["compare"].folder(cfg)
+    check_out_dir(folder, resume, "compare")
+    refuse_changed_config(folder, cfg, COMPARE_NEUTRAL)
+    plan = prepare_compare(cfg)
+    with running(folder, "compare", resume_out=out.root) as job:
+        recover(folder, job.lock)
+        job.manifest = open_unsharded(folder, "compare", cfg)
         a, b = _load_both(plan)
         load_seconds = time.perf_counter() - start
         c = cfg.compare
@@ -231,11 +244,12 @@ def run_compare(cfg: Config, config_file: str | None = None) -> CompareReport:
         tables = {"prompts": plan.prompts, "residual": comparison.residual, "lens": comparison.lens}
         if plan.neurons:
             tables["neurons"] = comparison.neurons
-        summaries, figures = summarize_groups(comparison, plan.prompts, cfg, folder / "figures")
+        with writing(folder.figures):
+            summaries, figures = summarize_groups(comparison, plan.prompts, cfg, folder.figures)
         for name, frame in tables.items():
-            write_parquet_atomic(frame, folder / f"{name}.parquet")
+            write_parquet_atomic(frame, folder.root / f"{name}.parquet")
         for name, frame in summaries.items():
-            write_parquet_atomic(frame, folder / f"summary_{name}.parquet")
+            write_parquet_atomic(frame, folder.root / f"summary_{name}.parquet")
         layers = per_layer(summaries)
         first = first_difference(comparison.residual)
         last = layers.row(-1, named=True)
@@ -246,15 +260,17 @@ def run_compare(cfg: Config, config_file: str | None = None) -> CompareReport:
             "one_minus_cos_last": last["one_minus_cos"], "norm_ratio_last": last["norm_ratio"],
             "p_yes_norm_a_last": last["p_yes_norm_a"], "p_yes_norm_b_last": last["p_yes_norm_b"],
         }
-        report = CompareReport(plan, folder, comparison.names, numbers, summaries, figures,
+        report = CompareReport(plan, folder.root, comparison.names, numbers, summaries, figures,
                                time.perf_counter() - start, load_seconds)
         write_json_atomic({
             "models": {"a": {"spec": plan.sources[0].spec, "name": a.name}, "b": {"spec": plan.sources[1].spec, "name": b.name}},
-            "prompts": {"n": plan.prompts.height, "template": plan.prompt_source.template, "file": plan.prompt_source.file},
+            "prompts": {"n": plan.prompts.height, "template": plan.prompt_source.template, "file": plan.prompt_source.file,
+                        "too_long": list(plan.prompt_source.too_long)},
             "neurons": {"from": plan.neurons_from, "neurons": format_neurons(plan.neurons)},
             **numbers, "seconds": report.seconds, "load_seconds": load_seconds, "versions": package_versions(),
             "config": cfg.to_dict(),
-        }, folder / "compare.json")
+        }, folder.root / "compare.json")
         report.wandb_dir = log_compare(cfg, out, layers, {**summaries, "per_layer": layers}, figures, numbers,
                                        config_file)
+        finish(folder, job.manifest, seconds=time.perf_counter() - start, load_seconds=load_seconds)
         return report

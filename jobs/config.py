@@ -422,12 +422,25 @@ def _build(cls: type, values: dict, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong, as one phrase (a marked error's problem, else its text)."""
+    return (getattr(e, "problem", None) or getattr(e, "context", None) or str(e)).strip()
+
+
 def parse_override(item: str) -> dict:
-    """`a.b=value` as a nested mapping; the value is read as YAML (numbers, lists, booleans)."""
+    """`a.b=value` as a nested mapping; the value is read as YAML (numbers, lists, booleans).
+
+    A value that is not YAML is named by its `--set` item and the column in it, as a config file's
+    error is named by FILE:LINE:COL."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at column {len(key) + 2 + mark.column}" if mark is not None and mark.line == 0 else ""
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML{where}: {_yaml_problem(e)}") from e
     nested: dict = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -442,7 +455,7 @@ def _read_yaml(path: Path) -> dict:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from e
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from e
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read it as YAML ({type(e).__name__}: {e})") from e
     if not isinstance(loaded, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from jobs.config import Config
-from jobs.runtime.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic, writing
 from verif.analysis.cross_figures import make_cross_figures
 from verif.analysis.cross_model import cross_model_table, effect_maps_table
 
@@ -69,5 +69,7 @@ def cross_model_outputs(cfg: Config, out: OutDir, tables: dict[str, pl.DataFrame
     write_parquet_atomic(table, out.cross_model)
     if maps.height:
         write_parquet_atomic(maps, out.cross_model_maps)
-    return CrossModel(table, maps, make_cross_figures(table, maps, conditions, out.cross_figures))
+    with writing(out.cross_figures):
+        figures = make_cross_figures(table, maps, conditions, out.cross_figures)
+    return CrossModel(table, maps, figures)
 

@@ -14,7 +14,7 @@ import polars as pl
 
 from jobs.config import Config
 from jobs.cross_model import CrossModel, cross_model_outputs
-from jobs.runtime.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic, writing
 from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
 from verif.analysis import figures, stats
@@ -67,10 +67,11 @@ def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookke
     cross = cross_model_outputs(cfg, out, tables, models)
     if cross is not None:
         tables["cross_model"], tables["cross_model_maps"] = cross.table, cross.maps
-    pngs = figures.make_figures(
-        tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
-        n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
-    )
+    with writing(out.figures):
+        pngs = figures.make_figures(
+            tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
+            n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
+        )
     weight_diff = run_configured_weight_diff(cfg, out)
     if weight_diff is not None:
         tables["weight_diff_selection"] = weight_diff.selection

@@ -24,25 +24,24 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
 
 from jobs.config import Config
 from jobs.errors import InputError
-from jobs.inputs import check_out_dir
+from jobs.inputs import JOBS, check_out_dir, located_problems_of
 from jobs.runtime.pool import run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.prepare import check_tokens, resolve_models
+from jobs.prepare import limit_generation, prepare_models, prepare_prompts
 from jobs.tracking import log_generate
 from jobs.runtime.worker import ModelWorker
 from verif.model.generate import FINISH_REASONS, Sample, generate
 from verif.model.loading import ModelSource
 from verif.task.cot import AttemptTable
 from verif.task.countdown import generate_problems
-from verif.task.prompt_file import load_problems, load_prompt_file
+from verif.task.prompt_file import load_prompt_file
 from verif.task.tinyzero import generation_prompt, generations_frame
 from verif.task.validator import Problem
 
@@ -106,25 +105,25 @@ class GeneratePlan:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _problems(cfg: Config) -> tuple[list[Problem], str]:
+def _problems(cfg: Config) -> tuple[list[Problem], str, list[str]]:
+    """The problems, what they are (for the report) and where each is (for messages about one)."""
     g = cfg.generate
     if not g.problems_file:
-        return generate_problems(g.n_problems, g.seed), f"generated: generate.n_problems {g.n_problems}, seed {g.seed}"
-    if not Path(g.problems_file).is_file():
-        raise GenerateError(f"generate.problems_file {g.problems_file!r}: no such file")
-    try:
-        return load_problems(g.problems_file), g.problems_file
-    except ValueError as e:
-        raise GenerateError(f"generate.problems_file: {e}") from e
+        problems = generate_problems(g.n_problems, g.seed)
+        return (problems, f"generated: generate.n_problems {g.n_problems}, seed {g.seed}",
+                [f"generated problem {i} (generate.seed {g.seed})" for i in range(len(problems))])
+    located = located_problems_of(g.problems_file)
+    return [p for _, p in located], g.problems_file, [where for where, _ in located]
 
 
 def prepare_generation(cfg: Config) -> GeneratePlan:
-    """Every check that can fail (model, tokenizer, settings, problems), before any weights load."""
-    paths, g = cfg.model.paths, cfg.generate
+    """Every check that can fail (model, tokenizer, settings, problems, every prompt and its new tokens
+    within the model's context: `jobs.prepare`), before any weights load."""
+    paths, g, job = cfg.model.paths, cfg.generate, JOBS["generate"]
     if len(paths) != 1:
         raise GenerateError(f"model.path: --generate runs one model, got {len(paths)} ({', '.join(paths)}); "
                             "give one path")
-    (source,), _ = resolve_models(paths)
+    models = prepare_models(cfg, job)
     if g.n > 1 and not g.do_sample:
         raise GenerateError(f"generate.n {g.n}: greedy decoding gives {g.n} identical samples; set "
                             "generate.do_sample: true to draw several, or generate.n: 1")
@@ -134,8 +133,10 @@ def prepare_generation(cfg: Config) -> GeneratePlan:
             f"generate.problems_per_shard {g.problems_per_shard}: must be a multiple of the problems in one "
             f"generate call (generate.batch_size {g.batch_size} // generate.n {g.n} = {per_call}), so that shards "
             "end where the run's batches end")
-    problems, problems_from = _problems(cfg)
-    check_tokens([source], cfg)  # the tokenizer loads, and the worker's Yes/No ids resolve
+    problems, problems_from, where = _problems(cfg)
+    prepared = prepare_prompts(cfg, job, models)  # the tokenizer loads, and the worker's Yes/No ids resolve
+    (source,), (tokenizer,) = prepared.sources, prepared.tokenizers
+    limit_generation(cfg, source, tokenizer, [generation_prompt(p.numbers, p.target) for p in problems], where)
     step = g.problems_per_shard
     shards = [GenerationShard(f"p{a:06d}", tuple(range(a, min(a + step, len(problems)))))
               for a in range(0, len(problems), step)]
@@ -322,11 +323,11 @@ def run_generate(cfg: Config, resume: bool = False) -> GenerateReport:
     start = time.perf_counter()
     out = OutDir(cfg.out)
     check_out_dir(out, resume, "generate")  # a folder that cannot be continued: refused before anything is made
-    with running(out) as job:
+    if out.manifest.exists():
+        _refuse_changed_config(read_manifest(out), cfg, out)
+    plan = prepare_generation(cfg)
+    with running(out, "generate") as job:
         old = read_manifest(out) if out.manifest.exists() else None
-        if old is not None:
-            _refuse_changed_config(old, cfg, out)
-        plan = prepare_generation(cfg)
         job.total = len(plan.shards)
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out, old)
@@ -342,7 +343,5 @@ def run_generate(cfg: Config, resume: bool = False) -> GenerateReport:
         report.wandb_dir = log_generate(cfg, out, generations, attempts.frame,
                                         {**report.numbers, **report.bookkeeping()})
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = report.bookkeeping()
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, **report.bookkeeping())
         return report

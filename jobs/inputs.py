@@ -1,10 +1,11 @@
 """Checks every job makes on its inputs before it creates its output folder or loads any weights.
 
 Each failure is an `InputError`: one line naming the folder, the file (and line) or the key, the bad
-value and what would be valid. The folder and file checks import nothing heavy, so the command line
-runs them before it imports torch (a bad path costs a fraction of a second); the prompt-length check
-takes the tokenizers the job has loaded anyway. What a file holds (records, line breaks, UTF-8) is
-checked by its reader in `verif.task.prompt_file`, which names the line.
+value and what would be valid. `JOBS` says, once, what each job is to these checks (its folder, what
+it reads); `check_job_inputs` makes the checks that import nothing heavy, so the command line runs them
+before it imports torch (a bad path costs a fraction of a second), and `jobs.prepare` the ones that
+need the models' configs and tokenizers. What a file holds (records, line breaks, UTF-8) is checked
+by its reader in `verif.task.prompt_file`, which names the line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,31 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.runtime.lock import refuse_if_locked
 from jobs.runtime.storage import OutDir, read_manifest
-from verif.task.prompt_file import load_prompt_file
+from verif.task.prompt_file import load_prompt_file, located_problems
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the one preparation path needs to know of a job; `JOBS` holds them all."""
+
+    name: str  # as manifests, lock files and messages name it
+    subfolder: str = ""  # its folder inside OUT (OUT/discovery, OUT/compare), or OUT itself
+    prompts: bool = False  # it reads the sweep's prompts (prompts.*: generated, or prompts.file)
+    targets: bool = False  # it checks ablation.target_heads / target_neurons against its models
+    ablates_targets: bool = False  # ... and ablates them (a discovery ablates sets of its own)
+    engine: bool = False  # its prompts go through the scoring engine, whose token budgets are a limit too
+
+    def folder(self, cfg: Config) -> OutDir:
+        return OutDir(Path(cfg.out) / self.subfolder) if self.subfolder else OutDir(cfg.out)
+
+
+JOBS = {job.name: job for job in (
+    Job("sweep", prompts=True, targets=True, ablates_targets=True, engine=True),
+    Job("discover", "discovery", prompts=True, targets=True, engine=True),
+    Job("generate"),
+    Job("compare", "compare", prompts=True),
+    Job("weight-diff"),
+)}
 
 
 def _shown(names: list[str], at_most: int = 3) -> str:
@@ -66,14 +91,15 @@ def check_out_dir(out: OutDir, resume: bool, job: str = "sweep") -> None:
 
 def check_job(manifest: dict, job: str, out: OutDir, resume: bool) -> None:
     """A folder holding a job's output is continued only with `resume`, and only by the same kind of job
-    (manifests before the "job" key are sweeps')."""
+    (manifests before the "job" key are sweeps'): never overwritten."""
     found = manifest.get("job", "sweep")
-    if not resume:
-        raise InputError(f"{out.root} already holds the output of a {found} job; pass --resume to continue it "
-                         "or choose another --out")
     if found != job:
-        raise InputError(f"--resume: {out.root} holds the output of a {found} job, not of a {job} job; "
+        flag = "--resume: " if resume else ""
+        raise InputError(f"{flag}{out.root} holds the output of a {found} job, not of a {job} job; "
                          "choose another --out")
+    if not resume:
+        raise InputError(f"{out.root} already holds the output of a {job} job; pass --resume to continue it "
+                         "or choose another --out")
 
 
 def check_prompt_file(path: str, key: str = "prompts.file") -> None:
@@ -128,25 +154,28 @@ class TooLong:
         return {"where": self.where, "tokens": self.tokens, "model": self.model, "limit": self.limit.name}
 
 
-def token_limits(max_tokens: int, context: int | None, engine_tokens: int, model: str) -> list[TokenLimit]:
+def token_limits(max_tokens: int, context: int | None, engine_tokens: int | None, model: str) -> list[TokenLimit]:
     """The limits a model's prompts must meet: prompts.max_tokens, the model's context length (when its
-    config names one) and the longest prompt the engine's token budgets take."""
+    config names one) and, for a job that scores through the engine, the longest prompt its token
+    budgets take (`engine_tokens`)."""
     skip = "or set prompts.too_long=skip to leave such prompts out"
     limits = [TokenLimit(max_tokens, "prompts.max_tokens", f"shorten it, raise prompts.max_tokens, {skip}")]
     if context:
         limits.append(TokenLimit(context, f"the context length of {model}", f"the model cannot read it; shorten it, {skip}"))
-    limits.append(TokenLimit(engine_tokens, "the engine's longest prompt (engine.max_chunk_tokens, max_unit_tokens)",
-                             "raise engine.max_chunk_tokens and engine.max_unit_tokens, or shorten it", False))
+    if engine_tokens is not None:
+        limits.append(TokenLimit(engine_tokens, "the engine's longest prompt (engine.max_chunk_tokens, max_unit_tokens)",
+                                 "raise engine.max_chunk_tokens and engine.max_unit_tokens, or shorten it", False))
     return limits
 
 
 def over_limits(prompts: Sequence[str], where: Sequence[str], tokenizers: Mapping[str, object],
-                limits: Mapping[str, list[TokenLimit]]) -> list[TooLong]:
+                limits: Mapping[str, list[TokenLimit]], special_tokens: bool = False) -> list[TooLong]:
     """Every prompt over a limit of some model, with the tightest skippable limit it exceeds, else the
-    engine's (no special tokens added: the worker reads prompts that way)."""
+    tightest other one. Tokens are counted as the job's model reads the prompts: scoring adds no
+    special tokens, generation the tokenizer's defaults (`special_tokens`)."""
     found: dict[int, TooLong] = {}
     for model, tok in tokenizers.items():
-        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=special_tokens)["input_ids"]]
         for i, n in enumerate(counts):
             exceeded = [lim for lim in limits[model] if n > lim.tokens]
             if not exceeded:
@@ -158,13 +187,14 @@ def over_limits(prompts: Sequence[str], where: Sequence[str], tokenizers: Mappin
 
 
 def check_prompt_lengths(prompts: Sequence[str], where: Sequence[str], tokenizers: Mapping[str, object],
-                         limits: Mapping[str, list[TokenLimit]], too_long: str) -> list[TooLong]:
+                         limits: Mapping[str, list[TokenLimit]], too_long: str,
+                         special_tokens: bool = False) -> list[TooLong]:
     """The prompts to skip (`too_long="skip"`), or an InputError naming the first prompt over a limit
     that may not be skipped (any limit, with `too_long="error"`) and how many are over.
 
     The engine's limit never makes a prompt skipped: the engine options may change on `--resume`,
     and which prompts a sweep scores must not."""
-    over = over_limits(prompts, where, tokenizers, limits)
+    over = over_limits(prompts, where, tokenizers, limits, special_tokens)
     refused = [t for t in over if too_long == "error" or not t.limit.skippable]
     if refused:
         others = f" ({len(refused) - 1} more prompt(s) over a limit)" if len(refused) > 1 else ""
@@ -175,21 +205,33 @@ def check_prompt_lengths(prompts: Sequence[str], where: Sequence[str], tokenizer
 
 
 # --------------------------------------------------------------------------------------------
-# a sweep's inputs, without a model
+# a job's inputs, without a model
 # --------------------------------------------------------------------------------------------
 
 
-def check_sweep_inputs(cfg: Config, resume: bool) -> None:
-    """What a sweep can check without torch: OUT, and prompts.file's path and content.
+def check_job_inputs(cfg: Config, job: Job, resume: bool) -> None:
+    """What a job can check without torch: its folder, and the content of the files it reads
+    (prompts.file, generate.problems_file).
 
-    The command line runs this before it imports the jobs (seconds of imports), so these errors come
-    at once; `run_sweep` and `prepare` make the same checks themselves.
+    The command line runs this before it imports the job (seconds of imports), so these errors come
+    at once; the job's own run makes the same checks again.
     """
-    check_out_dir(OutDir(cfg.out), resume)
+    check_out_dir(job.folder(cfg), resume, job.name)
     p = cfg.prompts
-    if p.file:
+    if job.prompts and p.file:
         check_prompt_file(p.file)
         try:
             load_prompt_file(p.file, p.extract, p.attempts, p.line_breaks)
         except ValueError as e:
             raise InputError(str(e)) from e
+    if job.name == "generate" and cfg.generate.problems_file:
+        located_problems_of(cfg.generate.problems_file)
+
+
+def located_problems_of(path: str) -> list:
+    """generate.problems_file's problems with their `file:line`, or an InputError naming the file."""
+    check_prompt_file(path, "generate.problems_file")
+    try:
+        return located_problems(path)
+    except ValueError as e:
+        raise InputError(f"generate.problems_file: {e}") from e

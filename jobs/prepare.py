@@ -1,9 +1,15 @@
-"""What every job prepares before it loads any weights: its models resolved, its prompts built, their tokens
-checked, their lengths within every limit.
+"""What every job prepares before it loads any weights, on one path: its models resolved, the config's
+head and neuron sets checked against them, their tokenizers and Yes/No tokens checked, its prompts
+built, every prompt within its limits in each model's tokens.
 
-The sweep, discovery, generate and compare drivers all take their inputs from here, so a check written
-once holds for each of them. Everything reads configs and tokenizers only; a failure is an
-`InputError` (one line naming the key, the file and line, or the model).
+The sweep, discovery, generate and compare drivers all take their inputs from here, in two steps with
+their own checks of the models between them (conditions, shapes, settings: instant, so they come
+before the seconds that tokenizers cost): `prepare_models`, then `prepare_prompts` (tokenizers, then
+prompts and their lengths; generate's own prompts are measured by `limit_generation`). A check
+written here holds for each of them; what differs between jobs is said once, in `jobs.inputs.JOBS`.
+Everything reads configs and tokenizers only; a failure is an `InputError` (one line naming the key,
+the file and line, or the model), raised before the job's folder is created and before any worker
+starts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from transformers import AutoTokenizer
 
 from jobs.config import Config, PromptsConfig
 from jobs.errors import InputError
-from jobs.inputs import TooLong, check_prompt_file, check_prompt_lengths, token_limits
+from jobs.inputs import Job, TokenLimit, TooLong, check_prompt_file, check_prompt_lengths, token_limits
+from verif.design.heads import HeadSet, parse_heads, validate_heads
+from verif.design.neurons import NeuronSet, parse_neurons, validate_neurons
 from verif.model.loading import Arch, ModelSource, read_arch, read_context_length, resolve_source
 from verif.model.score import resolve_yes_no
 from verif.task.cot import ATTEMPT_SCHEMA
@@ -26,6 +34,10 @@ from verif.task.pairs import LengthFn, check_pair_lengths, make_pairs
 from verif.task.prompt_file import load_prompt_file
 from verif.task.prompts import Template, load_template
 from verif.task.validator import validate
+
+# Any tokenizer with a vocabulary gives this text tokens; one that gives none has none (a model folder
+# without its tokenizer files loads as an empty tokenizer in transformers 5).
+_PROBE_TEXT = "Is the attempt correct? Yes or No"
 
 
 class PrepareError(InputError):
@@ -57,6 +69,74 @@ class PromptSource:
             text.append(f"prompts skipped as too long: {len(self.too_long)} (first: {first['where']}, "
                         f"{first['tokens']} tokens, over {first['limit']})")
         return text
+
+
+@dataclass
+class Prepared:
+    """A job's inputs with every shared check made: its models (a source, architecture and tokenizer for
+    each `model.path` entry, in order), the config's target sets in canonical form, and its prompts
+    (None for a job that reads none)."""
+
+    sources: list[ModelSource]
+    archs: list[Arch]
+    tokenizers: list
+    heads: HeadSet = ()
+    neurons: NeuronSet = ()
+    prompts: pl.DataFrame | None = None
+    prompt_source: PromptSource | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+
+def prepare_models(cfg: Config, job: Job, distinct: bool = True) -> Prepared:
+    """The first step every job takes: its models (paths and configs, no weights) and, for `job.targets`,
+    the config's head and neuron sets within each of them. With `distinct` no two models may share a
+    name (a job's rows and files are keyed by it). A job's own checks of its models come next, before
+    the seconds that tokenizers cost; then `prepare_prompts`."""
+    sources, archs = resolve_models(cfg.model.paths, distinct)
+    heads, neurons = ((), ())
+    if job.targets:
+        unused = "" if job.ablates_targets else (f" (--{job.name} ablates sets of its own, yet refuses a target the "
+                                                 "model does not have: fix it, or unset it with --set KEY=null)")
+        heads, neurons = check_targets(cfg, sources, archs, unused)
+    return Prepared(sources, archs, [], heads, neurons)
+
+
+def prepare_prompts(cfg: Config, job: Job, prepared: Prepared) -> Prepared:
+    """The second step: each model's tokenizer and Yes/No variants, its prompts (`job.prompts`), and
+    every prompt's length in each model's tokens (`limit_lengths`); fills in and returns `prepared`."""
+    distinct = list({s.spec: s for s in prepared.sources}.values())  # a path given twice is read once
+    by_spec = {s.spec: tok for s, tok in zip(distinct, check_tokens(distinct, cfg))}
+    prepared.tokenizers = [by_spec[s.spec] for s in prepared.sources]
+    if not job.prompts:
+        return prepared
+    try:
+        labelled = _labelled(prepared.sources, by_spec)
+        prompts, source, where = build_prompts(cfg, {label: tok for label, (_, tok) in labelled.items()})
+    except ValueError as e:
+        raise PrepareError(str(e)) from e
+    prepared.prompts, prepared.prompt_source = limit_lengths(cfg, job, prepared.sources, by_spec, prompts, where,
+                                                             source)
+    return prepared
+
+
+def check_targets(cfg: Config, sources: Sequence[ModelSource], archs: Sequence[Arch],
+                  note: str = "") -> tuple[HeadSet, NeuronSet]:
+    """`ablation.target_heads` and `target_neurons` within every model (a discovery, which ablates its own
+    sets, still refuses a config whose target no model has: `note` says so); returns them in canonical form."""
+    ab = cfg.ablation
+    heads, neurons = (), ()
+    for src, arch in zip(sources, archs):
+        try:
+            heads = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
+                                   what=f"ablation.target_heads (model {src.spec})")
+            neurons = validate_neurons(parse_neurons(ab.target_neurons or []), arch.n_layers, arch.n_neurons,
+                                       what=f"ablation.target_neurons (model {src.spec})")
+        except ValueError as e:
+            raise PrepareError(f"{e}{note}") from e
+    return heads, neurons
 
 
 def _pairs_line(pairs: dict) -> str:
@@ -192,6 +272,10 @@ def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
             tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
         except OSError as e:
             raise PrepareError(f"model.path {src.spec!r}: cannot load its tokenizer ({e})") from e
+        if not tok(_PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+            raise PrepareError(f"model.path {src.spec!r}: it has no tokenizer (what loads from {src.location} "
+                               "gives text no tokens); a model folder needs the tokenizer files it was saved with "
+                               "(tokenizer.json, or vocab and merges files)")
         try:
             resolve_yes_no(tok, cfg.scoring.yes, cfg.scoring.no)
         except ValueError as e:
@@ -200,20 +284,57 @@ def check_tokens(sources: list[ModelSource], cfg: Config) -> list:
     return found
 
 
-def limit_lengths(cfg: Config, sources: list[ModelSource], tokenizers: dict[str, object], prompts: pl.DataFrame,
-                   where: list[str], source: PromptSource) -> tuple[pl.DataFrame, PromptSource]:
-    """Every prompt within prompts.max_tokens, each model's context length and the engine's budgets, or
-    an error naming the first one over; with prompts.too_long: skip those are left out and recorded."""
+def _contexts(sources: Sequence[ModelSource]) -> dict[str, int | None]:
+    """Each source's context length (by spec), from its config."""
     try:
-        contexts = {s.name: read_context_length(s) for s in sources}
+        return {s.spec: read_context_length(s) for s in sources}
     except OSError as e:
         raise PrepareError(str(e)) from e
-    limits = {name: token_limits(cfg.prompts.max_tokens, contexts[name], cfg.engine.max_prompt_tokens, name)
-              for name in tokenizers}
-    skipped: list[TooLong] = check_prompt_lengths(prompts["prompt"].to_list(), where, tokenizers, limits,
+
+
+def _labelled(sources: Sequence[ModelSource], tokenizers: dict[str, object]) -> dict[str, tuple[ModelSource, object]]:
+    """One (source, tokenizer) per distinct path, labelled by the model's name in messages, or by its path
+    where two paths share a name."""
+    distinct = list({s.spec: s for s in sources}.values())
+    names = [s.name for s in distinct]
+    return {(s.name if names.count(s.name) == 1 else s.spec): (s, tokenizers[s.spec]) for s in distinct}
+
+
+def limit_lengths(cfg: Config, job: Job, sources: list[ModelSource], tokenizers: dict[str, object],
+                  prompts: pl.DataFrame, where: list[str], source: PromptSource) -> tuple[pl.DataFrame, PromptSource]:
+    """Every prompt within prompts.max_tokens, each model's context length and (for a job that scores
+    through the engine) the engine's budgets, or an error naming the first one over; with
+    prompts.too_long: skip those are left out and recorded. `tokenizers` are by model path."""
+    models = _labelled(sources, tokenizers)
+    contexts = _contexts(sources)
+    engine = cfg.engine.max_prompt_tokens if job.engine else None
+    limits = {label: token_limits(cfg.prompts.max_tokens, contexts[src.spec], engine, label)
+              for label, (src, _) in models.items()}
+    skipped: list[TooLong] = check_prompt_lengths(prompts["prompt"].to_list(), where,
+                                                  {label: tok for label, (_, tok) in models.items()}, limits,
                                                   cfg.prompts.too_long)
     if not skipped:
         return prompts, source
     dropped = {t.index for t in skipped}
     keep = pl.Series([i not in dropped for i in range(prompts.height)])
     return numbered(prompts.filter(keep)), dataclasses.replace(source, too_long=tuple(t.record() for t in skipped))
+
+
+def limit_generation(cfg: Config, source: ModelSource, tokenizer, prompts: Sequence[str], where: Sequence[str]) -> None:
+    """Every generation prompt within prompts.max_tokens, and with generate.max_new_tokens within the
+    model's context length, in tokens as generation reads them (the tokenizer's defaults); a problem over
+    either is an error naming it (skipping one would renumber the problems the samples are keyed by)."""
+    g, max_tokens = cfg.generate, cfg.prompts.max_tokens
+    context = _contexts([source])[source.spec]
+    if context is not None and g.max_new_tokens >= context:
+        raise PrepareError(f"generate.max_new_tokens {g.max_new_tokens}: the context length of {source.name} is "
+                           f"{context} tokens, so no prompt would fit beside them; lower generate.max_new_tokens")
+    limits = [TokenLimit(max_tokens, "prompts.max_tokens", "raise prompts.max_tokens or leave the problem out",
+                         skippable=False)]
+    if context is not None:
+        limits.append(TokenLimit(context - g.max_new_tokens, f"the context length of {source.name} ({context}) "
+                                 f"less generate.max_new_tokens ({g.max_new_tokens})",
+                                 "the model cannot read the prompt and its new tokens; lower "
+                                 "generate.max_new_tokens or leave the problem out", skippable=False))
+    check_prompt_lengths(list(prompts), list(where), {source.name: tokenizer}, {source.name: limits}, "error",
+                         special_tokens=True)

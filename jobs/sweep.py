@@ -1,7 +1,8 @@
 """The sweep driver: validate, plan shards, run them, write results, then hand over to finalize.
 
-`prepare` does every check that can fail (config, model paths, head ranges, Yes/No tokens, prompt
-file, prompt lengths) before any weights are loaded. `run_sweep` checks OUT (`jobs.inputs`) and runs
+`prepare` does every check that can fail (config, model paths, head ranges, the number of distinct
+control sets, Yes/No tokens, prompt file, prompt lengths: `jobs.prepare`, as every job) before any
+weights are loaded. `run_sweep` checks OUT (`jobs.inputs`) and runs
 `prepare` before it creates anything there, then takes OUT's lock (one driver per folder), cleans
 up after a driver that was killed there (its local Ray's processes, temp files), cuts the (model x
 prompts x conditions) work into shards and runs those the manifest does not hold as verified, writing
@@ -25,10 +26,10 @@ from jobs import config as config_mod
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
-from jobs.inputs import check_out_dir
-from jobs.prepare import PromptSource, build_prompts, check_tokens, limit_lengths, resolve_models
+from jobs.inputs import JOBS, check_out_dir
+from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.runtime.pool import run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import (
     RESULT_SCHEMA,
     OutDir,
@@ -40,8 +41,6 @@ from jobs.runtime.storage import (
 from jobs.runtime.worker import Shard, ShardScorer
 from jobs.weight_diff import check_weight_diff
 from verif.design.conditions import Condition, Ablation, build_conditions
-from verif.design.heads import parse_heads, validate_heads
-from verif.design.neurons import parse_neurons, validate_neurons
 from verif.model.loading import Arch, ModelSource
 
 class SweepError(InputError):
@@ -131,36 +130,26 @@ def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[
 
 
 def prepare(cfg: Config) -> SweepPlan:
-    """Every check that can fail, before any weights load; returns the full plan."""
-    sources, archs = resolve_models(cfg.model.paths)
-    names = [s.name for s in sources]
-    ab = cfg.ablation
+    """Every check that can fail, before any weights load (`jobs.prepare`); returns the full plan."""
+    job = JOBS["sweep"]
+    models = prepare_models(cfg, job)
+    ab, archs = cfg.ablation, models.archs
     shapes = {(a.n_layers, a.n_heads) + ((a.n_neurons,) if ab.target_neurons else ()) for a in archs}
     if len(shapes) > 1:
         what = "layers x heads x neurons" if ab.target_neurons else "layers x heads"
         raise SweepError(f"model.path: models differ in {what} {sorted(shapes)}; one target cannot fit all")
     arch = archs[0]
     try:
-        heads = validate_heads(parse_heads(ab.target_heads or []), arch.n_layers, arch.n_heads,
-                               what=f"ablation.target_heads (model {sources[0].spec})")
-        neurons = validate_neurons(parse_neurons(ab.target_neurons or []), arch.n_layers, arch.n_neurons,
-                                   what=f"ablation.target_neurons (model {sources[0].spec})")
+        conditions = build_conditions(arch.n_layers, arch.n_heads, Ablation(models.heads, models.neurons),
+                                      ab.random_controls, ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps,
+                                      n_neurons=arch.n_neurons)
     except ValueError as e:
-        raise SweepError(str(e)) from e
-    try:
-        conditions = build_conditions(arch.n_layers, arch.n_heads, Ablation(heads, neurons), ab.random_controls,
-                                      ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps, n_neurons=arch.n_neurons)
-    except ValueError as e:
-        raise SweepError(f"ablation.random_controls: {e}") from e
-    tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
-    try:
-        prompts, prompt_source, where = build_prompts(cfg, tokenizers)  # pairs need every model's token lengths
-    except ValueError as e:
-        raise SweepError(str(e)) from e
-    prompts, prompt_source = limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
+        raise SweepError(f"ablation.random_controls: {e} (ablation.match_layers: {str(ab.match_layers).lower()}, "
+                         f"ablation.exclude_target: {str(ab.exclude_target).lower()})") from e
+    prepared = prepare_prompts(cfg, job, models)
     check_weight_diff(cfg)
-    shards = plan_shards(cfg, names, prompts.height, conditions)
-    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
+    shards = plan_shards(cfg, prepared.names, prepared.prompts.height, conditions)
+    return SweepPlan(cfg, prepared.sources, arch, prepared.prompts, prepared.prompt_source, conditions, shards)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
@@ -279,9 +268,9 @@ def run_sweep(cfg: Config, resume: bool = False, config_file: str | None = None)
     """
     start = time.perf_counter()
     out = OutDir(cfg.out)
-    check_out_dir(out, resume)
+    check_out_dir(out, resume, "sweep")
     plan = prepare(cfg)
-    with running(out) as job:
+    with running(out, "sweep") as job:
         job.total = len(plan.shards)
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out)
@@ -297,10 +286,7 @@ def run_sweep(cfg: Config, resume: bool = False, config_file: str | None = None)
         report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping(), manifest.get("config_file"),
                                     plan.model_names)
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": ran.startup_seconds,
-                              "rows_written": ran.rows}
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, seconds=report.seconds, startup_seconds=ran.startup_seconds, rows_written=ran.rows)
         return report
 
 

@@ -35,7 +35,9 @@ import polars as pl
 
 from jobs.config import Config
 from jobs.errors import InputError
+from jobs.inputs import check_out_dir
 from jobs.runtime.executors import here, in_slots, init_ray
+from jobs.runtime.resumable import finish, open_unsharded, recover, refuse_changed_config, running
 from jobs.runtime.storage import OutDir, write_json_atomic, write_parquet_atomic
 from jobs.tracking import log_weight_diff
 from verif.analysis.weightdiff import (
@@ -57,6 +59,9 @@ from verif.design.neurons import parse_neurons
 from verif.model.arch import Arch
 
 log = logging.getLogger(__name__)
+# Config keys that change no number of a standalone weight diff: allowed to differ on --resume.
+WEIGHT_DIFF_NEUTRAL = ("name", "out", "model", "prompts", "scoring", "engine", "shards", "ray", "stats", "wandb",
+                       "discover", "generate", "compare")
 
 
 @dataclass(frozen=True)
@@ -259,11 +264,21 @@ def run_configured_weight_diff(cfg: Config, out: OutDir) -> WeightDiffResult | N
                            value_vectors=configured_neurons(cfg), top_k=wd.top_k, rows=wd.granularity == "row")
 
 
-def weight_diff_job(cfg: Config, config_file: str | None = None) -> tuple[WeightDiffResult, str | None]:
+def weight_diff_job(cfg: Config, resume: bool = False, config_file: str | None = None
+                    ) -> tuple[WeightDiffResult, str | None]:
     """`launch.py --weight-diff`: check, compare, write and log; returns the result and the W&B run
-    (`config_file`: the --config, an input of the run when it is a discovery's target.yaml)."""
-    check_weight_diff(cfg)
-    out = OutDir(cfg.out)
-    result = run_configured_weight_diff(cfg, out)
-    return result, log_weight_diff(cfg, out, result.table, result.selection, config_file)
+    (`config_file`: the --config, an input of the run when it is a discovery's target.yaml).
 
+    OUT is new, or on `resume` a weight diff's with the same configuration (computed again: it has no
+    shards to keep), as for every job (`jobs.runtime.resumable`)."""
+    out = OutDir(cfg.out)
+    check_out_dir(out, resume, "weight-diff")
+    refuse_changed_config(out, cfg, WEIGHT_DIFF_NEUTRAL)
+    check_weight_diff(cfg)
+    with running(out, "weight-diff") as job:
+        recover(out, job.lock)
+        job.manifest = open_unsharded(out, "weight-diff", cfg)
+        result = run_configured_weight_diff(cfg, out)
+        run = log_weight_diff(cfg, out, result.table, result.selection, config_file)
+        finish(out, job.manifest, seconds=result.seconds)
+    return result, run

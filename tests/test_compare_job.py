@@ -16,6 +16,7 @@ import launch
 from jobs import tracking
 from jobs.compare import CompareError, run_compare
 from jobs.config import load_config
+from jobs.errors import InputError
 from tests.support.wandb_records import read_run
 
 PLANTED_LAYER = 12  # its down_proj gets one scaled row
@@ -135,3 +136,20 @@ def test_models_of_one_name_with_different_tokenizers_are_refused(seed_model_dir
     with pytest.raises(CompareError, match=rf"model.path: '{a}' and '{b}' have different tokenizers"):
         run_compare(cfg)
     assert not (tmp_path / "OUT").exists()
+
+
+def test_a_compare_folder_is_refused_or_resumed_with_its_own_config(seed_model_dir, tmp_path):
+    """A compare's folder is never overwritten (issue 19: a re-run with prompts.seed=5 replaced the seed-0
+    results): refused without --resume, and --resume computes it again only with the config it was started
+    with. Both before any model is read."""
+    cfg = load_config(None, _overrides(seed_model_dir, seed_model_dir), str(tmp_path / "OUT"))
+    folder = tmp_path / "OUT" / "compare"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"job": "compare", "config": cfg.to_dict(), "shards": {}}))
+    with pytest.raises(InputError, match="compare already holds the output of a compare job; pass --resume"):
+        run_compare(cfg)
+    seed5 = load_config(None, _overrides(seed_model_dir, seed_model_dir, "prompts.seed=5"), str(tmp_path / "OUT"))
+    with pytest.raises(InputError, match=r"^--resume: the config differs from the one \S+/compare was started with: "
+                                         r"prompts.seed: 0 -> 5$"):
+        run_compare(seed5, resume=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]

@@ -1,12 +1,14 @@
 """Attempts from chains of thought (verif.task.cot) and reading prompts.file (verif.task.prompt_file)."""
 
 import json
+import random
+import re
 
 import polars as pl
 import pytest
 
 from verif.task.cot import attempt_lines, strip_remarks, strip_study
-from verif.task.prompt_file import load_problems, load_prompt_file
+from verif.task.prompt_file import has_line_break, join_lines, load_problems, load_prompt_file
 from verif.task.validator import Problem
 
 MINUS = "\u2212"
@@ -163,3 +165,62 @@ def test_problems_from_outputs_or_attempts_files(tmp_path):
         load_problems(_jsonl(tmp_path, [OUTPUTS[0], {"nums": [1, 2]}]))
     with pytest.raises(ValueError, match=r"outputs.jsonl:1: a problem needs 'nums'"):
         load_problems(_jsonl(tmp_path, [{"nums": [], "target": 3}]))
+
+
+# The rules as the regexes that define them (the study's code; the line-break rule), kept here as the
+# reference: they take quadratic time on long runs of `(` or of spaces, which is why the code does not.
+STUDY_REGEX = re.compile(r"\s*\(.*?\)")
+BREAK_REGEX = re.compile(r"\s*[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]\s*")
+
+
+def test_linear_text_rules_equal_their_regexes_on_random_text():
+    """strip_study, has_line_break and join_lines against the regexes on 20,000 random strings of
+    parentheses, letters, spaces and every kind of line break (seeded)."""
+    rng = random.Random(0)
+    alphabet = " ()\nab\t\r\u2028\xa0\x85"
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(14)))
+        assert strip_study(text) == STUDY_REGEX.sub("", text).strip(), repr(text)
+        assert has_line_break(text) == (BREAK_REGEX.search(text) is not None), repr(text)
+        want = BREAK_REGEX.sub(lambda m: "" if m.start() == 0 or m.end() == len(text) else " ", text)
+        assert join_lines(text) == want, repr(text)
+
+
+def _remarks_by_definition(text: str) -> str:
+    """strip_remarks as first written (each group's end and own letters found by scanning from its `(`):
+    the reference the one-pass version must equal."""
+    def end_of(start: int) -> int:
+        depth = 0
+        for i in range(start, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                return i
+        return -1
+
+    def own_letter(inner: str) -> bool:
+        depth = 0
+        for ch in inner:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0 and ch.isalpha():
+                return True
+        return False
+
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "(":
+            end = end_of(i)
+            if end != -1 and own_letter(text[i + 1:end]):
+                while out and out[-1].isspace():
+                    out.pop()
+                i = end + 1
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out).strip()
+
+
+def test_remarks_in_one_pass_equal_the_definition_on_random_text():
+    rng = random.Random(1)
+    for _ in range(20_000):
+        text = "".join(rng.choice(" ()ab1-") for _ in range(rng.randrange(16)))
+        assert strip_remarks(text) == _remarks_by_definition(text), repr(text)

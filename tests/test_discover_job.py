@@ -42,6 +42,7 @@ N_NEURONS = 2 * N_HEADS * HEAD_DIM  # the seed shape's MLP width is twice its hi
 SETTINGS = (
     "model.device=cpu", "model.dtype=float32", "prompts.n=8", "shards.prompts_per_shard=3", "ray.workers=0",
     "discover.max_prompts=3", "discover.exact=6", "discover.k=[1, 2, 4]", "discover.controls=3", "discover.holdout=0.25",
+    "ablation.target_heads=null",  # the default config's demonstration heads are SmolLM2's, not this model's
     # One prompt per forward: each prompt's sums are then the same bits in any shard layout.
     "discover.batch_size=1",
 )

@@ -12,7 +12,7 @@ from verif.analysis.discovery import figures
 from verif.design.conditions import Ablation
 from verif.analysis.discovery.exact import delta_sums, single_head_sets
 from verif.analysis.discovery.ranking import pearson, ranked, spearman
-from verif.analysis.discovery.sets import best_set, format_components, plan_sets, sets_table, target_yaml
+from verif.analysis.discovery.sets import best_set, check_controls, format_components, plan_sets, sets_table, target_yaml
 from verif.analysis.discovery.tables import exact_map, heads_table, neurons_table
 from verif.design.heads import parse_heads
 from verif.model.engine import EngineOptions, Scorer
@@ -157,3 +157,16 @@ def test_figures_write_pngs(tmp_path):
     assert figures.plot_atp_vs_exact(atp, np.full((6, 4), np.nan), "m", 8, tmp_path / "none.png") is None
     assert figures.plot_effect_vs_k(table, "neuron", "m", 8, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_controls_are_bounded_by_the_distinct_sets_of_each_size():
+    """discover.controls against C(n, k) for every size plan_sets draws: each k capped at the components
+    (16 heads: k 16 and 64 are both the one set of all 16) and at what a ranking scored (the exact screen)."""
+    check_controls(16, [1, 2], 16, "head")  # 16 sets of 1 head exist
+    with pytest.raises(ValueError, match=r"^discover.controls 17: only 16 distinct random sets of 1 heads exist"):
+        check_controls(17, [1, 2], 16, "head")
+    with pytest.raises(ValueError, match=r"only 1 distinct random sets of 16 heads exist"):
+        check_controls(2, [1, 64], 16, "head")
+    check_controls(120, [3], 16, "head", scored=(2,))  # C(16, 3) = 560 and C(16, 2) = 120
+    with pytest.raises(ValueError, match=r"only 120 distinct random sets of 2 heads"):
+        check_controls(121, [3], 16, "head", scored=(2,))

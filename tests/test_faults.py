@@ -5,7 +5,9 @@ disk its worker process (the pid the manifest records for that shard) is frozen 
 sweep is then certainly mid-way, with a shard in flight on a hung worker, when the test delivers its
 fault: SIGINT to the driver alone, Ctrl-C to its process group, SIGTERM, or SIGKILL followed by
 `--resume`. Every process of the driver's tree, snapshotted before the fault, must be gone afterwards
-(pid and start time, so a reused pid does not count).
+(pid and start time, so a reused pid does not count): after a SIGKILL too, by the driver's watchdog
+(`jobs.runtime.local_ray.Watchdog`), whose mechanism, and the next run's fallback should it be killed
+as well, are also tested without Ray.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs.runtime.lock import OutLocked
+from jobs.runtime.lock import OutLock, OutLocked
+from jobs.runtime.resumable import recover
 from jobs.runtime.storage import TMP_MARK, OutDir
 from jobs.sweep import run_sweep
 from tests.support.processes import kill_all, still_running, tree
-from tests.support.sweeps import N_SHARDS, assert_same_results, done_shards, manifest, start_driver, sweep_cfg
+from tests.support.sweeps import REPO, N_SHARDS, assert_same_results, done_shards, manifest, start_driver, sweep_cfg
 
 FAULTS = ("sigint", "ctrl_c", "sigterm", "sigkill")
 LINE = re.compile(
@@ -103,7 +106,7 @@ def test_sigint_to_the_driver_alone(frozen, seed_model_dir):
     r = frozen["sigint"]
     # While it runs, a second sweep into its folder is refused at once, and changes nothing there.
     before = (r.out / "manifest.json").read_bytes()
-    with pytest.raises(OutLocked, match=rf"in use by another sweep: pid {r.proc.pid} on host "):
+    with pytest.raises(OutLocked, match=rf"in use by a sweep job, pid {r.proc.pid} on host "):
         run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
     assert (r.out / "manifest.json").read_bytes() == before
     _check_clean_stop(r, *_stopped(r, lambda: os.kill(r.proc.pid, signal.SIGINT)), "SIGINT", 130)
@@ -120,37 +123,93 @@ def test_sigterm(frozen):
 
 
 def test_driver_sigkill_then_resume(frozen, seed_model_dir, sweep_reference, capsys):
-    """After a SIGKILL nothing cleans up; the next run in the folder stops the recorded Ray processes still
-    alive (only those: an unrelated process holding a recorded pid number is left alone) and completes."""
+    """After a SIGKILL the driver cleans up nothing, and Ray 2.60's dashboard and runtime-env agents do not
+    share its fate (its head processes and workers do: kill-on-parent-death). Its watchdog stops them all
+    and removes the record at once, no later run needed; then --resume completes with the same rows."""
     r = frozen["sigkill"]
-    os.kill(r.proc.pid, signal.SIGKILL)
-    r.proc.communicate(timeout=60)
     out = OutDir(r.out)
     record = json.loads(out.ray_processes.read_text())
     recorded = {e["pid"] for e in record["processes"]}
     assert r.worker in recorded and record["driver_pid"] == r.proc.pid  # workers are recorded too
-    # An impostor: a live process whose pid is recorded with another start time (pid reuse).
-    impostor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    record["processes"].append({**record["processes"][0], "pid": impostor.pid})
-    out.ray_processes.write_text(json.dumps(record))
-    # Ray's head processes and workers die with the driver (kill-on-parent-death); Ray 2.60's dashboard and
-    # runtime-env agents do not, which is what the record is for. Those still alive after 2 s stay for good.
-    _, stuck = psutil.wait_procs(r.procs, timeout=2)
-    assert stuck, "no Ray process outlived the killed driver: the record-and-stop step was not exercised"
-    try:
-        report = run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
-        err = capsys.readouterr().err
-        assert impostor.poll() is None, "a process that merely reuses a recorded pid was killed"
-    finally:
-        impostor.kill()
-        impostor.wait()
-    stopped = re.search(r"stopped (\d+) Ray processes left running by an earlier driver \(pids ([\d ]+)\)", err)
-    assert stopped, err
-    stopped_pids = set(map(int, stopped.group(2).split()))
-    assert stopped_pids <= recorded and stopped_pids & {p.pid for p in stuck}  # (others may exit on their own)
-    assert still_running(r.procs) == []
+    names = {p.pid: p.name() for p in r.procs}
+    agents = {pid for pid, name in names.items() if "Agent" in name}
+    assert agents and agents <= recorded, names  # what would outlive the driver without the watchdog
+    os.kill(r.proc.pid, signal.SIGKILL)
+    r.proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(r.procs, timeout=60)
+    assert still_running(alive) == [], "processes of the killed driver are still running"
+    assert not out.ray_processes.exists(), "the watchdog did not stop the recorded processes"
+    report = run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
+    assert "Ray processes left running" not in capsys.readouterr().err  # nothing was left for it
     assert report.shards_skipped + report.shards_run == N_SHARDS and report.shards_skipped >= 1
     assert_same_results(out.read_results(), sweep_reference[0])
     assert not [p for p in r.out.rglob(f"*{TMP_MARK}*")], "temporary files left behind"
     assert not out.lock.exists() and not out.ray_processes.exists()
     assert manifest(r.out)["finished"]
+
+
+# ---------------------------------------------------------------------------------- the watchdog, without Ray
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+# A driver as far as the watchdog is concerned: records its "Ray" (the sleeper, pid in argv), starts the
+# watchdog, says so, and waits to be killed.
+FAKE_DRIVER = (
+    "import json, os, sys, time\n"
+    "from pathlib import Path\n"
+    "import psutil\n"
+    "from jobs.runtime import local_ray\n"
+    "path, sleeper = Path(sys.argv[1]), psutil.Process(int(sys.argv[2]))\n"
+    "path.write_text(json.dumps({'driver_pid': os.getpid(), 'processes': [local_ray._describe(sleeper)]}))\n"
+    "local_ray.Watchdog(path)\n"
+    "print('watched', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _entry(proc: subprocess.Popen) -> dict:
+    p = psutil.Process(proc.pid)
+    return {"pid": p.pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
+
+
+def test_the_watchdog_stops_what_a_killed_driver_recorded(tmp_path):
+    """The mechanism alone: a driver holding a record and a watchdog is SIGKILLed; the recorded process
+    (which the driver did not start, so nothing else would stop it) is stopped and the record removed."""
+    sleeper = subprocess.Popen(SLEEPER)
+    path = tmp_path / ".ray_processes.json"
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, str(path), str(sleeper.pid)], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline() == "watched\n"
+        watchdog = [p for p in psutil.Process(driver.pid).children() if p.pid != sleeper.pid]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        assert sleeper.wait(timeout=30) is not None
+        _, alive = psutil.wait_procs(watchdog, timeout=30)
+        assert alive == [] and not path.exists()
+    finally:
+        kill_all([psutil.Process(sleeper.pid)] if sleeper.poll() is None else [])
+        driver.kill()
+
+
+def test_the_next_run_stops_what_a_killed_watchdog_left(tmp_path, capsys):
+    """Should the watchdog be killed with the driver, the next run in the folder stops the recorded processes
+    still alive, and only those: a live process whose pid is recorded with another start time (pid reuse)
+    is left alone."""
+    out = OutDir(tmp_path / "OUT")
+    out.root.mkdir()
+    left, impostor = subprocess.Popen(SLEEPER), subprocess.Popen(SLEEPER)
+    try:
+        record = {"driver_pid": 1 << 22, "processes": [_entry(left), {**_entry(impostor), "create_time": 1.0}]}
+        out.ray_processes.write_text(json.dumps(record))
+        lock = OutLock(out.lock, "sweep").acquire()
+        try:
+            recover(out, lock)
+        finally:
+            lock.release()
+        assert f"stopped 1 Ray processes left running by an earlier driver (pids {left.pid})" in capsys.readouterr().err
+        assert left.wait(timeout=30) is not None and impostor.poll() is None
+        assert not out.ray_processes.exists()
+    finally:
+        for proc in (left, impostor):
+            proc.kill()
+            proc.wait()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 import yaml
 
+from verif.design.components import count_sets
 from verif.design.heads import (
     STUDY_HEADS_TEXT,
     canonical,
@@ -267,3 +269,32 @@ def test_random_sets_not_enough_distinct():
     with pytest.raises(ValueError, match=r"only 3 distinct control sets of 2 heads exist"):
         random_head_sets(4, 2, 1, 3, seed=0)
     assert len(random_head_sets(3, 2, 1, 3, seed=0)) == 3
+
+
+@pytest.mark.parametrize("size, n_layers, per_layer, exclude, match", [
+    (2, 3, 3, [], None),
+    (3, 2, 4, [(0, 0), (1, 3)], None),
+    (2, 2, 2, [(5, 5), (0, 9)], None),  # exclusions outside the model take nothing away
+    (3, 3, 3, [(0, 0), (1, 1)], [(0, 1), (0, 2), (2, 0)]),
+    (1, 2, 4, [(1, 3)], [(1, 0)]),
+    (2, 2, 3, [], [(0, 0), (7, 1)]),  # a layer the model lacks: no set at all
+])
+def test_distinct_sets_are_counted_exactly(size, n_layers, per_layer, exclude, match):
+    """count_sets against enumerating every set a draw could give (itertools), with exclude and match_layers."""
+    pool = [(layer, i) for layer in range(n_layers) for i in range(per_layer) if (layer, i) not in set(exclude)]
+    want = Counter(layer for layer, _ in match) if match is not None else None
+    k = size if match is None else len(match)
+    every = [c for c in itertools.combinations(pool, k) if want is None or Counter(layer for layer, _ in c) == want]
+    assert count_sets(size, n_layers, per_layer, exclude, match) == len(every)
+
+
+def test_draws_reach_every_distinct_set_and_no_more():
+    """Asked for exactly as many sets as exist, the draws return all of them; one more is refused before any
+    draw (it would otherwise redraw forever: the issue's 100000 controls of 8 possible sets)."""
+    target = [(0, 1), (2, 2)]
+    n = count_sets(2, 3, 4, target, target)  # 3 heads left in layer 0 x 3 in layer 2
+    assert n == 9
+    sets = random_head_sets(n, 2, 3, 4, seed=1, exclude=target, match_layers_of=target)
+    assert len(set(sets)) == n
+    with pytest.raises(ValueError, match=r"^only 9 distinct control sets of 2 heads exist under these constraints$"):
+        random_head_sets(100_000, 2, 3, 4, seed=1, exclude=target, match_layers_of=target)

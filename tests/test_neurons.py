@@ -108,6 +108,11 @@ def test_random_neuron_sets_impossible_requests():
         random_neuron_sets(1, 2, 2, 2, seed=0, exclude=[(1, 0)], match_layers_of=[(1, 0), (1, 1)])
     with pytest.raises(ValueError, match="only 1 distinct control sets"):
         random_neuron_sets(2, 2, 1, 2, seed=0)
+    # layer-matched: C(3, 2) x C(4, 1) = 12 sets; all 12 are drawn, a 13th is refused before any draw
+    target = [(0, 0), (0, 1), (1, 2)]
+    assert len(set(random_neuron_sets(12, 3, 2, 5, seed=0, exclude=target, match_layers_of=target))) == 12
+    with pytest.raises(ValueError, match="only 12 distinct control sets of 3 neurons exist"):
+        random_neuron_sets(13, 3, 2, 5, seed=0, exclude=target, match_layers_of=target)
 
 
 # ---------------------------------------------------------------- Ablation and conditions

@@ -1,7 +1,7 @@
 """The discovery job (`python launch.py --discover`): score every head and MLP neuron, then test what
 the top of each ranking buys against random sets.
 
-Same config file, prompts (`jobs.prepare.build_prompts`), models, Yes/No variants, Ray workers and
+Same config file, prompts, models, Yes/No variants and checks of them (`jobs.prepare`), Ray workers and
 folder conventions as a sweep; its folder is OUT/discovery (so a sweep and a discovery with one config
 can share OUT). The prompts are split first (`discover.holdout`, `verif.analysis.discovery.holdout`):
 everything that ranks or chooses reads the selection half only, and the held-out half scores the sets
@@ -44,18 +44,18 @@ from jobs.config import Config
 from jobs.discover.outputs import Findings, Written, follow_up_prompts, write_outputs
 from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
-from jobs.inputs import check_out_dir
+from jobs.inputs import JOBS, check_out_dir
 from jobs.runtime.pool import WorkerPool, run_recorded, worker_pool
-from jobs.runtime.resumable import recover, reset_untrusted, running
+from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
-from jobs.prepare import PromptSource, build_prompts, check_tokens, resolve_models
+from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.tracking import log_discovery
 from verif.analysis.discovery.attention import target_spans
 from verif.analysis.discovery.exact import heads_to_screen, single_head_sets
 from verif.analysis.discovery.holdout import holdout_mask
 from verif.analysis.discovery.metric import choose_prompts
 from verif.analysis.discovery.probes import Probe, fit_probes
-from verif.analysis.discovery.sets import plan_sets, sets_table
+from verif.analysis.discovery.sets import check_controls, plan_sets, sets_table
 from verif.analysis.discovery.sums import PromptSums, combine
 from verif.analysis.discovery.tables import exact_map
 from verif.design.conditions import Ablation
@@ -132,16 +132,25 @@ def plan_shards(names: list[str], selection: list[int], objective: list[int], he
     return shards
 
 
-def prepare(cfg: Config) -> DiscoveryPlan:
-    """Every check that can fail, before any weights load; returns the plan."""
+def check_bounds(cfg: Config, sources: Sequence[ModelSource], archs: Sequence[Arch]) -> None:
+    """Enough distinct random sets of every size for `discover.controls`, in each model (heads and neurons)."""
     d = cfg.discover
-    sources, archs = resolve_models(cfg.model.paths)
-    names = [s.name for s in sources]
-    tokenizers = dict(zip(names, check_tokens(sources, cfg)))
-    try:
-        prompts, prompt_source, _ = build_prompts(cfg, tokenizers)
-    except ValueError as e:
-        raise DiscoveryError(str(e)) from e
+    for src, arch in zip(sources, archs):
+        n_heads = arch.n_layers * arch.n_heads
+        try:
+            check_controls(d.controls, d.k, n_heads, "head", scored=() if d.exact == "all" else (d.exact,))
+            check_controls(d.controls, d.k, arch.n_layers * arch.n_neurons, "neuron")
+        except ValueError as e:
+            raise DiscoveryError(f"{e} (model {src.spec})") from e
+
+
+def prepare(cfg: Config) -> DiscoveryPlan:
+    """Every check that can fail, before any weights load (`jobs.prepare`); returns the plan."""
+    d, job = cfg.discover, JOBS["discover"]
+    models = prepare_models(cfg, job)
+    check_bounds(cfg, models.sources, models.archs)
+    prepared = prepare_prompts(cfg, job, models)
+    prompts, names = prepared.prompts, prepared.names
     labels = prompts["label"].to_list()
     try:
         held = holdout_mask(labels, d.holdout, d.seed)
@@ -163,7 +172,8 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     selection = [ids[i] for i in range(len(ids)) if not held[i]]
     shards = plan_shards(names, selection, [ids[i] for i in objective], [ids[i] for i in heldout_objective],
                          cfg.shards.prompts_per_shard)
-    return DiscoveryPlan(cfg, sources, archs, prompts, prompt_source, shards, tokenizers)
+    tokenizers = dict(zip(names, prepared.tokenizers))
+    return DiscoveryPlan(cfg, prepared.sources, prepared.archs, prompts, prepared.prompt_source, shards, tokenizers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +463,7 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
     out = OutDir(cfg.out).discovery
     check_out_dir(out, resume, "discover")
     plan = prepare(cfg)
-    with running(out, resume_out=out.root.parent) as job:
+    with running(out, "discover", resume_out=out.root.parent) as job:
         job.total = len(plan.shards)
         recover(out, job.lock)
         job.manifest, recomputed = _open_out(plan, out)
@@ -478,7 +488,5 @@ def run_discovery(cfg: Config, resume: bool = False) -> DiscoveryReport:
         report.wandb = log_discovery(cfg, out, written.tables, written.figures, written.files,
                                      written.metrics | {f"discover/{k}": v for k, v in report.bookkeeping().items()})
         report.seconds = time.perf_counter() - start
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["timing"] = {"seconds": report.seconds, "startup_seconds": startup, "steps": counts.seconds}
-        write_json_atomic(manifest, out.manifest)
+        finish(out, manifest, seconds=report.seconds, startup_seconds=startup, steps=counts.seconds)
         return report

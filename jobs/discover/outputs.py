@@ -21,7 +21,7 @@ import yaml
 
 from jobs.config import Config
 from jobs.prepare import build_prompts
-from jobs.runtime.storage import OutDir, write_parquet_atomic
+from jobs.runtime.storage import OutDir, write_parquet_atomic, writing
 from verif.analysis.discovery import figures
 from verif.analysis.discovery.probes import Probe, probe_table
 from verif.analysis.discovery.ranking import pearson, ranked, spearman
@@ -210,8 +210,9 @@ def _target(findings: Findings, path: Path, follow_up: FollowUp) -> Path | None:
     text = (target_yaml(heads, neurons, findings.model, follow_up.prompts, follow_up.note)
             + yaml.safe_dump({"model": {"path": findings.spec}}))
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with writing(path, tmp):
+        tmp.write_text(text)
+        tmp.replace(path)
     return path
 
 
@@ -253,6 +254,7 @@ def write_outputs(out: OutDir, findings: list[Findings], follow_up: FollowUp) ->
     files += [p for p in targets.values() if p is not None]
     written = Written(out.root, tables, files, targets)
     for f in findings:
-        written.figures += _figures(f, out.root / "figures")
+        with writing(out.root / "figures"):
+            written.figures += _figures(f, out.root / "figures")
         written.metrics.update(f.metrics())
     return written

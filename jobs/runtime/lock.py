@@ -1,8 +1,9 @@
-"""One writer per output folder: OUT/.lock names the driver (pid, host) and holds an OS lock while it runs.
+"""One writer per output folder: OUT/.lock names the driver (its job, pid, host) and holds an OS lock while
+it runs.
 
 The OS lock (`flock`) is what excludes a second driver, and the kernel drops it when its holder dies
 however it dies, so a lock file left by a killed driver is recognised as stale by simply being lockable
-again. The pid and host inside are for the message a refused second driver prints.
+again. The job, pid and host inside are for the message a refused second driver prints.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ class OutLocked(InputError):
 
 
 def _holder(text: str) -> str:
+    """Who wrote a lock file: 'a sweep job, pid 12 on host h (started ...)' (lock files of drivers before
+    the job was recorded name no job)."""
     try:
         info = json.loads(text)
-        return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
-    except (ValueError, KeyError, TypeError):
+        who = f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+        return f"a {info['job']} job, {who}" if info.get("job") else who
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "another process"
 
 
 def _locked(path: Path, fd: int) -> OutLocked:
     held_by = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
-    return OutLocked(f"{path.parent} is in use by another sweep: {held_by}, lock file {path}. "
+    return OutLocked(f"{path.parent} is in use by {held_by}, lock file {path}. "
                      "Wait for it to finish (or stop it), or choose another --out")
 
 
@@ -55,13 +59,15 @@ def refuse_if_locked(path: Path) -> None:
 
 
 class OutLock:
-    """`with OutLock(path):` holds the folder's lock, or raises OutLocked at once (never waits).
+    """`with OutLock(path, job):` holds the folder's lock for a `job` driver, or raises OutLocked at once
+    (never waits).
 
     `stale` is the holder description of a lock file found from a process that no longer runs.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, job: str):
         self.path = Path(path)
+        self.job = job
         self.fd: int | None = None
         self.stale: str | None = None
 
@@ -85,7 +91,8 @@ class OutLock:
             os.close(fd)
         old = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         self.stale = _holder(old) if old else None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {"job": self.job, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd

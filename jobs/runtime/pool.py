@@ -5,7 +5,7 @@ none with `ray.workers: 0`), give each model to workers that load it once, feed 
 each shard's result atomically the moment it returns, recording its row count, size and checksum in
 the manifest, so `--resume` trusts exactly what it can verify (`jobs.runtime.storage.verify_shards`). A local
 Ray started here has its processes recorded in OUT and is shut down, its processes checked gone,
-however the job ends.
+however the job ends, and a watchdog stops them should the driver be killed (`jobs.runtime.local_ray`).
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def worker_pool(r: RayConfig, out: OutDir) -> Iterator[WorkerPool]:
     """Start or join Ray for a job (nothing with `ray.workers: 0`); shut down what was started."""
     pool = WorkerPool(r, out)
     started = False
+    watchdog: local_ray.Watchdog | None = None
     try:
         if r.workers != 0:
             t = time.perf_counter()
@@ -131,6 +132,7 @@ def worker_pool(r: RayConfig, out: OutDir) -> Iterator[WorkerPool]:
             pool.local = local and started
             if pool.local:
                 local_ray.record(out.ray_processes)
+                watchdog = local_ray.Watchdog(out.ray_processes)  # stops them should this driver be killed
             pool.startup_seconds += time.perf_counter() - t
             pool.n_workers = resolve_workers(r)
             check_room(r)
@@ -142,6 +144,8 @@ def worker_pool(r: RayConfig, out: OutDir) -> Iterator[WorkerPool]:
             ray.shutdown()
         if pool.local:
             local_ray.stop_recorded(out.ray_processes)
+        if watchdog is not None:
+            watchdog.close()
 
 
 @dataclass

@@ -13,13 +13,15 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import polars as pl
 
-from jobs.errors import InputError
+from jobs.errors import InputError, WriteFailed
 
 RESULT_SCHEMA = {
     "model": pl.Utf8,
@@ -116,19 +118,39 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def writing(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OS error while the block writes `path` (a file, or a folder of figures), such as a full disk or
+    a file over the size limit, is `WriteFailed` naming it; the half-written temporary file `tmp` goes."""
+    try:
+        yield
+    except OSError as e:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the next run's cleanup (`OutDir.remove_temp_files`) takes it
+        raise WriteFailed(path, e.strerror or str(e)) from e
+
+
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
     """Write to `.name.tmp-<pid>`, fsync, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    df.write_parquet(tmp)
-    _fsync_replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            df.write_parquet(tmp)
+        except pl.exceptions.ComputeError as e:  # how polars reports an OS error writing the file
+            raise OSError(str(e).rsplit("IO error: ", 1)[-1]) from e
+        _fsync_replace(tmp, path)
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    _fsync_replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+        _fsync_replace(tmp, path)
 
 
 def file_digest(path: Path) -> str:

@@ -9,6 +9,7 @@ and `verif.design.neurons` each describe their kind with a `Kind` and draw their
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -87,3 +88,26 @@ class Kind:
 def canonical(pairs: Iterable[Pair]) -> tuple[Pair, ...]:
     """Sorted, duplicate-free form: the identity of a set."""
     return tuple(sorted({(int(layer), int(i)) for layer, i in pairs}))
+
+
+def count_sets(size: int, n_layers: int, per_layer: int, exclude: Iterable[Pair] = (),
+               match_layers_of: Sequence[Pair] | None = None) -> int:
+    """How many distinct sets random control draws can give, exactly: `size` of the components not
+    excluded, or, with `match_layers_of`, that set's count of components in each of its layers.
+
+    Random draws reject a set they already have, so asking for more sets than exist would draw
+    forever; the draws check this count first (a Python int: C(576, 29) is about 10^48).
+    """
+    excluded = {(int(layer), int(i)) for layer, i in exclude if 0 <= layer < n_layers and 0 <= i < per_layer}
+    if match_layers_of is None:
+        return math.comb(n_layers * per_layer - len(excluded), size)
+    taken = Counter(layer for layer, _ in excluded)
+    needed = Counter(layer for layer, _ in match_layers_of)
+    return math.prod(math.comb(per_layer - taken[layer], k) if 0 <= layer < n_layers else 0
+                     for layer, k in needed.items())
+
+
+def check_enough_sets(n_sets: int, count: int, size: int, noun: str) -> None:
+    """Refuse a request for more distinct control sets than `count_sets` says exist."""
+    if n_sets > count:
+        raise ValueError(f"only {count} distinct control sets of {size} {noun}s exist under these constraints")

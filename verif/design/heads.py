@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from verif.design.components import Kind, canonical
+from verif.design.components import Kind, canonical, check_enough_sets, count_sets
 
 Head = tuple[int, int]
 HeadSet = tuple[Head, ...]
@@ -61,37 +61,31 @@ def random_head_sets(
 
     `exclude` keeps chosen heads (usually the target's) out of every control set. `match_layers_of`
     draws each set with the same per-layer histogram as the given set (e.g. 7 heads in layer 17), so
-    a control differs from the target only in which heads, not in which layers.
+    a control differs from the target only in which heads, not in which layers. A draw that repeats an
+    earlier set is redrawn, so the number of distinct sets is counted first (`count_sets`).
     """
     excluded = set(exclude)
     pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in excluded]
     if match_layers_of is not None:
         per_layer = Counter(layer for layer, _ in match_layers_of)
         size = sum(per_layer.values())
+        by_layer = {layer: [lh for lh in pool if lh[0] == layer] for layer in per_layer}
         for layer, k in per_layer.items():
-            available = sum(1 for lh in pool if lh[0] == layer)
-            if available < k:
-                raise ValueError(f"layer {layer}: need {k} heads per control set, only {available} allowed")
+            if len(by_layer[layer]) < k:
+                raise ValueError(f"layer {layer}: need {k} heads per control set, only {len(by_layer[layer])} allowed")
     elif size > len(pool):
         raise ValueError(f"control sets of {size} heads: only {len(pool)} heads are allowed")
+    check_enough_sets(n_sets, count_sets(size, n_layers, n_heads, excluded, match_layers_of), size, "head")
     rng = random.Random(seed)
     seen: set[HeadSet] = set()
     sets: list[HeadSet] = []
-    for _ in range(max(1000, 100 * n_sets)):
-        if len(sets) == n_sets:
-            break
+    while len(sets) < n_sets:  # ends: at least n_sets distinct sets exist
         if match_layers_of is not None:
-            chosen = [
-                lh
-                for layer, k in sorted(per_layer.items())
-                for lh in rng.sample([p for p in pool if p[0] == layer], k)
-            ]
+            chosen = [lh for layer, k in sorted(per_layer.items()) for lh in rng.sample(by_layer[layer], k)]
         else:
             chosen = rng.sample(pool, size)
         hs = canonical(chosen)
         if hs not in seen:
             seen.add(hs)
             sets.append(hs)
-    if len(sets) < n_sets:
-        raise ValueError(f"only {len(sets)} distinct control sets of {size} heads exist under these constraints")
     return sets

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from verif.design.components import Kind, canonical
+from verif.design.components import Kind, canonical, check_enough_sets, count_sets
 
 Neuron = tuple[int, int]
 NeuronSet = tuple[Neuron, ...]
@@ -53,7 +53,8 @@ def random_neuron_sets(
     `exclude` keeps chosen neurons (usually the target's) out of every set. `match_layers_of` draws
     each set with the same per-layer histogram as the given set, so a control differs from the
     target only in which neurons, not in which layers. Draws never enumerate the pool (a 36-layer
-    model with 11008 neurons per layer has ~400k): a draw that hits an excluded neuron is redrawn.
+    model with 11008 neurons per layer has ~400k): a draw that hits an excluded neuron is redrawn, and
+    so is one that repeats an earlier set, which is why the distinct sets are counted first.
     """
     excluded = set(exclude)
     if match_layers_of is not None:
@@ -69,6 +70,7 @@ def random_neuron_sets(
         available = n_layers * n_neurons - sum(1 for lyr, i in excluded if 0 <= lyr < n_layers and 0 <= i < n_neurons)
         if size > available:
             raise ValueError(f"control sets of {size} neurons: only {available} neurons are allowed")
+    check_enough_sets(n_sets, count_sets(size, n_layers, n_neurons, excluded, match_layers_of), size, "neuron")
     rng = random.Random(seed)
 
     def draw(layers: Sequence[int] | None, k: int) -> set[Neuron]:
@@ -82,9 +84,7 @@ def random_neuron_sets(
 
     seen: set[NeuronSet] = set()
     sets: list[NeuronSet] = []
-    for _ in range(max(1000, 100 * n_sets)):
-        if len(sets) == n_sets:
-            break
+    while len(sets) < n_sets:  # ends: at least n_sets distinct sets exist
         if per_layer is not None:
             chosen = set().union(*(draw([layer], k) for layer, k in sorted(per_layer.items())))
         else:
@@ -93,6 +93,4 @@ def random_neuron_sets(
         if ns not in seen:
             seen.add(ns)
             sets.append(ns)
-    if len(sets) < n_sets:
-        raise ValueError(f"only {len(sets)} distinct control sets of {size} neurons exist under these constraints")
     return sets

@@ -20,7 +20,6 @@ against) scores it zero; the ``reason`` column says so for every such row.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +33,6 @@ ATTEMPT_CHOICES = ("last", "all")
 ATTEMPT_PREFIX = "- "
 OUTPUT_FIELDS = ("nums", "target", "output_text")
 
-_STUDY_GROUP = re.compile(r"\s*\(.*?\)")
 
 ATTEMPT_SCHEMA = {
     "numbers": pl.List(pl.Int64),
@@ -89,44 +87,65 @@ class AttemptTable:
 
 
 def strip_study(text: str) -> str:
-    """The study's rule: every parenthesised group and the whitespace before it removed."""
-    return _STUDY_GROUP.sub("", text).strip()
+    """The study's rule: every parenthesised group and the whitespace before it removed.
+
+    The study wrote it as `re.sub(r"\s*\(.*?\)", "", text)`: a group runs from a `(` to the first `)`
+    after it, within its line. That regex takes quadratic time on a line of unclosed `(` (each one scans
+    to the end), and model outputs are untrusted text, so this does the same in one pass: the next `)`
+    and the next line break are found once and reused by every `(` before them (tested equal on random
+    text)."""
+    kept, i, close, newline = [], 0, -1, -1
+    while (start := text.find("(", i)) >= 0:
+        if close < start:
+            close = text.find(")", start)
+            if close < 0:
+                break
+        if newline < start:
+            newline = text.find("\n", start)
+            newline = len(text) if newline < 0 else newline
+        if newline < close:  # not closed on its line: kept, as the regex keeps it
+            kept.append(text[i:start + 1])
+            i = start + 1
+            continue
+        kept.append(text[i:start].rstrip())
+        i = close + 1
+    kept.append(text[i:])
+    return "".join(kept).strip()
 
 
-def _group_end(text: str, start: int) -> int:
-    """Index of the ``)`` closing the ``(`` at `start`, or -1 when it is never closed."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
-        if depth == 0:
-            return i
-    return -1
-
-
-def _is_remark(inner: str) -> bool:
-    """True when the group's own text (outside nested groups) contains a letter."""
-    depth = 0
-    for ch in inner:
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if depth == 0 and ch.isalpha():
-            return True
-    return False
+def _groups(text: str) -> tuple[dict[int, int], set[int]]:
+    """Every balanced group in one pass: {index of a `(`: index of its `)`} (an unclosed `(` is absent),
+    and the `(`s whose own text (outside the groups nested in them) has a letter."""
+    closes: dict[int, int] = {}
+    with_letter: set[int] = set()
+    open_: list[int] = []
+    for i, ch in enumerate(text):
+        if ch == "(":
+            open_.append(i)
+        elif ch == ")":
+            if open_:
+                closes[open_.pop()] = i
+        elif open_ and ch.isalpha():
+            with_letter.add(open_[-1])
+    return closes, with_letter
 
 
 def strip_remarks(text: str) -> str:
     """Remove remarks (balanced groups whose own text has a letter) and the whitespace before them;
     expression groups, and remarks nested in them, are handled from the outside in, so
-    ``(79 - 60 (nineteen)) + 17`` keeps ``(79 - 60)``. An unclosed ``(`` is kept as written."""
+    ``(79 - 60 (nineteen)) + 17`` keeps ``(79 - 60)``. An unclosed ``(`` is kept as written.
+
+    Each group's end and whether it is a remark are found in one pass first (`_groups`), so a line
+    of thousands of ``(`` costs linear time, not a scan to the end from each of them."""
+    closes, remarks = _groups(text)
     out: list[str] = []
     i = 0
     while i < len(text):
-        if text[i] == "(":
-            end = _group_end(text, i)
-            if end != -1 and _is_remark(text[i + 1:end]):
-                while out and out[-1].isspace():
-                    out.pop()
-                i = end + 1
-                continue
+        if text[i] == "(" and i in closes and i in remarks:
+            while out and out[-1].isspace():
+                out.pop()
+            i = closes[i] + 1
+            continue
         out.append(text[i])
         i += 1
     return "".join(out).strip()

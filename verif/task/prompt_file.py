@@ -36,16 +36,26 @@ ATTEMPT_FIELDS = ("numbers", "target", "attempt")
 LINE_BREAK_CHOICES = ("error", "join")
 # What str.splitlines() breaks at; `\s` covers all of them, so a run of whitespace holding one is one match.
 _BREAK = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-_BREAK_RUN = re.compile(rf"\s*[{_BREAK}]\s*")
+_ONE_BREAK = re.compile(f"[{_BREAK}]")
+# Runs of whitespace, found in linear time (a pattern such as \s*[breaks]\s* rescans a long run of spaces
+# from each of its characters: quadratic in untrusted text).
+_SPACE_RUN = re.compile(r"\s+")
 
 
 def has_line_break(text: str) -> bool:
-    return _BREAK_RUN.search(text) is not None
+    return _ONE_BREAK.search(text) is not None
 
 
 def join_lines(text: str) -> str:
-    """Each line break with the whitespace around it as one space (none at either end)."""
-    return _BREAK_RUN.sub(lambda m: "" if m.start() == 0 or m.end() == len(text) else " ", text)
+    """Each line break with the whitespace around it as one space (none at either end): every run of
+    whitespace that holds a break becomes one space."""
+
+    def joined(run: re.Match) -> str:
+        if not _ONE_BREAK.search(run.group()):
+            return run.group()
+        return "" if run.start() == 0 or run.end() == len(text) else " "
+
+    return _SPACE_RUN.sub(joined, text)
 
 
 def _jsonl_lines(path: Path) -> list[tuple[int, str]]:
@@ -182,6 +192,11 @@ def load_prompt_file(path: str | Path, extract: str = "remarks", attempts: str =
 def load_problems(path: str | Path) -> list[Problem]:
     """The problems of a JSONL or parquet file whose records have `nums` (or `numbers`) and
     `target`, in file order; other fields are ignored."""
+    return [problem for _, problem in located_problems(path)]
+
+
+def located_problems(path: str | Path) -> list[tuple[str, Problem]]:
+    """`load_problems`, each problem with where it is (`file:line`, for messages about it)."""
     problems = []
     for where, rec in read_records(path):
         key = "nums" if isinstance(rec, dict) and "nums" in rec else "numbers"
@@ -190,7 +205,7 @@ def load_problems(path: str | Path) -> list[Problem]:
             raise ValueError(f"{where}: a problem needs 'nums' (or 'numbers'): a non-empty list of integers")
         if type(target) is not int:
             raise ValueError(f"{where}: a problem needs 'target': an integer")
-        problems.append(Problem(tuple(numbers), target))
+        problems.append((where, Problem(tuple(numbers), target)))
     if not problems:
         raise ValueError(f"problems file {str(path)!r}: no records")
     return problems

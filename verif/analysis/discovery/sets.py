@@ -20,6 +20,7 @@ kind are the conditions of one engine call (`SetPlan.conditions`, duplicates sco
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,21 @@ def _check(kind: str, ks: Sequence[int], n_controls: int) -> None:
         raise ValueError(f"discover.k: {list(ks)} must be a non-empty list of positive ints")
     if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1:
         raise ValueError(f"discover.controls: {n_controls!r} must be a positive int")
+
+
+def check_controls(n_controls: int, ks: Sequence[int], n_components: int, noun: str,
+                   scored: Sequence[int] = ()) -> None:
+    """Refuse more random sets per size than distinct sets of that size exist. The sizes are the ks capped
+    as `plan_sets` caps them: at `n_components` for a ranking that scores every component, and at each
+    count in `scored` for one that scores fewer (the heads screened exactly). Exact counts (C(n, k)), so
+    a null of repeats of the few possible sets is refused before any work."""
+    caps = {n_components, *(min(c, n_components) for c in scored)}
+    for k in sorted({min(k, cap) for k in ks for cap in caps}):
+        count = math.comb(n_components, k)
+        if n_controls > count:
+            raise ValueError(f"discover.controls {n_controls}: only {count} distinct random sets of {k} {noun}s exist "
+                             f"({n_components} {noun}s in all; sets of {k} from discover.k {list(ks)}); lower "
+                             "discover.controls or leave such sizes out of discover.k")
 
 
 def plan_sets(
