@@ -142,7 +142,7 @@ def test_a_sweep_plan_keeps_whole_pairs_when_prompts_are_too_long(seed_model_dir
     drops every prompt over prompts.max_tokens: both prompts of a pair have the same length in every
     model, so a pair is dropped whole or kept whole. The seed model's tokenizer is the session's Qwen2.5
     one (tests.support.models saves it there), given to the plan instead of loaded again (seconds)."""
-    monkeypatch.setattr("jobs.sweep.check_tokens", lambda sources, cfg: [qwen_tokenizer] * len(sources))
+    monkeypatch.setattr("jobs.prepare.check_tokens", lambda sources, cfg: [qwen_tokenizer] * len(sources))
     overrides = sweep_overrides(seed_model_dir, "prompts.pairs=true", "prompts.n=12", "prompts.too_long=skip")
     prompts, _, _ = build_prompts(load_config(None, overrides), {"seed": qwen_tokenizer})
     limit = sorted(_n_tokens(qwen_tokenizer, p) for p in prompts["prompt"])[12]

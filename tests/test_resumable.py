@@ -65,7 +65,7 @@ def test_a_refused_job_leaves_no_folder_it_created_and_keeps_one_that_existed(tm
 def test_the_command_line_prints_a_failed_job_as_one_line(tmp_path, monkeypatch, capsys):
     out = OutDir(tmp_path / "OUT")
 
-    def fails(cfg, resume=False):
+    def fails(cfg, resume=False, config_file=None):
         with running(out, "sweep") as job:
             _half_done(job, 6, 3)
             raise ShardFailed("shard m0-p1-c0 failed on all 2 attempts; last on node n (host h): died")

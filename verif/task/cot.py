@@ -87,7 +87,7 @@ class AttemptTable:
 
 
 def strip_study(text: str) -> str:
-    """The study's rule: every parenthesised group and the whitespace before it removed.
+    r"""The study's rule: every parenthesised group and the whitespace before it removed.
 
     The study wrote it as `re.sub(r"\s*\(.*?\)", "", text)`: a group runs from a `(` to the first `)`
     after it, within its line. That regex takes quadratic time on a line of unclosed `(` (each one scans
