@@ -24,6 +24,7 @@ from jobs import config as config_mod
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
+from jobs.fit import check_fit
 from jobs.inputs import check_out_dir
 from jobs.prepare import PromptSource, build_prompts, check_tokens, limit_lengths, resolve_models
 from jobs.runtime.pool import run_recorded, worker_pool
@@ -56,6 +57,7 @@ class SweepPlan:
     prompt_source: PromptSource
     conditions: list[Condition]
     shards: list[Shard]
+    fit: list[str] = field(default_factory=list)  # each model's memory estimate (jobs.fit), for --check
 
     @property
     def model_names(self) -> list[str]:
@@ -156,8 +158,9 @@ def prepare(cfg: Config) -> SweepPlan:
     tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
     prompts, prompt_source = limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
     check_weight_diff(cfg)
+    fit = check_fit(cfg, sources)
     shards = plan_shards(cfg, names, prompts.height, conditions)
-    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
+    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards, fit)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
@@ -231,7 +234,7 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
                 bar.set_description(f"loading {model}")
                 spec = pool.spec(model=source.spec, dtype=cfg.model.dtype, device=cfg.model.device,
                                  yes=tuple(cfg.scoring.yes), no=tuple(cfg.scoring.no), engine=cfg.engine,
-                                 check_prompt=prompts_text[0])
+                                 check_prompt=prompts_text[0], max_prompt_tokens=cfg.prompts.max_tokens)
                 executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
                 manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
                 bar.set_description(f"scoring {model}")
