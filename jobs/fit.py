@@ -28,11 +28,11 @@ class FitError(InputError):
 
 
 def on_gpu(cfg: Config) -> bool:
-    """Whether the workers score on GPUs: they ask Ray for some, `model.device` is cuda, or auto on this
-    machine's GPU in this process (`ray.workers: 0`)."""
-    if cfg.ray.gpus_per_worker > 0 or cfg.model.device == "cuda":
-        return True
-    return cfg.model.device == "auto" and cfg.ray.workers == 0 and torch.cuda.is_available()
+    """Whether the workers score on GPUs: `model.device` is cuda, or auto with GPUs asked of Ray or, in this
+    process (`ray.workers: 0`), on this machine's GPU."""
+    if cfg.model.device != "auto":
+        return cfg.model.device == "cuda"
+    return cfg.ray.gpus_per_worker > 0 or (cfg.ray.workers == 0 and torch.cuda.is_available())
 
 
 def local_gpu_memory() -> list[int]:
