@@ -209,8 +209,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except OSError as e:
         raise OSError(f"model.path {spec!r}: cannot load ({e})") from e
+    # Float buffers too (the rotary inv_freq), where they are: the numbers stay those of a model cast whole.
+    model = model.to(dtype=torch_dtype)
     if source.gguf_file:  # dequantised on the CPU by transformers: moved (or dispatched) from there
-        model = model.to(dtype=torch_dtype)
         model = model.to(device) if len(set(device_map.values())) == 1 else dispatch_model(model, device_map)
     model = model.eval()
     model.requires_grad_(False)
