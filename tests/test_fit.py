@@ -11,6 +11,8 @@ from transformers import AutoConfig
 
 import launch
 from jobs import fit
+from jobs.config import load_config
+from jobs.prepare import resolve_models
 from verif.model import loading
 from verif.model.devicemap import DoesNotFitError
 from verif.model.families import decoder_layers
@@ -71,16 +73,24 @@ def test_check_says_what_a_gpu_would_need(seed_model_dir, tmp_path, capsys):
 SMALL = ("engine.max_rows=4", "engine.max_chunk_tokens=1024", "engine.max_unit_tokens=4096")
 
 
-def test_check_refuses_what_cannot_fit_and_names_the_gpus_that_would(seed_model_dir, tmp_path, capsys, monkeypatch):
+def test_what_cannot_fit_is_refused_with_the_gpus_that_would(seed_model_dir, tmp_path, monkeypatch):
+    """`--check` and `--sweep` call `check_fit` in `prepare`; a refusal is one line (an InputError) naming them."""
     # four 64 MB "GPUs": the 50 MB of weights and ~20 MB for scoring need two (the 39 MB embeddings are one part)
     monkeypatch.setattr(fit, "local_gpu_memory", lambda: [64 * 10**6] * 4)
-    assert launch.main(_check(seed_model_dir, tmp_path, "ray.gpus_per_worker=1", *SMALL)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {seed_model_dir.name} does not fit a worker's 1 GPU(s) "
-                                                   "of 0.06 GB (ray.gpus_per_worker 1): it needs 0.07 GB per GPU")
+
+    def cfg(gpus: int):
+        return load_config(None, sweep_overrides(seed_model_dir, "model.device=auto", "model.dtype=auto",
+                                                 f"ray.gpus_per_worker={gpus}", *SMALL), str(tmp_path / "OUT"))
+
+    sources, _ = resolve_models([str(seed_model_dir)])
+    with pytest.raises(fit.FitError) as refused:
+        fit.check_fit(cfg(1), sources)
+    err = str(refused.value)
+    assert "\n" not in err and err.startswith(f"{seed_model_dir.name} does not fit a worker's 1 GPU(s) of 0.06 GB "
+                                              "(ray.gpus_per_worker 1): it needs 0.07 GB per GPU")
     assert "ray.gpus_per_worker: 2 would fit" in err and "parameters 0.05 GB (bfloat16)" in err
-    assert launch.main(_check(seed_model_dir, tmp_path, "ray.gpus_per_worker=2", *SMALL)) == 0
-    assert "on each of 2 GPU(s) of 0.06 GB here: fits" in capsys.readouterr().out
+    (line,) = fit.check_fit(cfg(2), sources)
+    assert line.endswith("on each of 2 GPU(s) of 0.06 GB here: fits")
 
 
 def test_a_worker_maps_the_gpus_it_sees(seed_model, monkeypatch):

@@ -59,7 +59,10 @@ class WorkerSpec:
 
 
 class ModelWorker:
-    """Loads the model once (quietly), resolves the Yes/No ids and checks the fast path."""
+    """Loads the model once (quietly), resolves the Yes/No ids and checks the fast path. `scores`: whether its
+    shards score (on a GPU the model then has to fit with room for the engine's budgets, else for its weights)."""
+
+    scores = True
 
     def __init__(self, spec: WorkerSpec):
         # Workers stay quiet: the driver owns the one progress bar (transformers' weight-loading
@@ -69,7 +72,8 @@ class ModelWorker:
             torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec
         start = time.perf_counter()
-        self.loaded = load_model(spec.model, spec.dtype, spec.device, spec.gpus, spec.engine, spec.max_prompt_tokens)
+        self.loaded = load_model(spec.model, spec.dtype, spec.device, spec.gpus, spec.engine if self.scores else None,
+                                 spec.max_prompt_tokens)
         self.load_seconds = time.perf_counter() - start
         self.ids = resolve_yes_no(self.loaded.tokenizer, spec.yes, spec.no)
         self.check = None

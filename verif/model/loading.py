@@ -168,10 +168,14 @@ def free_memory(slots: list[int]) -> list[int]:
     return [torch.cuda.mem_get_info(i)[0] for i in slots]
 
 
-def _device_map(config: PretrainedConfig, torch_dtype: torch.dtype, slots: list[int], engine: EngineOptions,
+def _device_map(config: PretrainedConfig, torch_dtype: torch.dtype, slots: list[int], engine: EngineOptions | None,
                 max_prompt_tokens: int | None, name: str) -> dict[str, int]:
-    """The balanced map (part -> CUDA ordinal) over `slots`, leaving room for scoring; `DoesNotFitError` if none."""
-    est = estimate(config, torch_dtype, engine, max_prompt_tokens or engine.max_prompt_tokens)
+    """The balanced map (part -> CUDA ordinal) over `slots`, leaving room for scoring with `engine` (None: for the
+    weights alone); `DoesNotFitError` if none."""
+    opts = engine or EngineOptions()
+    est = estimate(config, torch_dtype, opts, max_prompt_tokens or opts.max_prompt_tokens)
+    if engine is None:
+        est = est.weights_only()
     by_slot = est.device_map(free_memory(slots), f"{name} ({config.model_type})")
     return {part: slots[slot] for part, slot in by_slot.items()}
 
@@ -187,9 +191,10 @@ def load_model(
 
     Weights go straight from the checkpoint to their device (`from_pretrained(device_map=...)`, no
     full copy in CPU memory on the way to a GPU). On a GPU the model is first checked to fit, with
-    room for what scoring with `engine` (default options) and prompts of up to `max_prompt_tokens`
-    needs (`verif.model.memory`; `DoesNotFitError` with the numbers otherwise), and with `gpus` > 1 its layers
-    are split over that many GPUs by a balanced map (`verif.model.devicemap`). A GGUF checkpoint keeps the
+    room for what scoring with `engine` and prompts of up to `max_prompt_tokens` needs (a scoring
+    worker passes its options; None: room for the weights only), `verif.model.memory`, `DoesNotFitError`
+    with the numbers otherwise; with `gpus` > 1 its layers are split over that many GPUs by a balanced
+    map (`verif.model.devicemap`). A GGUF checkpoint keeps the
     old path: transformers dequantises it on the CPU, then it is moved (or dispatched by accelerate).
     """
     source = resolve_source(spec)
@@ -200,7 +205,7 @@ def load_model(
         config = AutoConfig.from_pretrained(source.location, **kwargs)
         family = family_of(getattr(config, "model_type", "?"))
         slots = gpu_slots(device, gpus)
-        device_map = {"": device} if slots is None else _device_map(config, torch_dtype, slots, engine or EngineOptions(),
+        device_map = {"": device} if slots is None else _device_map(config, torch_dtype, slots, engine,
                                                                      max_prompt_tokens, source.name)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(
             source.location, config=config, dtype=torch_dtype, attn_implementation=family.attn_implementation(config),

@@ -21,6 +21,7 @@ it does not fit, `verif.model.selfcheck`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,10 @@ class Estimate:
     chunk_bytes: int  # one forward chunk's temporaries
     mask_bytes: int  # a padded chunk's attention mask
     logits_bytes: int  # one chunk of LM-head logits with their float64 log-softmax
+
+    def weights_only(self) -> Estimate:
+        """The same model with nothing reserved for scoring (a model that only has to be held)."""
+        return dataclasses.replace(self, hidden_bytes=0, chunk_bytes=0, mask_bytes=0, logits_bytes=0)
 
     @property
     def param_bytes(self) -> int:
