@@ -111,13 +111,23 @@ def child_load(folder: str, path: str, device: str) -> dict:
     return out
 
 
-def run_child(folder: Path, path: str, device: str) -> dict:
+def run_children(folder: Path, device: str) -> dict:
+    """Both loads, each in a fresh process: one after the other on a GPU (their seconds are compared), at
+    once on a CPU (only the test runs there)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{BENCH}", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child-load", str(folder), path, device], capture_output=True,
-                          text=True, timeout=600, env=env)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def start(path: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "--child-load", str(folder), path, device], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def answer(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate(timeout=600)
+        return json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": err[-2000:]}
+
+    if device.startswith("cuda"):
+        return {path: answer(start(path)) for path in ("before", "after")}
+    procs = {path: start(path) for path in ("before", "after")}
+    return {path: answer(proc) for path, proc in procs.items()}
 
 
 def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny model and few short prompts (the CPU test)")
-    p.add_argument("--n-prompts", type=int, help="prompts per timed run (default 256; tiny 3)")
+    p.add_argument("--n-prompts", type=int, help="prompts per timed run (default 256; tiny 2)")
     p.add_argument("--out", help="output folder (default $OUT, else benchmarks/results)")
     p.add_argument("--child-load", nargs=3, metavar=("FOLDER", "PATH", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -224,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     loaded = build_model(cfg, dtype, args.device, None)
     arch = loaded.arch
-    n = args.n_prompts or (3 if args.tiny else 256)
-    lo, hi = (12, 16) if args.tiny else (160, 180)
+    n = args.n_prompts or (2 if args.tiny else 256)
+    lo, hi = (12, 13) if args.tiny else (160, 180)
     tokens = random_prompts(n, lo, hi, cfg.vocab_size)
     head_sets, _ = benchlib.study_head_sets(arch.n_layers, arch.n_heads, 1 if args.tiny else 6)
     conditions = list(head_sets)
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
         def loading() -> dict:
-            out = {path: run_child(folder, path, args.device) for path in ("before", "after")}
+            out = run_children(folder, args.device)
             for path, m in out.items():
                 log(f"1. load {path}: " + (m.get("error") or ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                                           for k, v in m.items())))
