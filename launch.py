@@ -131,7 +131,7 @@ def _sweep(args: argparse.Namespace) -> int:
         plan = prepare(cfg)
         print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
-        print("\n".join(plan.prompt_source.lines()))
+        print("\n".join(plan.prompt_source.lines() + plan.fit))
         return 0
     print("\n".join(run_sweep(cfg, resume=args.resume, config_file=args.config).lines()))
     return 0

@@ -123,3 +123,65 @@ def write_json(result: dict, out: str | Path | None, name: str) -> Path:
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def _status_bytes(field: str) -> int:
+    """A `/proc/self/status` field (kB) in bytes; 0 where the kernel does not report it."""
+    with open("/proc/self/status") as f:
+        line = next((x for x in f if x.startswith(field + ":")), None)
+    return int(line.split()[1]) * 1024 if line else 0
+
+
+class PeakRss:
+    """Peak CPU memory of this process while a `with` block runs, above what it held when the block began.
+
+    `peak`: the resident set's high-water mark (VmHWM, reset on entry where the kernel allows it), which
+    counts the pages of a memory-mapped checkpoint that were read. `peak_anon`: anonymous memory only
+    (RssAnon, sampled every 2 ms by a thread): private copies of tensors, which file pages are not (the
+    kernel can drop those). Linux only.
+    """
+
+    def __enter__(self) -> PeakRss:
+        import threading
+
+        self.base, self.base_anon = _status_bytes("VmRSS"), _status_bytes("RssAnon")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:  # no reset: VmHWM then includes the imports' peak, at most the base
+            pass
+        self._anon, self._stop = self.base_anon, threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.002):
+                self._anon = max(self._anon, _status_bytes("RssAnon"))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._anon = max(self._anon, _status_bytes("RssAnon"))
+        self.peak = max(0, _status_bytes("VmHWM") - self.base)
+        self.peak_anon = self._anon - self.base_anon
+        self.after = _status_bytes("VmRSS") - self.base
+
+
+def load_before(spec: str, dtype: str, device: str):
+    """What `verif.model.loading.load_model` did before issue 23 (the baseline of the loading benchmarks):
+    the weights loaded into CPU memory, then moved and cast to the device in one `.to`. Returns the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from verif.model.families import family_of
+    from verif.model.loading import resolve_dtype, resolve_source
+
+    source = resolve_source(spec)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.location, config=config, dtype=torch_dtype,
+                                                 attn_implementation=family_of(config.model_type).attn_implementation(config),
+                                                 **kwargs)  # fmt: skip
+    return model.to(device=device, dtype=torch_dtype).eval()

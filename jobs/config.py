@@ -68,6 +68,12 @@ def _workers(v: int | str) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _gpus(v: float) -> str | None:
+    if v < 0:
+        return "must be >= 0"
+    return None if v <= 1 or float(v).is_integer() else "above 1 must be a whole number (a worker splits its model over whole GPUs)"
+
+
 def _resources(v: dict) -> str | None:
     bad = [k for k, n in v.items() if not isinstance(k, str) or isinstance(n, bool) or not isinstance(n, (int, float))
            or n < 0]
@@ -196,8 +202,9 @@ class RayConfig:
     address: str = doc("Empty: start a local Ray (or join RAY_ADDRESS, as under `ray job submit`); 'auto' or "
                        "ray://host:port: join a cluster.", "")
     workers: int | str = doc("Scoring actors; 0 = score in this process without Ray; "
-                             "auto = one per GPU of the cluster (gpus_per_worker each).", 2, _workers)
-    gpus_per_worker: float = doc("GPUs per actor (1 on a GPU cluster).", 0, at_least(0))
+                             "auto = one per gpus_per_worker GPUs of each node of the cluster.", 2, _workers)
+    gpus_per_worker: float = doc("GPUs per actor (1 on a GPU cluster); N > 1 splits the model's layers over N GPUs "
+                                 "of one node (README: Models bigger than one GPU).", 0, _gpus)
     cpus_per_worker: float = doc("CPUs per actor (also its torch threads).", 1, at_least(0))
     resources_per_worker: dict = field(default_factory=dict, metadata={
         "doc": "Custom Ray resources per actor, e.g. {accelerator_h100: 1} to pin workers to nodes started "

@@ -66,6 +66,8 @@ class GenerationShard:
 class ShardGenerator(ModelWorker):
     """A generate job's worker: continues TinyZero prompts; the prompts and settings come with each call."""
 
+    scores = False  # generation needs room for its KV cache, which the scoring estimate does not count
+
     def generate(self, shard: GenerationShard, prompts: list[str], settings: dict) -> list[Sample]:
         return generate(self.loaded, prompts, first_index=shard.problem_ids[0], **settings).samples
 

@@ -26,6 +26,7 @@ from jobs import config as config_mod
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
+from jobs.fit import check_fit
 from jobs.inputs import JOBS, check_out_dir
 from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.runtime.pool import run_recorded, worker_pool
@@ -56,6 +57,7 @@ class SweepPlan:
     prompt_source: PromptSource
     conditions: list[Condition]
     shards: list[Shard]
+    fit: list[str] = field(default_factory=list)  # each model's memory estimate (jobs.fit), for --check
 
     @property
     def model_names(self) -> list[str]:
@@ -148,8 +150,9 @@ def prepare(cfg: Config) -> SweepPlan:
                          f"ablation.exclude_target: {str(ab.exclude_target).lower()})") from e
     prepared = prepare_prompts(cfg, job, models)
     check_weight_diff(cfg)
+    fit = check_fit(cfg, prepared.sources)
     shards = plan_shards(cfg, prepared.names, prepared.prompts.height, conditions)
-    return SweepPlan(cfg, prepared.sources, arch, prepared.prompts, prepared.prompt_source, conditions, shards)
+    return SweepPlan(cfg, prepared.sources, arch, prepared.prompts, prepared.prompt_source, conditions, shards, fit)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
@@ -223,7 +226,7 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
                 bar.set_description(f"loading {model}")
                 spec = pool.spec(model=source.spec, dtype=cfg.model.dtype, device=cfg.model.device,
                                  yes=tuple(cfg.scoring.yes), no=tuple(cfg.scoring.no), engine=cfg.engine,
-                                 check_prompt=prompts_text[0])
+                                 check_prompt=prompts_text[0], max_prompt_tokens=cfg.prompts.max_tokens)
                 executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
                 manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
                 bar.set_description(f"scoring {model}")

@@ -301,6 +301,8 @@ CASES = [
     Case("unknown-template", sweep("--set", "prompts.template=nosuch"), ("prompts.template",)),
     Case("extract-rule", sweep("--set", "prompts.extract=all"), ("prompts.extract: must be one of",)),
     Case("negative-workers", sweep("--set", "ray.workers=-1"), ("ray.workers: must be >= 0",)),
+    Case("fractional-gpus-above-one", sweep("--set", "ray.gpus_per_worker=1.5"),
+         ("ray.gpus_per_worker: above 1 must be a whole number", "(got 1.5)")),
     Case("reserved-resource", sweep("--set", "ray.resources_per_worker={{GPU: 1}}"), ("ray.resources_per_worker",)),
     Case("section-not-a-mapping", sweep("--set", "model=3"), ("model: must be a mapping",)),
     Case("set-without-value", sweep("--set", "prompts.n"), ("--set 'prompts.n': expected dotted.key=value",)),

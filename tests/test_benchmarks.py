@@ -108,3 +108,23 @@ def test_gpu_benchmark_imports_nothing_heavy():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_multi_device_tiny_cpu(tmp_path):
+    """The GPU script of issue 23 on a tiny seed-shaped model on the CPU: loading both ways, the degenerate
+    split (4 slots that are all the CPU) identical to the unsplit model with every move made, the estimate."""
+    run_script("gpu_multi_device.py", "--tiny", "--device", "cpu", "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
+    res = json.loads((tmp_path / "gpu_multi_device.json").read_text())
+    assert (tmp_path / "gpu_multi_device.log").read_text().strip().endswith("gpu_multi_device.json")
+    before, after = res["load"]["before"], res["load"]["after"]
+    assert "error" not in before and "error" not in after, res["load"]
+    assert before["param_gb"] == after["param_gb"] > 0 and after["devices"] == ["cpu"]
+    split = res["degenerate_split"]
+    assert split["identical"] and split["verdict"] == "identical" and split["nonfinite"] == 0
+    assert split["layers_per_slot"] == [9, 9, 9, 9] and split["device_moves"] > 0 and split["rows_per_s"] > 0
+    assert split["self_check"]["max_abs_diff"] <= split["self_check"]["tolerance"]
+    lo, hi = res["unsplit"]["log_odds_range"]
+    assert hi - lo > 0.01  # the conditions differ: identical rows are not vacuous
+    for entry in res["fit"].values():
+        assert entry["estimate_gb"] > entry["estimate_parts_gb"]["parameters"] > 0
+    assert "skipped" in res["mixed_split"] and "skipped" in res["real_split"]

@@ -304,6 +304,14 @@ def test_a_worker_no_node_can_hold_is_refused_at_once(env, tmp_path):
     assert not done_shards(tmp_path / "OUT")
 
 
+def test_more_gpus_per_worker_than_any_node_has_is_refused_at_once(env, tmp_path):
+    """A worker split over 2 GPUs needs them on one node (issue 23): refused as any worker no node can hold."""
+    with pytest.raises(InputError, match=r"^ray: no node of the cluster can hold a worker, which needs CPU 1, GPU 2, "
+                                         r"fake_gpu 1 .*node\(s\) have: CPU 1, GPU 0, fake_gpu 1; "):
+        run_sweep(_cluster_cfg(env, tmp_path / "OUT", "ray.gpus_per_worker=2"))
+    assert not done_shards(tmp_path / "OUT")
+
+
 def test_a_lost_worker_with_no_room_to_restart_stops_the_job(env, tmp_path):
     """The only worker's node is lost and no other node has its resource: Ray cannot restart it, so after
     ray.restart_timeout the job stops with one line saying what is on disk and how to continue."""

@@ -265,7 +265,7 @@ class _ModelShards:
             self.bar.set_description(f"loading {self.name}")
             spec = self.pool.spec(model=self.plan.sources[self.m].spec, dtype=cfg.model.dtype, device=cfg.model.device,
                                   yes=tuple(cfg.scoring.yes), no=tuple(cfg.scoring.no), engine=cfg.engine,
-                                  check_prompt=self.plan.prompts["prompt"][0])
+                                  check_prompt=self.plan.prompts["prompt"][0], max_prompt_tokens=cfg.prompts.max_tokens)
             self.executor = self.pool.executor(DiscoveryWorker, "run", spec, cfg.shards.max_attempts)
             self.manifest.setdefault("workers", []).extend({"model": self.name, **w} for w in self.executor.workers)
         return self.executor

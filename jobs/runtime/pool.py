@@ -26,6 +26,7 @@ from jobs.errors import InputError
 from jobs.runtime.executors import LocalExecutor, RayExecutor, init_ray, started_local_ray
 from jobs.runtime.storage import OutDir, write_json_atomic, write_shard
 from jobs.runtime.worker import ModelWorker, WorkerSpec
+from verif.model.devicemap import DoesNotFitError
 from verif.model.selfcheck import SelfCheckError
 
 
@@ -39,16 +40,24 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def workers_for(node_gpus: Sequence[float], gpus_per_worker: float) -> int:
+    """How many workers of `gpus_per_worker` GPUs the nodes hold: a worker's GPUs are all on one node."""
+    return sum(int(g // gpus_per_worker) for g in node_gpus) if gpus_per_worker > 0 else 0
+
+
 def resolve_workers(r: RayConfig) -> int:
-    """`ray.workers: auto` is one worker per GPU of the (already joined) cluster."""
+    """`ray.workers: auto` is one worker per `ray.gpus_per_worker` GPUs of a node, on every node of the (already
+    joined) cluster."""
     if r.workers != "auto":
         return r.workers
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if not r.gpus_per_worker or gpus < r.gpus_per_worker:
-        raise InputError(f"ray.workers: auto needs GPUs (cluster has {gpus:g}, gpus_per_worker {r.gpus_per_worker})")
-    return int(gpus // r.gpus_per_worker)
+    node_gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    n = workers_for(node_gpus, r.gpus_per_worker)
+    if n == 0:
+        raise InputError(f"ray.workers: auto needs a node with ray.gpus_per_worker = {r.gpus_per_worker:g} GPUs "
+                         f"(GPUs per node: {', '.join(f'{g:g}' for g in node_gpus) or 'no node'})")
+    return n
 
 
 def check_room(r: RayConfig) -> None:
@@ -89,8 +98,9 @@ class WorkerPool:
     startup_seconds: float = 0.0
 
     def spec(self, **fields: Any) -> WorkerSpec:
-        """A WorkerSpec with this pool's per-worker threads."""
-        return WorkerSpec(threads=max(1, int(self.ray.cpus_per_worker)) if self.n_workers else None, **fields)
+        """A WorkerSpec with this pool's per-worker threads and GPUs (a whole number: what the model is split over)."""
+        return WorkerSpec(threads=max(1, int(self.ray.cpus_per_worker)) if self.n_workers else None,
+                          gpus=max(1, int(self.ray.gpus_per_worker)), **fields)
 
     def executor(self, worker_cls: type[ModelWorker], method: str, spec: WorkerSpec, max_attempts: int):
         """Workers of `worker_cls` (model loaded, fast path checked) that run `method` on shards."""
@@ -108,7 +118,7 @@ class WorkerPool:
                                            r.restart_timeout)
                 except RayActorError as e:
                     raise _start_failure(spec.model, e) from e
-        except (SelfCheckError, OSError) as e:
+        except (SelfCheckError, DoesNotFitError, OSError) as e:
             raise _start_failure(spec.model, e) from e
         if self.local:
             local_ray.record(self.out.ray_processes)  # now with the workers

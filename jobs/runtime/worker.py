@@ -41,7 +41,9 @@ class WorkerSpec:
     """Everything a worker needs, shipped through Ray (no files on the head node are assumed).
 
     `check_prompt`: a real prompt of the job, scored once on the fast and the hook path before any
-    shard (`verif.model.selfcheck`); None skips the check.
+    shard (`verif.model.selfcheck`); None skips the check. `gpus`: the GPUs the model is split over (Ray's
+    `ray.gpus_per_worker`; the worker numbers them 0..gpus-1 as it sees them). `max_prompt_tokens`: the
+    longest prompt it may see (with `engine`, what the room left for scoring on each GPU follows from).
     """
 
     model: str
@@ -52,10 +54,15 @@ class WorkerSpec:
     engine: EngineOptions
     threads: int | None = None
     check_prompt: str | None = None
+    gpus: int = 1
+    max_prompt_tokens: int | None = None
 
 
 class ModelWorker:
-    """Loads the model once (quietly), resolves the Yes/No ids and checks the fast path."""
+    """Loads the model once (quietly), resolves the Yes/No ids and checks the fast path. `scores`: whether its
+    shards score (on a GPU the model then has to fit with room for the engine's budgets, else for its weights)."""
+
+    scores = True
 
     def __init__(self, spec: WorkerSpec):
         # Workers stay quiet: the driver owns the one progress bar (transformers' weight-loading
@@ -65,7 +72,8 @@ class ModelWorker:
             torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec
         start = time.perf_counter()
-        self.loaded = load_model(spec.model, spec.dtype, spec.device)
+        self.loaded = load_model(spec.model, spec.dtype, spec.device, spec.gpus, spec.engine if self.scores else None,
+                                 spec.max_prompt_tokens)
         self.load_seconds = time.perf_counter() - start
         self.ids = resolve_yes_no(self.loaded.tokenizer, spec.yes, spec.no)
         self.check = None
@@ -75,7 +83,8 @@ class ModelWorker:
 
     def ready(self) -> dict:
         """Cheap call the driver waits on, so model loading is not counted as work time."""
-        return {"load_seconds": self.load_seconds, "device": str(next(self.loaded.model.parameters()).device),
+        devices = dict.fromkeys(str(d) for d in self.loaded.placement.devices)
+        return {"load_seconds": self.load_seconds, "device": ",".join(devices),
                 "pid": os.getpid(), "self_check": dataclasses.asdict(self.check) if self.check else None}
 
 

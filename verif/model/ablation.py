@@ -30,6 +30,7 @@ from verif.design.heads import Head, validate_heads
 from verif.design.neurons import validate_neurons
 from verif.model.arch import Arch
 from verif.model.families import down_projs, o_projs
+from verif.model.placement import Placement
 
 
 def head_masks(
@@ -119,12 +120,15 @@ class HookedAblation:
     This is the hook path: the model's own forward, hooks that edit one tensor each. It runs every
     supported family, and the fast engine (`verif.model.forward`) is checked against it. Use as a
     context manager and set `.masks` (head keep-masks `[rows, L, H]`) and `.neuron_masks` (layer ->
-    `[rows, I]` keep-mask), or call `set`, before each forward.
+    `[rows, I]` keep-mask), or call `set`, before each forward. With a `placement` that splits the model,
+    `set` keeps a copy of the head masks on each device and each layer's neuron mask on its layer's device.
     """
 
-    def __init__(self, model: nn.Module, arch: Arch):
+    def __init__(self, model: nn.Module, arch: Arch, placement: Placement | None = None):
         self.model = model
         self.arch = arch
+        self.placement = placement if placement is not None and placement.split else None
+        self._masks_on: dict[int, torch.Tensor] | None = None  # slot -> head masks there (a split model)
         self.masks: torch.Tensor | None = None
         self.neuron_masks: dict[int, torch.Tensor] | None = None
         self._handles: list = []
@@ -132,18 +136,22 @@ class HookedAblation:
     def set(self, masks: AblationMasks | None, device: torch.device | str = "cpu") -> None:
         """Ablate row i of the next forward with condition i of `masks` (None: ablate nothing)."""
         if masks is None:
-            self.masks = self.neuron_masks = None
+            self.masks = self.neuron_masks = self._masks_on = None
             return
         self.masks = masks.heads.to(device)
         rows = np.arange(len(masks.neurons))
         found = {layer: masks.neuron_keep(rows, layer) for layer in np.flatnonzero(masks.neuron_layers.any(0))}
         self.neuron_masks = {int(layer): m.to(device) for layer, m in found.items() if m is not None}
+        if self.placement is not None:  # each layer's masks where that layer lives
+            p = self.placement
+            self._masks_on = {slot: p.to(self.masks, slot) for slot in set(p.layers)}
+            self.neuron_masks = {layer: p.to(m, p.layers[layer]) for layer, m in self.neuron_masks.items()}
 
     def _head_hook(self, layer: int):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
             if self.masks is None:
                 return None
-            mask = self.masks[:, layer]
+            mask = (self.masks if self._masks_on is None else self._masks_on[self.placement.layers[layer]])[:, layer]
             if bool((mask == 1).all()):
                 return None
             return (apply_head_mask(args[0], mask, self.arch.head_dim),) + tuple(args[1:])
@@ -168,5 +176,5 @@ class HookedAblation:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.masks = None
+        self.masks = self._masks_on = None
         self.neuron_masks = None

@@ -34,27 +34,14 @@ from verif.model.families import fast_path_gaps
 from verif.model.forward import FastForward, to_device
 from verif.model.hooked import HookForward
 from verif.model.loading import Arch, LoadedModel
+from verif.model.memory import AUTO_TOKENS_PER_CALL, activation_bytes_per_token  # noqa: F401  (re-exported)
 from verif.model.options import EngineOptions
+from verif.model.placement import Placement
 from verif.model.score import YesNoIds, YesNoScores, left_pad, scores_from_log_probs
 
 
-# "auto" aims at this many tokens per decoder-block call: GEMMs at the 3B model's shapes reach their
-# full rate well below it (the anchor: bs 64 x 170 tokens already within 4% of bs 256), while larger
-# calls only add memory. `EngineOptions.max_chunk_tokens` caps every chunk, "auto" or not.
-AUTO_TOKENS_PER_CALL = 32768
 # Rows of a forward chunk for `max_rows="auto"` off the GPU (where free memory says nothing useful).
 CPU_AUTO_ROWS = 64
-
-
-def activation_bytes_per_token(arch: Arch, dtype: torch.dtype) -> int:
-    """Peak temporary memory of one decoder-block call per token (upper estimate).
-
-    Counts the fused q/k/v output with its rotary temporaries and repeated k/v, the hidden-size
-    temporaries (norms in float32, residuals), and the gate/up output with the activation product.
-    """
-    elt = torch.finfo(dtype).bits // 8
-    qkv = (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim
-    return elt * (6 * arch.hidden_size + 4 * qkv + 4 * arch.intermediate_size) + 8 * arch.hidden_size
 
 
 def auto_max_rows(arch: Arch, seq_len: int, device: torch.device, dtype: torch.dtype, mem_fraction: float = 0.5) -> int:
@@ -190,19 +177,21 @@ class Scorer:
         self.loaded = loaded
         self.ids = ids
         self.opts = opts or EngineOptions()
-        param = next(loaded.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.placement = loaded.placement or Placement.of_model(loaded.model)
+        self.device = self.placement.device(self.placement.embed)  # where prompts go in
+        self.dtype = next(loaded.model.parameters()).dtype
         self.path, self.gaps = choose_path(loaded, self.opts.path)
         self.forward: FastForward | HookForward
         if self.path == "fast":
-            self.forward = FastForward(loaded.model, loaded.arch, 64, self.opts.compile, self.opts.last_position_only)
+            self.forward = FastForward(loaded.model, loaded.arch, 64, self.opts.compile, self.opts.last_position_only,
+                                       self.placement)
         else:
             if self.opts.path == "auto":
                 warnings.warn(
                     f"{loaded.name} ({loaded.arch.family}): scoring on the hook path (the model's own forward "
                     f"with ablation hooks, no shared trunk): {'; '.join(self.gaps)}", stacklevel=2,
                 )  # fmt: skip
-            self.forward = HookForward(loaded.model, loaded.arch, 64)
+            self.forward = HookForward(loaded.model, loaded.arch, 64, self.placement)
         self.pad_id = self._pad_id()
         self._yes_idx = torch.tensor(ids.yes, device=self.device)
         self._no_idx = torch.tensor(ids.no, device=self.device)
@@ -210,8 +199,8 @@ class Scorer:
     def _rows_for(self, seq_len: int) -> int:
         """Rows of a forward chunk at `seq_len` tokens (`max_rows`, or auto), within `max_chunk_tokens`."""
         rows = self.opts.max_rows
-        if rows == "auto":
-            rows = auto_max_rows(self.loaded.arch, seq_len, self.device, self.dtype)
+        if rows == "auto":  # the device with the least room sets it
+            rows = min(auto_max_rows(self.loaded.arch, seq_len, d, self.dtype) for d in set(self.placement.devices))
         return chunk_rows(rows, seq_len, self.opts)
 
     def _pad_id(self) -> int:
@@ -231,7 +220,10 @@ class Scorer:
 
     def _yes_no_log_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`verif.model.score.yes_no_log_probs` with the token ids kept on the device (indexing with a
-        Python list would copy them over, and wait for the GPU, at every call)."""
+        Python list would copy them over, and wait for the GPU, at every call). They follow the logits
+        to the LM head's device once."""
+        if self._yes_idx.device != logits.device:
+            self._yes_idx, self._no_idx = self._yes_idx.to(logits.device), self._no_idx.to(logits.device)
         logp = torch.log_softmax(logits.double(), dim=-1)
         return (
             torch.logsumexp(logp.index_select(-1, self._yes_idx), dim=-1),

@@ -53,6 +53,7 @@ from verif.model.ablation import AblationMasks, apply_head_mask, apply_neuron_ma
 from verif.model.arch import Arch
 from verif.model.families import final_norm, model_family
 from verif.model.families.base import BlockSpec, get_path
+from verif.model.placement import Placement
 
 
 @dataclass
@@ -391,6 +392,7 @@ class ForwardStats:
     """Work done, in (row x layer) evaluations: what sharing the trunk saves is visible here."""
 
     row_layers: int = 0
+    device_moves: int = 0  # times the hidden states went on to another device (a split model, verif.model.placement)
 
 
 @dataclass
@@ -454,7 +456,8 @@ class FastForward:
 
     `max_rows` caps the rows of one decoder-block call; `last_position_only` runs the last block for
     the last position only (`last_position_layer`). Only for models without fast-path gaps
-    (`verif.model.families.fast_path_gaps`); the engine checks that before building one.
+    (`verif.model.families.fast_path_gaps`); the engine checks that before building one. `placement` says
+    where each layer lives (default: where its weights are); the hidden states follow the layers.
     """
 
     def __init__(
@@ -464,6 +467,7 @@ class FastForward:
         max_rows: int = 64,
         compile_layers: bool = False,
         last_position_only: bool = False,
+        placement: Placement | None = None,
     ):
         self.model = model
         self.arch = arch
@@ -476,6 +480,7 @@ class FastForward:
         self.layer_fn = compiled_decoder_layer() if compile_layers else decoder_layer
         self.compile_error: str | None = None
         self.stats = ForwardStats()
+        self.placement = placement or Placement.of_model(model)
 
     def _chunks(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """Near-equal chunks of at most `max_rows` rows covering [lo, hi) (no tiny tail chunk)."""
@@ -541,6 +546,8 @@ class FastForward:
         row_masks = to_device(row_masks, dev)
 
         compiled = self.layer_fn is not decoder_layer
+        place = self.placement
+        split, slot = place.split, place.embed
         filled = 0  # rows [0, filled) hold a state
         for layer in range(arch.n_layers):
             lo, hi = plan.live[layer]
@@ -548,6 +555,12 @@ class FastForward:
                 src = row_prompt[filled:hi]
                 h[filled:hi] = embed(input_ids[src]) if layer == 0 else h[src]
                 filled = hi
+            if split and (layer == 0 or place.layers[layer] != slot):  # the layer lives on another device
+                self.stats.device_moves += place.layers[layer] != slot
+                slot = place.layers[layer]
+                h, row_prompt, cos, sin, layer_masks, row_masks = place.to_all(
+                    (h, row_prompt, cos, sin, layer_masks, row_masks), slot)
+                dev = place.device(slot)
             w = self.weights[layer]
             mask = layer_masks[w.window]
             final = self.last_position_only and layer == arch.n_layers - 1
@@ -569,6 +582,9 @@ class FastForward:
                     h[a:b] = self._layer(*args)
             self.stats.row_layers += hi - lo
 
+        if split:
+            self.stats.device_moves += place.norm != slot
+            h, dev = place.to(h[:, -1:], place.norm), place.device(place.norm)
         last = self.final_norm(h[:, -1])  # [rows, hidden]
         return last[to_device(plan.source, dev)]
 
@@ -584,4 +600,7 @@ class FastForward:
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for `[rows, hidden]` states: one position per row, never `[rows, T, vocab]`."""
+        if self.placement.split:
+            self.stats.device_moves += self.placement.head != self.placement.norm
+            hidden = self.placement.to(hidden, self.placement.head)
         return self.model.get_output_embeddings()(hidden)

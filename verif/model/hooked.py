@@ -5,7 +5,9 @@ output projection's input and neurons at the MLP down projection's input by forw
 (`verif.model.ablation.HookedAblation`), the rest is transformers' code as is. Rows are (prompt,
 condition) pairs, prompt-major, in chunks of `max_rows`, left padded with position ids that count
 real tokens only; only the last position's logits are computed. No layer is shared between rows, so
-a sweep costs one full forward per row (the fast path shares the un-ablated trunk).
+a sweep costs one full forward per row (the fast path shares the un-ablated trunk). On a model split
+over devices each layer's inputs move to its device first (`Placement.hooks`), and each layer's masks
+are kept there.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from torch import nn
 from verif.model.ablation import AblationMasks, HookedAblation
 from verif.model.arch import Arch
 from verif.model.forward import ForwardStats
+from verif.model.placement import Placement
 
 
 class HookForward:
     """Logits of a unit (prompts x conditions) from the model's own forward, `max_rows` rows per call."""
 
-    def __init__(self, model: nn.Module, arch: Arch, max_rows: int = 64):
+    def __init__(self, model: nn.Module, arch: Arch, max_rows: int = 64, placement: Placement | None = None):
         self.model = model
         self.arch = arch
         self.max_rows = max_rows
         self.stats = ForwardStats()
+        self.placement = placement or Placement.of_model(model)
 
     @torch.inference_mode()
     def logits(
@@ -41,7 +45,7 @@ class HookForward:
         dev = input_ids.device
         positions = None if attn is None else (attn.cumsum(-1) - 1).clamp(min=0)
         rows = np.arange(n_prompts * n_cond)
-        with HookedAblation(self.model, self.arch) as hooks:
+        with HookedAblation(self.model, self.arch, self.placement) as hooks, self.placement.hooks(self.model, self.stats):
             for a in range(0, len(rows), self.max_rows):
                 chunk = rows[a:a + self.max_rows]
                 prompt = torch.from_numpy(chunk // n_cond).to(dev)

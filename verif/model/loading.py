@@ -15,10 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import dispatch_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from verif.model.arch import Arch
+from verif.model.devicemap import DoesNotFitError
+from verif.model.memory import estimate
+from verif.model.options import EngineOptions
+from verif.model.placement import Placement
 from verif.model.families import (  # noqa: F401  (decoder_layers, o_projs, down_projs: re-exported)
     SUPPORTED_FAMILIES, decoder_layers, down_projs, family_of, o_projs,
 )
@@ -57,6 +62,7 @@ class LoadedModel:
     arch: Arch
     name: str
     source: ModelSource
+    placement: Placement | None = None  # where its parts live (None: read from the model, Placement.of_model)
 
 
 def _packaged_source(spec: str) -> ModelSource:
@@ -144,11 +150,52 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def gpu_slots(device: str, gpus: int) -> list[int] | None:
+    """The CUDA ordinals a worker loads onto, as it numbers them (Ray's CUDA_VISIBLE_DEVICES renumbering:
+    a worker given 2 GPUs sees cuda:0 and cuda:1, whatever their ids on the node); None off the GPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    first, n = dev.index or 0, max(1, gpus)
+    visible = torch.cuda.device_count()
+    if first + n > visible:
+        raise DoesNotFitError(f"the worker needs {n} GPU(s) from cuda:{first} on (ray.gpus_per_worker) but sees {visible}")
+    return list(range(first, first + n))
+
+
+def free_memory(slots: list[int]) -> list[int]:
+    """Free bytes on each of these GPUs now (with this process's CUDA context already made)."""
+    return [torch.cuda.mem_get_info(i)[0] for i in slots]
+
+
+def _device_map(config: PretrainedConfig, torch_dtype: torch.dtype, slots: list[int], engine: EngineOptions | None,
+                max_prompt_tokens: int | None, name: str) -> dict[str, int]:
+    """The balanced map (part -> CUDA ordinal) over `slots`, leaving room for scoring with `engine` (None: for the
+    weights alone); `DoesNotFitError` if none."""
+    opts = engine or EngineOptions()
+    est = estimate(config, torch_dtype, opts, max_prompt_tokens or opts.max_prompt_tokens)
+    if engine is None:
+        est = est.weights_only()
+    by_slot = est.device_map(free_memory(slots), f"{name} ({config.model_type})")
+    return {part: slots[slot] for part, slot in by_slot.items()}
+
+
+def load_model(
+    spec: str, dtype: str = "auto", device: str = "auto", gpus: int = 1, engine: EngineOptions | None = None,
+    max_prompt_tokens: int | None = None,
+) -> LoadedModel:
     """Load weights and tokenizer for scoring (eval mode, left padding).
 
     Attention runs in SDPA unless the family needs eager attention (soft-capped attention logits,
     which SDPA cannot compute). The family is checked from the config before any weight is read.
+
+    Weights go straight from the checkpoint to their device (`from_pretrained(device_map=...)`, no
+    full copy in CPU memory on the way to a GPU). On a GPU the model is first checked to fit, with
+    room for what scoring with `engine` and prompts of up to `max_prompt_tokens` needs (a scoring
+    worker passes its options; None: room for the weights only), `verif.model.memory`, `DoesNotFitError`
+    with the numbers otherwise; with `gpus` > 1 its layers are split over that many GPUs by a balanced
+    map (`verif.model.devicemap`). A GGUF checkpoint keeps the
+    old path: transformers dequantises it on the CPU, then it is moved (or dispatched by accelerate).
     """
     source = resolve_source(spec)
     device = default_device() if device == "auto" else device
@@ -157,21 +204,31 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
     try:
         config = AutoConfig.from_pretrained(source.location, **kwargs)
         family = family_of(getattr(config, "model_type", "?"))
+        slots = gpu_slots(device, gpus)
+        device_map = {"": device} if slots is None else _device_map(config, torch_dtype, slots, engine,
+                                                                     max_prompt_tokens, source.name)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, config=config, dtype=torch_dtype,
-            attn_implementation=family.attn_implementation(config), **kwargs,
+            source.location, config=config, dtype=torch_dtype, attn_implementation=family.attn_implementation(config),
+            **({} if source.gguf_file else {"device_map": device_map}), **kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except OSError as e:
         raise OSError(f"model.path {spec!r}: cannot load ({e})") from e
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    # Float buffers too (the rotary inv_freq), where they are: the numbers stay those of a model cast whole.
+    model = model.to(dtype=torch_dtype)
+    if source.gguf_file:  # dequantised on the CPU by transformers: moved (or dispatched) from there
+        model = model.to(device) if len(set(device_map.values())) == 1 else dispatch_model(model, device_map)
+    model = model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     arch = arch_from_config(model.config)
     check_layout(model, arch)
-    return LoadedModel(model, tokenizer, arch, source.name, source)
+    devices = [torch.device(device)] if slots is None else [torch.device("cuda", i) for i in slots]
+    by_slot = {part: 0 for part in device_map} if slots is None else {p: slots.index(i) for p, i in device_map.items()}
+    placement = Placement.from_map(model, by_slot, devices)
+    return LoadedModel(model, tokenizer, arch, source.name, source, placement)
 
 
 def check_layout(model: nn.Module, arch: Arch) -> None:

@@ -76,12 +76,12 @@ def default_ablations(loaded: LoadedModel) -> list[Ablation]:
 
 
 def _fits_float32(model: torch.nn.Module) -> bool:
-    param = next(model.parameters())
-    if param.device.type != "cuda":
-        return True
-    extra = sum(p.numel() for p in model.parameters()) * (4 - param.element_size())
-    free, _ = torch.cuda.mem_get_info(param.device)
-    return extra * 1.25 < free
+    """Whether every GPU holding part of the model has room for that part in float32 (a split model too)."""
+    extra: dict[torch.device, int] = {}
+    for p in model.parameters():
+        if p.device.type == "cuda":
+            extra[p.device] = extra.get(p.device, 0) + p.numel() * (4 - p.element_size())
+    return all(need * 1.25 < torch.cuda.mem_get_info(d)[0] for d, need in extra.items())
 
 
 def self_check(
