@@ -69,8 +69,8 @@ def check_job(manifest: dict, job: str, out: OutDir, resume: bool) -> None:
     (manifests before the "job" key are sweeps')."""
     found = manifest.get("job", "sweep")
     if not resume:
-        raise InputError(f"{out.root} already holds the output of a {found} job; pass --resume to continue it "
-                         "or choose another --out")
+        raise InputError(f"{out.root} already holds the output of a {found} job; pass --resume to continue it, "
+                         "choose another --out, or drop --out for a new run folder")
     if found != job:
         raise InputError(f"--resume: {out.root} holds the output of a {found} job, not of a {job} job; "
                          "choose another --out")

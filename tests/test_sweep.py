@@ -7,11 +7,13 @@ the in-process run bit for bit); the small sweep they all share is tests.support
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -200,10 +202,29 @@ def test_default_config_validates(capsys):
     assert "64 prompts" in capsys.readouterr().out
 
 
+def _reference_problems(readme: str) -> list[str]:
+    """How the README's configuration reference differs from `--config-reference`: it must be there once, as one
+    table with exactly the generated rows, and no row of it may appear anywhere else."""
+    want = reference_markdown().splitlines()
+    lines = readme.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == want[0]]
+    if len(starts) != 1:
+        return [f"the table's header appears {len(starts)} times"]
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[starts[0]:]))
+    problems = [f"stale or missing: {line}" for line in want if line not in block]
+    problems += [f"not generated: {line}" for line in block if line not in want]
+    counts = Counter(line for line in lines if line in want[2:])  # the rows (other tables share the separator)
+    problems += [f"appears {n} times: {line}" for line, n in counts.items() if n > 1]
+    return problems
+
+
 def test_readme_holds_the_generated_config_reference():
-    readme = (REPO / "README.md").read_text()
-    missing = [line for line in reference_markdown().splitlines() if line not in readme]
-    assert not missing, f"README configuration reference is stale; regenerate it (--config-reference): {missing}"
+    problems = _reference_problems((REPO / "README.md").read_text())
+    assert not problems, f"README configuration reference: regenerate it (--config-reference): {problems}"
+    # The bug this replaced: rows repeated after the table (a blank line, then generate.* and compare.* again).
+    doubled = (REPO / "README.md").read_text().replace(
+        reference_markdown(), reference_markdown() + "\n\n" + "\n".join(reference_markdown().splitlines()[-4:]))
+    assert any(p.startswith("appears 2 times: | `compare.") for p in _reference_problems(doubled))
 
 
 
