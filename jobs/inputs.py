@@ -143,10 +143,12 @@ def token_limits(max_tokens: int, context: int | None, engine_tokens: int, model
 def over_limits(prompts: Sequence[str], where: Sequence[str], tokenizers: Mapping[str, object],
                 limits: Mapping[str, list[TokenLimit]]) -> list[TooLong]:
     """Every prompt over a limit of some model, with the tightest skippable limit it exceeds, else the
-    engine's (no special tokens added: the worker reads prompts that way)."""
+    engine's (no special tokens added: the worker reads prompts that way). `verbose=False`: transformers'
+    own warning about a sequence over the tokenizer's maximum would come before the line this check
+    gives about the same prompt."""
     found: dict[int, TooLong] = {}
     for model, tok in tokenizers.items():
-        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]]
         for i, n in enumerate(counts):
             exceeded = [lim for lim in limits[model] if n > lim.tokens]
             if not exceeded:
