@@ -48,11 +48,11 @@ class Frozen:
 
 
 @pytest.fixture(scope="module")
-def frozen(seed_model_dir, tmp_path_factory):
+def frozen(sweep_model_dir, tmp_path_factory):
     """The four drivers, each frozen mid-sweep (see the module docstring)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     root = tmp_path_factory.mktemp("faults")
-    runs = {f: Frozen(start_driver(seed_model_dir, root / f, ray_tmp, "ray.workers=1"), root / f) for f in FAULTS}
+    runs = {f: Frozen(start_driver(sweep_model_dir, root / f, ray_tmp, "ray.workers=1"), root / f) for f in FAULTS}
     try:
         deadline = time.monotonic() + 300
         while any(r.procs is None for r in runs.values()):
@@ -99,12 +99,12 @@ def _check_clean_stop(r: Frozen, code: int, err: str, signame: str, want_code: i
     assert not out.lock.exists() and not out.ray_processes.exists()
 
 
-def test_sigint_to_the_driver_alone(frozen, seed_model_dir):
+def test_sigint_to_the_driver_alone(frozen, sweep_model_dir):
     r = frozen["sigint"]
     # While it runs, a second sweep into its folder is refused at once, and changes nothing there.
     before = (r.out / "manifest.json").read_bytes()
     with pytest.raises(OutLocked, match=rf"in use by another sweep: pid {r.proc.pid} on host "):
-        run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
+        run_sweep(sweep_cfg(sweep_model_dir, r.out, "ray.workers=0"), resume=True)
     assert (r.out / "manifest.json").read_bytes() == before
     _check_clean_stop(r, *_stopped(r, lambda: os.kill(r.proc.pid, signal.SIGINT)), "SIGINT", 130)
 
@@ -119,7 +119,7 @@ def test_sigterm(frozen):
     _check_clean_stop(r, *_stopped(r, lambda: os.kill(r.proc.pid, signal.SIGTERM)), "SIGTERM", 143)
 
 
-def test_driver_sigkill_then_resume(frozen, seed_model_dir, sweep_reference, capsys):
+def test_driver_sigkill_then_resume(frozen, sweep_model_dir, sweep_reference, capsys):
     """After a SIGKILL nothing cleans up; the next run in the folder stops the recorded Ray processes still
     alive (only those: an unrelated process holding a recorded pid number is left alone) and completes."""
     r = frozen["sigkill"]
@@ -138,7 +138,7 @@ def test_driver_sigkill_then_resume(frozen, seed_model_dir, sweep_reference, cap
     _, stuck = psutil.wait_procs(r.procs, timeout=2)
     assert stuck, "no Ray process outlived the killed driver: the record-and-stop step was not exercised"
     try:
-        report = run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
+        report = run_sweep(sweep_cfg(sweep_model_dir, r.out, "ray.workers=0"), resume=True)
         err = capsys.readouterr().err
         assert impostor.poll() is None, "a process that merely reuses a recorded pid was killed"
     finally:
