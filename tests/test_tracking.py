@@ -373,12 +373,12 @@ def test_log_weight_diff(tmp_path):
     assert set(art["files"]) == {"weight_diff.parquet", "weight_diff_selection.parquet"}
 
 
-def test_end_to_end_sweep_offline(seed_model_dir, tmp_path):
+def test_end_to_end_sweep_offline(sweep_model_dir, tmp_path):
     """A real sweep on the seed-shaped model: the run's summary equals OUT/summary.parquet."""
     from jobs.sweep import run_sweep
 
     cfg = load_config(None, overrides=[
-        f"model.path={seed_model_dir}", "prompts.n=8", 'ablation.target_heads="L3 H13, L17 H14"',
+        f"model.path={sweep_model_dir}", "prompts.n=8", 'ablation.target_heads="L3 H13, L17 H14"',
         "ablation.random_controls=3", "ray.workers=0", "wandb.mode=offline", "stats.n_boot=100",
     ], out=str(tmp_path / "OUT"))
     report = run_sweep(cfg)
