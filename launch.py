@@ -10,6 +10,10 @@ or check a configuration.
     python launch.py --relog OUT [--mode offline|online]       log a finished sweep folder to W&B again
     python launch.py --config-reference                        print the configuration reference
 
+Without --out (and no `out` in the config) every run gets a new folder, runs/<name>, runs/<name>-2, ...
+(`jobs.runs`: --generate's are runs/<name>-generate[-N], --weight-diff's runs/weight_diff[-N]), printed
+first; runs/latest links to the latest, and --resume continues the latest run of that name.
+
 The jobs are imported only once the configuration, the job's output folder and the files it reads are
 checked (`jobs.inputs.check_job_inputs`): they pull in torch, transformers and Ray (seconds), and a typo
 should cost a fraction of one. Bad input (`jobs.errors.InputError`, and a command line argparse refuses)
@@ -25,7 +29,7 @@ import argparse
 import re
 import sys
 
-from jobs import config, inputs
+from jobs import config, inputs, runs
 from jobs.errors import InputError
 from jobs.inputs import JOBS
 from jobs.runtime.resumable import JobFailed, JobInterrupted
@@ -54,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                            "head list); without --config no config file is read")
     mode.add_argument("--generate", action="store_true",
                       help="generate chains of thought of model.path on Countdown problems (TinyZero's prompt) and "
-                           "extract their attempts; writes to --out, default runs/<name>-generate")
+                           "extract their attempts; writes to --out, default a new runs/<name>-generate[-N]")
     mode.add_argument("--compare", action="store_true",
                       help="run the sweep's prompts through the two models of model.path and compare them layer by "
                            "layer; writes OUT/compare/")
@@ -63,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set prompts.n=128 (repeatable)")
-    p.add_argument("--out", help="output folder (default: config `out`, else runs/<name>)")
+    p.add_argument("--out", help="output folder (default: config `out`, else a new folder per run: runs/<name>, "
+                                 "runs/<name>-2, ...; runs/latest links to the latest)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the job in --out with the config it was started with: a sweep, discovery or "
-                        "generate job skips its finished shards, a compare or weight diff is computed again")
+                   help="continue the job in --out (without --out: the latest run of that name) with the config it "
+                        "was started with: a sweep, discovery or generate job skips its finished shards, a compare "
+                        "or weight diff is computed again")
     p.add_argument("--base", help="--weight-diff: base checkpoint (hub id or safetensors folder)")
     p.add_argument("--tuned", help="--weight-diff: fine-tuned checkpoint")
     p.add_argument("--mode", choices=("offline", "online"), help="--relog: override the run's wandb.mode")
@@ -85,12 +91,13 @@ def _weight_diff(args: argparse.Namespace) -> int:
     if not (args.base and args.tuned):
         return _fail("--weight-diff needs --base and --tuned")
     overrides = [*args.overrides, f"weight_diff.base={args.base}", f"weight_diff.tuned={args.tuned}"]
-    cfg = config.load_config(args.config, ["name=weight-diff", *overrides], args.out or "runs/weight_diff",
-                             file_default=False)
+    cfg = _config(args, ["name=weight-diff", *overrides], file_default=False)
+    cfg, folder = runs.place(cfg, args.out, "weight-diff", args.resume)
     inputs.check_job_inputs(cfg, JOBS["weight-diff"], args.resume)  # before the seconds of imports below
     from jobs.weight_diff import weight_diff_job
 
-    result, run = weight_diff_job(cfg, args.resume, args.config)
+    with runs.announced(folder):
+        result, run = weight_diff_job(cfg, args.resume, args.config)
     print("\n".join(result.verdicts))
     print(f"wrote {', '.join(str(p) for p in result.files.values())} ({result.seconds:.1f} s)")
     print(f"W&B run: {run or 'disabled'}")
@@ -102,28 +109,36 @@ def _command_line(argv: list[str] | None) -> list[str]:
     return [sys.argv[0] if argv is None else "launch.py", *(sys.argv[1:] if argv is None else argv)]
 
 
+def _config(args: argparse.Namespace, overrides: list[str], file_default: bool = True) -> config.Config:
+    """The configuration; an unset `out` stays unset (the job's run folder is chosen by `jobs.runs.place`)."""
+    return config.load_config(args.config, overrides, file_default=file_default, default_out=False)
+
+
 def _generate(args: argparse.Namespace) -> int:
-    """The generate job; its folder is --out, else runs/<name>-generate (never the sweep's)."""
-    cfg = config.load_config(args.config, args.overrides)
-    cfg = cfg.replace(out=args.out or config.generate_out(cfg))
+    """The generate job; its folder is --out, else a new runs/<name>-generate[-N] (never a sweep's)."""
+    cfg, folder = runs.place(_config(args, args.overrides), args.out, "generate", args.resume)
     inputs.check_job_inputs(cfg, JOBS["generate"], args.resume)  # before the seconds of imports below
     from jobs.generate import run_generate
 
-    print("\n".join(run_generate(cfg, resume=args.resume).lines()))
+    with runs.announced(folder):
+        report = run_generate(cfg, resume=args.resume)
+    print("\n".join(report.lines()))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    cfg = config.load_config(args.config, args.overrides, args.out)
+    cfg, folder = runs.place(_config(args, args.overrides), args.out, "compare", args.resume)
     inputs.check_job_inputs(cfg, JOBS["compare"], args.resume)  # OUT/compare; before the imports below
     from jobs.compare import run_compare
 
-    print("\n".join(run_compare(cfg, resume=args.resume, config_file=args.config).lines()))
+    with runs.announced(folder):
+        report = run_compare(cfg, resume=args.resume, config_file=args.config)
+    print("\n".join(report.lines()))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    cfg = config.load_config(args.config, args.overrides, args.out)
+    cfg, folder = runs.place(_config(args, args.overrides), args.out, "sweep", args.resume)
     inputs.check_job_inputs(cfg, JOBS["sweep"], args.resume)  # before the seconds of imports below
     from jobs.sweep import prepare, run_sweep
 
@@ -132,17 +147,22 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"ok: {len(plan.sources)} model(s), {plan.prompts.height} prompts, "
               f"{len(plan.conditions)} conditions, {len(plan.shards)} shards")
         print("\n".join(plan.prompt_source.lines() + plan.fit))
+        print(f"output folder: {cfg.out}" + (f" ({folder.why})" if folder else ""))
         return 0
-    print("\n".join(run_sweep(cfg, resume=args.resume, config_file=args.config).lines()))
+    with runs.announced(folder):
+        report = run_sweep(cfg, resume=args.resume, config_file=args.config)
+    print("\n".join(report.lines()))
     return 0
 
 
 def _discover(args: argparse.Namespace) -> int:
-    cfg = config.load_config(args.config, args.overrides, args.out)
+    cfg, folder = runs.place(_config(args, args.overrides), args.out, "discover", args.resume)
     inputs.check_job_inputs(cfg, JOBS["discover"], args.resume)  # OUT/discovery; before the imports below
     from jobs.discover.job import run_discovery
 
-    print("\n".join(run_discovery(cfg, resume=args.resume).lines()))
+    with runs.announced(folder):
+        report = run_discovery(cfg, resume=args.resume)
+    print("\n".join(report.lines()))
     return 0
 
 

@@ -328,7 +328,8 @@ class Config:
     manifests and W&B keep."""
 
     name: str = doc("Sweep name: W&B group and run name prefix.", "sweep")
-    out: str | None = doc("Output folder (default runs/<name>); `--out` overrides it.", None)
+    out: str | None = doc("Output folder; `--out` overrides it. Unset: each run gets a new folder, runs/<name>, "
+                          "runs/<name>-2, ... (runs/latest links to the latest).", None)
     model: ModelConfig = section(ModelConfig)
     prompts: PromptsConfig = section(PromptsConfig)
     scoring: ScoringConfig = section(ScoringConfig)
@@ -470,28 +471,26 @@ def _read_yaml(path: Path) -> dict:
     return loaded
 
 
-def generate_out(cfg: Config) -> str:
-    """Where `--generate` writes without `--out`: beside the sweep's folder (runs/<name>-generate), never in it."""
-    return str(Path("runs") / f"{cfg.name}-generate")
+def config_from_dict(values: dict, overrides: list[str] = (), default_out: bool = True) -> Config:
+    """Defaults <- `values` <- `--set` overrides, validated (also reads a manifest's saved config).
 
-
-def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
-    """Defaults <- `values` <- `--set` overrides, validated (also reads a manifest's saved config)."""
+    An unset `out` becomes runs/<name> with `default_out`, else stays None: the command line then gives
+    each run a folder of its own (`jobs.runs`)."""
     merged = _merge(Config().to_dict(), values, Config)
     for item in overrides:
         merged = _merge(merged, parse_override(item), Config)
     cfg = _build(Config, merged)
-    return cfg if cfg.out is not None else cfg.replace(out=str(Path("runs") / cfg.name))
+    return cfg if cfg.out is not None or not default_out else cfg.replace(out=str(Path("runs") / cfg.name))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), out: str | None = None,
-                file_default: bool = True) -> Config:
+                file_default: bool = True, default_out: bool = True) -> Config:
     """Defaults <- YAML file <- `--set` overrides <- `--out`, validated.
 
     Without `path` the file is configs/default.yaml, or none at all when `file_default` is False.
     """
     values = _read_yaml(Path(path) if path else DEFAULT_CONFIG) if (path or file_default) else {}
-    cfg = config_from_dict(values, overrides)
+    cfg = config_from_dict(values, overrides, default_out)
     return cfg if out is None else cfg.replace(out=out)
 
 

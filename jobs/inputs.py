@@ -98,8 +98,8 @@ def check_job(manifest: dict, job: str, out: OutDir, resume: bool) -> None:
         raise InputError(f"{flag}{out.root} holds the output of a {found} job, not of a {job} job; "
                          "choose another --out")
     if not resume:
-        raise InputError(f"{out.root} already holds the output of a {job} job; pass --resume to continue it "
-                         "or choose another --out")
+        raise InputError(f"{out.root} already holds the output of a {job} job; pass --resume to continue it, "
+                         "choose another --out, or drop --out for a new run folder")
 
 
 def check_prompt_file(path: str, key: str = "prompts.file") -> None:
@@ -172,10 +172,12 @@ def over_limits(prompts: Sequence[str], where: Sequence[str], tokenizers: Mappin
                 limits: Mapping[str, list[TokenLimit]], special_tokens: bool = False) -> list[TooLong]:
     """Every prompt over a limit of some model, with the tightest skippable limit it exceeds, else the
     tightest other one. Tokens are counted as the job's model reads the prompts: scoring adds no
-    special tokens, generation the tokenizer's defaults (`special_tokens`)."""
+    special tokens, generation the tokenizer's defaults (`special_tokens`). `verbose=False`: transformers'
+    own warning about a sequence over the tokenizer's maximum would come before the line this check
+    gives about the same prompt."""
     found: dict[int, TooLong] = {}
     for model, tok in tokenizers.items():
-        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=special_tokens)["input_ids"]]
+        counts = [len(ids) for ids in tok(list(prompts), add_special_tokens=special_tokens, verbose=False)["input_ids"]]
         for i, n in enumerate(counts):
             exceeded = [lim for lim in limits[model] if n > lim.tokens]
             if not exceeded:

@@ -3,6 +3,11 @@
 Loading a model is the slow part of most tests, so each model is built/loaded once per session.
 Tests must treat the loaded models as read-only (the fast engine re-points q/k/v and gate/up weights
 at fused views of equal values, which is allowed: it changes no number).
+
+No test depends on the state of the working tree or writes into it: every test (and every session
+fixture) runs in a fresh, empty working folder, so a default path (`runs/<name>`, `--check` without
+`--out`) lands there, and the session fails if git sees anything new or changed in the checkout
+afterwards (tests.support.worktree), ignored paths such as `runs/` included.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,14 +24,53 @@ import torch
 from verif.design.heads import STUDY_HEADS_TEXT, parse_heads
 from verif.model.loading import LoadedModel, load_model
 from tests.support.models import build_seed_shaped_model
+from tests.support.worktree import repo_state, writes
 from tests.support.sweeps import sweep_cfg
-from tests.support.tokenizer import qwen25_tokenizer
+from tests.support.tokenizer import PLUMBING_RANKS, qwen25_tokenizer
 from tests.tolerances import float64_copy, forward_rounding
 
 # One intra-op thread unless told otherwise: the test models are small (per-op overhead dominates)
 # and on a shared 2-core machine two OpenMP threads competing with other processes made the same
 # forwards 10-40x slower than one thread (measured). VERIF_TEST_THREADS=N overrides.
 torch.set_num_threads(int(os.environ.get("VERIF_TEST_THREADS", "1")))
+
+REPO = Path(__file__).resolve().parent.parent
+_REPO_BEFORE = pytest.StashKey[dict]()
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controlling process (xdist workers: no check)
+        session.config.stash[_REPO_BEFORE] = repo_state(REPO)
+
+
+def pytest_sessionfinish(session):
+    before = session.config.stash.get(_REPO_BEFORE, None)
+    if before is None:
+        return  # an xdist worker, or not a git checkout
+    written = writes(before, repo_state(REPO) or {})
+    if written:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"FAILED: the tests wrote into the repository ({REPO}): {', '.join(written)}"
+        if reporter is not None:
+            reporter.write_line(message, red=True, bold=True)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_folder(tmp_path_factory):
+    """Session fixtures run in a working folder of the session's own (before any test's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("session_cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in a fresh, empty working folder: relative default paths land there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
 
 # Short verification prompts (about 30-60 tokens) of different token lengths: long enough for
 # attention to matter, short enough that SmolLM2 runs them quickly on a CPU.
@@ -44,6 +89,15 @@ SHORT_PROMPTS = (
 def seed_model_dir(tmp_path_factory) -> object:
     """A random-weight Qwen2 folder with the study's shape (36 layers x 16 heads) and the Qwen2.5 tokenizer."""
     return build_seed_shaped_model(tmp_path_factory.mktemp("seed_model"))
+
+
+@pytest.fixture(scope="session")
+def sweep_model_dir(tmp_path_factory) -> object:
+    """The seed shape (36 x 16 heads: the study's heads are valid) with the first 10,000 Qwen2.5 BPE ranks
+    (tests.support.tokenizer.PLUMBING_RANKS): the model of the shared small sweep (tests.support.sweeps) and
+    of the tests of its plumbing (sharding, Ray, faults, resume), where the vocabulary's size only costs
+    time: every driver and worker loads its tokenizer in ~0.04 s instead of ~1.6 s."""
+    return build_seed_shaped_model(tmp_path_factory.mktemp("sweep_model"), n_ranks=PLUMBING_RANKS)
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +164,7 @@ def rounding(short_prompts) -> Callable[..., float]:
 
 
 @pytest.fixture(scope="session")
-def sweep_reference(seed_model_dir, tmp_path_factory):
+def sweep_reference(sweep_model_dir, tmp_path_factory):
     """`tests.support.sweeps`' small sweep scored in this process, without Ray: (results frame, finished OUT).
 
     Tests that need a finished folder copy OUT; none may change it.
@@ -119,6 +173,6 @@ def sweep_reference(seed_model_dir, tmp_path_factory):
     from jobs.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("reference") / "OUT"
-    report = run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
+    report = run_sweep(sweep_cfg(sweep_model_dir, out, "ray.workers=0"))
     assert report.shards_run == 6 and report.rows_written == 24
     return OutDir(out).read_results(), out

@@ -488,7 +488,7 @@ def test_engine_budget_is_never_a_reason_to_skip():
     the prompts a sweep scores may not); over prompts.max_tokens too, it is skipped."""
 
     class Words:  # a tokenizer: one token per word
-        def __call__(self, texts, add_special_tokens):
+        def __call__(self, texts, add_special_tokens, verbose=True):
             return {"input_ids": [t.split() for t in texts]}
 
     limits = {"m": token_limits(max_tokens=8, context=None, engine_tokens=4, model="m")}

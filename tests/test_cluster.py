@@ -90,7 +90,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, seed_model_dir, checkpoints):
+def cluster(tmp_path_factory, sweep_model_dir, checkpoints):
     """The simulated 3-node cluster (see the module docstring), torn down with every process it started."""
     from ray.cluster_utils import Cluster
 
@@ -104,7 +104,7 @@ def cluster(tmp_path_factory, seed_model_dir, checkpoints):
         hf_home = root / f"hf_{name}"
         _into_hub_cache(hf_home, HUB_ID, checkpoints.node_tuned)
         return {"PYTHONPATH": f"{AUDIT_SITE}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
-                "VERIF_AUDIT_LOG": str(audit), "VERIF_AUDIT_WATCH": f"{driver_only}{os.pathsep}{seed_model_dir}",
+                "VERIF_AUDIT_LOG": str(audit), "VERIF_AUDIT_WATCH": f"{driver_only}{os.pathsep}{sweep_model_dir}",
                 "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
 
     node = {"num_cpus": 1, "resources": {"fake_gpu": 1}, "include_dashboard": False}
@@ -170,9 +170,9 @@ def _cluster_cfg(env, out: Path, *extra: str):
 
 
 @pytest.fixture
-def env(cluster, sweep_reference, seed_model_dir):
+def env(cluster, sweep_reference, sweep_model_dir):
     return SimpleNamespace(**vars(cluster), reference=sweep_reference[0], reference_out=sweep_reference[1],
-                           model_dir=seed_model_dir)
+                           model_dir=sweep_model_dir)
 
 
 def _audit_log(env) -> dict[int, set[str]]:
@@ -393,13 +393,13 @@ def ray_head(tmp_path):
     assert not leftover, f"processes of `ray start --head` outlived it (killed now): {leftover}"
 
 
-def test_ray_job_submit_as_the_readme_shows(ray_head, seed_model_dir, sweep_reference, tmp_path):
+def test_ray_job_submit_as_the_readme_shows(ray_head, sweep_model_dir, sweep_reference, tmp_path):
     words = _readme_submit_command()
     dash = words.index("--")
     assert words[:dash] == ["ray", "job", "submit", "--address", "http://HEAD:8265", "--working-dir", "."]
     assert words[dash + 1:dash + 4] == ["python", "launch.py", "--sweep"]
     out = tmp_path / "OUT"
-    sweep = [f"--set={item}" for item in sweep_overrides(seed_model_dir, "ray.workers=1")]
+    sweep = [f"--set={item}" for item in sweep_overrides(sweep_model_dir, "ray.workers=1")]
     cmd = [str(Path(sys.executable).parent / "ray"), *words[1:4], ray_head.url, *words[5:dash + 4],
            "--out", str(out), *sweep]
     proc = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,6 @@
-"""The compare job (`launch.py --compare`) on the seed-shaped model: against itself, and against a copy
-with one planted change in one layer."""
+"""The compare job (`launch.py --compare`) on the seed-shaped model (conftest `sweep_model_dir`: its small
+vocabulary makes every layer's logit lens 15x cheaper): against itself, and against a copy with one planted
+change in one layer."""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ SETTINGS = ("model.dtype=float32", "model.device=cpu", "prompts.n=3", "stats.n_b
 
 
 @pytest.fixture(scope="module")
-def planted_dir(seed_model_dir, tmp_path_factory) -> Path:
+def planted_dir(sweep_model_dir, tmp_path_factory) -> Path:
     """The seed-shaped model with row 7 of layer PLANTED_LAYER's down_proj scaled by 3 (nothing else)."""
     out = tmp_path_factory.mktemp("planted")
-    for path in Path(seed_model_dir).iterdir():
+    for path in Path(sweep_model_dir).iterdir():
         if path.name != "model.safetensors":
             shutil.copy(path, out / path.name)
-    tensors = load_file(Path(seed_model_dir) / "model.safetensors")
+    tensors = load_file(Path(sweep_model_dir) / "model.safetensors")
     key = f"model.layers.{PLANTED_LAYER}.mlp.down_proj.weight"
     tensors[key] = tensors[key].clone()
     tensors[key][7] *= 3.0
@@ -43,10 +44,10 @@ def _overrides(a: Path, b: Path, *extra: str) -> list[str]:
     return [f"model.path=[{a}, {b}]", *SETTINGS, *extra]
 
 
-def test_a_model_against_itself_is_identical(seed_model_dir, tmp_path, capsys):
+def test_a_model_against_itself_is_identical(sweep_model_dir, tmp_path, capsys):
     out = tmp_path / "OUT"
     argv = ["--compare", "--out", str(out)]
-    for item in _overrides(seed_model_dir, seed_model_dir, "compare.neurons=L0 N5, L35 N5"):
+    for item in _overrides(sweep_model_dir, sweep_model_dir, "compare.neurons=L0 N5, L35 N5"):
         argv += ["--set", item]
     assert launch.main(argv) == 0
     printed = capsys.readouterr().out
@@ -69,10 +70,10 @@ def test_a_model_against_itself_is_identical(seed_model_dir, tmp_path, capsys):
     assert "identical after every layer" in printed and str(folder) in printed
 
 
-def test_a_planted_change_shows_from_its_layer_on(seed_model_dir, planted_dir, tmp_path):
+def test_a_planted_change_shows_from_its_layer_on(sweep_model_dir, planted_dir, tmp_path):
     target = tmp_path / "target.yaml"  # as --discover writes it
     target.write_text(f'ablation:\n  target_neurons: "L{PLANTED_LAYER} N5, L{PLANTED_LAYER + 1} N5"\n')
-    cfg = load_config(None, _overrides(seed_model_dir, planted_dir, f"compare.neurons_from={target}",
+    cfg = load_config(None, _overrides(sweep_model_dir, planted_dir, f"compare.neurons_from={target}",
                                        "wandb.mode=offline"), str(tmp_path / "OUT"))
     report = run_compare(cfg)
     assert report.numbers["first_differing_layer"] == PLANTED_LAYER
@@ -107,28 +108,28 @@ def test_a_planted_change_shows_from_its_layer_on(seed_model_dir, planted_dir, t
     (("compare.neurons_from=missing.yaml",), r"compare.neurons_from 'missing.yaml': no such file"),
     (("compare.neurons=L36 N0",), r"compare.neurons: L36 N0: model has 36 layers \(0-35\)"),
 ])
-def test_bad_input_is_refused_before_any_model_loads(seed_model_dir, tmp_path, extra, message):
-    cfg = load_config(None, _overrides(seed_model_dir, seed_model_dir, *extra), str(tmp_path / "OUT"))
+def test_bad_input_is_refused_before_any_model_loads(sweep_model_dir, tmp_path, extra, message):
+    cfg = load_config(None, _overrides(sweep_model_dir, sweep_model_dir, *extra), str(tmp_path / "OUT"))
     with pytest.raises(CompareError, match=message):
         run_compare(cfg)
     assert not (tmp_path / "OUT").exists()
 
 
-def test_a_neurons_file_without_neurons_is_refused(seed_model_dir, tmp_path):
+def test_a_neurons_file_without_neurons_is_refused(sweep_model_dir, tmp_path):
     heads_only = tmp_path / "target.yaml"
     heads_only.write_text('ablation:\n  target_heads: "L3 H13"\n')
-    cfg = load_config(None, _overrides(seed_model_dir, seed_model_dir, f"compare.neurons_from={heads_only}"),
+    cfg = load_config(None, _overrides(sweep_model_dir, sweep_model_dir, f"compare.neurons_from={heads_only}"),
                       str(tmp_path / "OUT"))
     with pytest.raises(CompareError, match="has no ablation.target_neurons"):
         run_compare(cfg)
 
 
-def test_models_of_one_name_with_different_tokenizers_are_refused(seed_model_dir, tmp_path):
+def test_models_of_one_name_with_different_tokenizers_are_refused(sweep_model_dir, tmp_path):
     """Two folders both called `model` (their names collide; their paths do not): the tokenizers are
     still compared, one per path, and a vocabulary that differs by one token is refused."""
     a, b = tmp_path / "base" / "model", tmp_path / "tuned" / "model"
     for folder in (a, b):
-        shutil.copytree(seed_model_dir, folder)
+        shutil.copytree(sweep_model_dir, folder)
     tok = AutoTokenizer.from_pretrained(b)
     tok.add_tokens(["<verif_extra>"])
     tok.save_pretrained(b)

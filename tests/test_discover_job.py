@@ -1,4 +1,5 @@
-"""`python launch.py --discover` end to end on a 4-layer x 4-head seed-shaped model, in this process.
+"""`python launch.py --discover` end to end on a 4-layer x 4-head seed-shaped model (with the first 10,000
+Qwen2.5 BPE ranks: tests.support.tokenizer.PLUMBING_RANKS), in this process.
 
 One discovery (8 prompts, a quarter of each label held out: the 6 of the selection half in scan shards of 3; M over
 its 3 correct ones, the held-out M over the 1 held-out correct one) is run through the command line once per module; the tests read its folder: the files and columns, its exact effects against a
@@ -35,6 +36,7 @@ from verif.analysis.discovery.sets import best_set
 from verif.design.heads import parse_heads
 from verif.design.neurons import parse_neurons
 from tests.support.models import build_seed_shaped_model
+from tests.support.tokenizer import PLUMBING_RANKS
 from tests.support.wandb_records import read_run
 
 N_LAYERS, N_HEADS, HEAD_DIM = 4, 4, 8
@@ -50,8 +52,8 @@ SETTINGS = (
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return build_seed_shaped_model(tmp_path_factory.mktemp("tiny"), n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=2,
-                                   head_dim=HEAD_DIM)
+    return build_seed_shaped_model(tmp_path_factory.mktemp("tiny"), n_ranks=PLUMBING_RANKS, n_layers=N_LAYERS,
+                                   n_heads=N_HEADS, n_kv_heads=2, head_dim=HEAD_DIM)
 
 
 def overrides(model_dir: Path, *extra: str) -> list[str]:
@@ -322,7 +324,8 @@ def test_a_holdout_that_leaves_no_prompt_to_rank_on_is_refused_before_loading(ti
 
 
 def test_two_models_get_their_own_rows_and_targets(tiny_dir, tmp_path):
-    other = build_seed_shaped_model(tmp_path / "other", seed=1, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=HEAD_DIM)
+    other = build_seed_shaped_model(tmp_path / "other", seed=1, n_ranks=PLUMBING_RANKS, n_layers=3, n_heads=2, n_kv_heads=1,
+                                    head_dim=HEAD_DIM)
     cfg = load_config(None, [f"model.path=[{tiny_dir}, {other}]", *SETTINGS, "prompts.n=4", "discover.max_prompts=1",
                              "discover.exact=2", "discover.k=[1]", "discover.controls=1", "discover.holdout=0",
                              "wandb.mode=disabled"],

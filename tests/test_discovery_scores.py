@@ -26,6 +26,7 @@ from verif.analysis.discovery.probes import (
 from verif.model.score import resolve_yes_no
 from verif.task.prompts import render_prompt
 from tests.support.exact_models import small_seed_model
+from tests.tolerances import U64, gamma
 
 ATTEMPTS = [  # (numbers, target, attempt)
     ([79, 17, 60], 36, "79 - 60 + 17 = 19 + 17 = 36"),
@@ -165,8 +166,14 @@ def test_probe_recovers_a_planted_direction_and_calls_noise_noise():
     scores = probe_cosines(values, [noise_probe, signal_probe])
     assert np.nanargmax(scores[0]) == 7 and scores[0, 7] == pytest.approx(cos, rel=1e-12)
     assert np.isnan(scores[2]).all() and np.isfinite(scores[:2]).all()
-    # only_separating=False adds the noise probe (layer 0) to the max of layer 0: scores can only grow.
-    assert (probe_cosines(values, [noise_probe, signal_probe], only_separating=False)[:2] >= scores[:2]).all()
+    # only_separating=False adds the noise probe (layer 0) to the max of layer 0: scores can only grow. A
+    # maximum it does not change is the same cosine computed by another matrix product (two probe rows, not
+    # one: another BLAS kernel and summation order), so equal maxima may differ by the rounding of a d-term
+    # dot product of unit vectors (sum of |terms| <= 1 by Cauchy-Schwarz) in each of the two products.
+    tol = 2 * gamma(d, U64)
+    grown = probe_cosines(values, [noise_probe, signal_probe], only_separating=False)[:2]
+    assert (grown >= scores[:2] - tol).all()
+    assert (grown > scores[:2] + tol).any()  # the noise probe does win somewhere: the comparison is not vacuous
 
 
 def test_fit_logistic_solves_its_penalised_problem():

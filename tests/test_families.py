@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from tests.support.families import (
-    FAMILY_NAMES, HEAD_DIM, HIDDEN, INTER, N_HEADS, N_KV, N_LAYERS, U32, load_family, score_tolerance,
+    FAMILY_NAMES, HEAD_DIM, HIDDEN, INTER, N_HEADS, N_KV, N_LAYERS, U32, family_tokenizer, load_family,
+    score_tolerance,
 )  # fmt: skip
 from verif.design.conditions import Ablation
 from verif.model.ablation import AblationMasks, HookedAblation
@@ -61,10 +62,10 @@ def fast_family(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def prompts(short_prompts, qwen_tokenizer) -> list[list[int]]:
+def prompts(short_prompts) -> list[list[int]]:
     """Three prompts: two of one length (a same-length unit) and a longer one (a padded unit), all
     longer than the sliding window of the windowed families."""
-    enc = [qwen_tokenizer.encode(p, add_special_tokens=False) for p in short_prompts]
+    enc = [family_tokenizer().encode(p, add_special_tokens=False) for p in short_prompts]
     n = min(len(e) for e in enc)
     return [enc[0][:n - 4], enc[2][:n - 4], enc[1][:n]]
 

@@ -51,11 +51,11 @@ class Frozen:
 
 
 @pytest.fixture(scope="module")
-def frozen(seed_model_dir, tmp_path_factory):
+def frozen(sweep_model_dir, tmp_path_factory):
     """The four drivers, each frozen mid-sweep (see the module docstring)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     root = tmp_path_factory.mktemp("faults")
-    runs = {f: Frozen(start_driver(seed_model_dir, root / f, ray_tmp, "ray.workers=1"), root / f) for f in FAULTS}
+    runs = {f: Frozen(start_driver(sweep_model_dir, root / f, ray_tmp, "ray.workers=1"), root / f) for f in FAULTS}
     try:
         deadline = time.monotonic() + 300
         while any(r.procs is None for r in runs.values()):
@@ -102,12 +102,12 @@ def _check_clean_stop(r: Frozen, code: int, err: str, signame: str, want_code: i
     assert not out.lock.exists() and not out.ray_processes.exists()
 
 
-def test_sigint_to_the_driver_alone(frozen, seed_model_dir):
+def test_sigint_to_the_driver_alone(frozen, sweep_model_dir):
     r = frozen["sigint"]
     # While it runs, a second sweep into its folder is refused at once, and changes nothing there.
     before = (r.out / "manifest.json").read_bytes()
     with pytest.raises(OutLocked, match=rf"in use by a sweep job, pid {r.proc.pid} on host "):
-        run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
+        run_sweep(sweep_cfg(sweep_model_dir, r.out, "ray.workers=0"), resume=True)
     assert (r.out / "manifest.json").read_bytes() == before
     _check_clean_stop(r, *_stopped(r, lambda: os.kill(r.proc.pid, signal.SIGINT)), "SIGINT", 130)
 
@@ -122,7 +122,7 @@ def test_sigterm(frozen):
     _check_clean_stop(r, *_stopped(r, lambda: os.kill(r.proc.pid, signal.SIGTERM)), "SIGTERM", 143)
 
 
-def test_driver_sigkill_then_resume(frozen, seed_model_dir, sweep_reference, capsys):
+def test_driver_sigkill_then_resume(frozen, sweep_model_dir, sweep_reference, capsys):
     """After a SIGKILL the driver cleans up nothing, and Ray 2.60's dashboard and runtime-env agents do not
     share its fate (its head processes and workers do: kill-on-parent-death). Its watchdog stops them all
     and removes the record at once, no later run needed; then --resume completes with the same rows."""
@@ -139,7 +139,7 @@ def test_driver_sigkill_then_resume(frozen, seed_model_dir, sweep_reference, cap
     _, alive = psutil.wait_procs(r.procs, timeout=60)
     assert still_running(alive) == [], "processes of the killed driver are still running"
     assert not out.ray_processes.exists(), "the watchdog did not stop the recorded processes"
-    report = run_sweep(sweep_cfg(seed_model_dir, r.out, "ray.workers=0"), resume=True)
+    report = run_sweep(sweep_cfg(sweep_model_dir, r.out, "ray.workers=0"), resume=True)
     assert "Ray processes left running" not in capsys.readouterr().err  # nothing was left for it
     assert report.shards_skipped + report.shards_run == N_SHARDS and report.shards_skipped >= 1
     assert_same_results(out.read_results(), sweep_reference[0])

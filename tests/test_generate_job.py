@@ -27,6 +27,7 @@ from tests.support.models import seed_shaped_config
 from tests.support.sweeps import sweep_overrides
 from tests.support.wandb_records import read_run
 from verif.model.generate import generate
+from verif.model.loading import load_model
 from verif.task.countdown import generate_problems
 from verif.task.tinyzero import generation_prompt
 
@@ -36,7 +37,7 @@ SCRIPT_MARGIN = 100.0  # logit of the scripted token x sqrt(hidden) after the fi
 
 
 def build_scripted_model(out: Path, tokenizer_dir: Path, text: str, after: str) -> Path:
-    """A seed-shaped Qwen2 (36 x 16 heads, the Qwen2.5 vocabulary) that continues any prompt whose last
+    """A seed-shaped Qwen2 (36 x 16 heads, the vocabulary of `tokenizer_dir`) that continues any prompt whose last
     token is `after` with `text`, then its end-of-sequence token, whether it decodes greedily or samples.
 
     Every attention and MLP output projection is zero, so the residual stream at a position is its
@@ -47,7 +48,7 @@ def build_scripted_model(out: Path, tokenizer_dir: Path, text: str, after: str) 
     (start,) = tok.encode(after, add_special_tokens=False)
     chain = [start, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
     assert len(set(chain[:-1])) == len(chain) - 1, "a token may appear once: the next token follows from it alone"
-    config = seed_shaped_config()
+    config = seed_shaped_config(vocab_size=len(tok))
     config.tie_word_embeddings = False
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
@@ -68,8 +69,8 @@ def build_scripted_model(out: Path, tokenizer_dir: Path, text: str, after: str) 
 
 
 @pytest.fixture(scope="module")
-def scripted_dir(seed_model_dir, tmp_path_factory) -> Path:
-    return build_scripted_model(tmp_path_factory.mktemp("scripted"), seed_model_dir, SCRIPT, after=">")
+def scripted_dir(sweep_model_dir, tmp_path_factory) -> Path:
+    return build_scripted_model(tmp_path_factory.mktemp("scripted"), sweep_model_dir, SCRIPT, after=">")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def _seed_cfg(model_dir: Path, out: Path, *extra: str):
         "generate.max_new_tokens=4", "ray.workers=0", "wandb.mode=disabled", *extra], out=str(out))
 
 
-def test_generate_end_to_end_feeds_a_sweep(scripted_dir, problems_file, seed_model_dir, tmp_path, capsys):
+def test_generate_end_to_end_feeds_a_sweep(scripted_dir, problems_file, sweep_model_dir, tmp_path, capsys):
     gen_out = tmp_path / "GEN"
     assert generation_prompt(*PROBLEMS[0]).endswith("<think>")  # whose last token starts the script
     rc = launch.main(_argv("--generate", gen_out, [
@@ -131,7 +132,7 @@ def test_generate_end_to_end_feeds_a_sweep(scripted_dir, problems_file, seed_mod
     # The outputs are a sweep's prompts.file as they are, and its W&B run names them as its input.
     sweep_out = tmp_path / "SWEEP"
     rc = launch.main(_argv("--sweep", sweep_out, sweep_overrides(
-        seed_model_dir, "ray.workers=0", f"prompts.file={gen_out / 'generations.parquet'}", "wandb.mode=offline")))
+        sweep_model_dir, "ray.workers=0", f"prompts.file={gen_out / 'generations.parquet'}", "wandb.mode=offline")))
     assert rc == 0, capsys.readouterr().err
     (sweep_run,) = (sweep_out / "wandb" / "wandb").glob("offline-run-*")
     (used,) = [a for a in read_run(sweep_run)["artifacts"] if a["use_after_commit"]]
@@ -143,16 +144,17 @@ def test_generate_end_to_end_feeds_a_sweep(scripted_dir, problems_file, seed_mod
     assert results.height == 3 * 4 and results["p_yes_norm"].is_finite().all()  # 4 conditions per prompt
 
 
-def test_shards_equal_one_whole_run_and_resume_recomputes_only_what_is_missing(seed_model_dir, seed_model, tmp_path):
+def test_shards_equal_one_whole_run_and_resume_recomputes_only_what_is_missing(sweep_model_dir, tmp_path):
     out = tmp_path / "GEN"
-    cfg = _seed_cfg(seed_model_dir, out)
+    cfg = _seed_cfg(sweep_model_dir, out)
     first = run_generate(cfg)
     assert (first.ran.shards, first.shards_skipped) == (2, 0)
     gen = pl.read_parquet(out / "generations.parquet")
 
     # Two shards of 2 problems give what one call over all 4 problems gives (same batches, same seeds).
     problems = generate_problems(4, seed=0)
-    whole = generate(seed_model, [generation_prompt(p.numbers, p.target) for p in problems], **generation_settings(cfg))
+    loaded = load_model(str(sweep_model_dir), dtype="float32", device="cpu")
+    whole = generate(loaded, [generation_prompt(p.numbers, p.target) for p in problems], **generation_settings(cfg))
     assert gen["output_text"].to_list() == [s.text for s in whole.samples]
     assert gen["n_new_tokens"].to_list() == [s.n_new_tokens for s in whole.samples]
     assert gen["nums"].to_list() == [list(problems[s.prompt_index].numbers) for s in whole.samples]
@@ -166,14 +168,14 @@ def test_shards_equal_one_whole_run_and_resume_recomputes_only_what_is_missing(s
     kept = out / "results" / "p000000.parquet"
     mtime = kept.stat().st_mtime_ns
     (out / "results" / "p000002.parquet").unlink()
-    again = run_generate(_seed_cfg(seed_model_dir, out, "prompts.n=3", "wandb.mode=disabled"), resume=True)
+    again = run_generate(_seed_cfg(sweep_model_dir, out, "prompts.n=3", "wandb.mode=disabled"), resume=True)
     assert (again.ran.shards, again.shards_skipped) == (1, 1)
     assert again.recomputed == {"p000002": "missing"}
     assert kept.stat().st_mtime_ns == mtime
     assert_frame_equal(pl.read_parquet(out / "generations.parquet"), gen, check_exact=True)
 
     with pytest.raises(GenerateError, match=r"--resume: the config differs.*generate.max_new_tokens: 4 -> 5"):
-        run_generate(_seed_cfg(seed_model_dir, out, "generate.max_new_tokens=5"), resume=True)
+        run_generate(_seed_cfg(sweep_model_dir, out, "generate.max_new_tokens=5"), resume=True)
     with pytest.raises(InputError, match="already holds the output of a generate job; pass --resume"):
         run_generate(cfg)
 
@@ -185,9 +187,9 @@ def test_shards_equal_one_whole_run_and_resume_recomputes_only_what_is_missing(s
      r"generate.problems_per_shard 3: must be a multiple of .*generate.batch_size 4 // generate.n 1 = 4"),
     (["generate.problems_file=missing.jsonl"], r"generate.problems_file 'missing.jsonl': no such file"),
 ])
-def test_bad_input_is_refused_before_anything_is_written(seed_model_dir, tmp_path, capsys, settings, message):
+def test_bad_input_is_refused_before_anything_is_written(sweep_model_dir, tmp_path, capsys, settings, message):
     out = tmp_path / "GEN"
-    argv = _argv("--generate", out, [f"model.path={seed_model_dir}", "ray.workers=0", *settings])
+    argv = _argv("--generate", out, [f"model.path={sweep_model_dir}", "ray.workers=0", *settings])
     assert launch.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
@@ -196,9 +198,9 @@ def test_bad_input_is_refused_before_anything_is_written(seed_model_dir, tmp_pat
     assert not out.exists()
 
 
-def test_a_sweep_folder_is_not_resumed_as_a_generate_job(seed_model_dir, tmp_path):
+def test_a_sweep_folder_is_not_resumed_as_a_generate_job(sweep_model_dir, tmp_path):
     out = tmp_path / "OUT"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"job": "sweep", "config": {}, "shards": {}}))
     with pytest.raises(InputError, match="holds the output of a sweep job, not of a generate job"):
-        run_generate(_seed_cfg(seed_model_dir, out), resume=True)
+        run_generate(_seed_cfg(sweep_model_dir, out), resume=True)

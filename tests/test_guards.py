@@ -16,7 +16,7 @@ import pytest
 from torch import nn
 from transformers import CONFIG_MAPPING
 
-from tests.support.families import HIDDEN, N_LAYERS, family_dir, load_family, score_tolerance
+from tests.support.families import HIDDEN, N_LAYERS, family_dir, family_tokenizer, load_family, score_tolerance
 from verif.design.conditions import Ablation
 from verif.model.engine import EngineOptions, Scorer
 from verif.model.families import FAMILIES, config_gaps, fast_path_gaps, is_unread_key
@@ -32,8 +32,8 @@ def score_tol(log_odds: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def prompts(short_prompts, qwen_tokenizer) -> list[list[int]]:
-    enc = [qwen_tokenizer.encode(p, add_special_tokens=False) for p in short_prompts]
+def prompts(short_prompts) -> list[list[int]]:
+    enc = [family_tokenizer().encode(p, add_special_tokens=False) for p in short_prompts]
     n = min(len(e) for e in enc)
     return [enc[0][:n - 4], enc[2][:n - 4], enc[1][:n]]  # a same-length pair and a padded unit
 
@@ -133,12 +133,12 @@ class PatchedLinear(nn.Linear):
     """A projection that is no longer plain nn.Linear (as a quantizer or a patch would leave it)."""
 
 
-def test_replaced_modules_go_to_the_hook_path(monkeypatch, prompts):
-    loaded = load_family("olmo2")
+def test_replaced_modules_go_to_the_hook_path(prompts):
+    loaded = load_model(str(family_dir("olmo2")), dtype="float32", device="cpu")  # its own copy: patched below
     attn = loaded.model.model.layers[1].self_attn
     patched = PatchedLinear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
     patched.weight = attn.o_proj.weight
-    monkeypatch.setattr(attn, "o_proj", patched)
+    attn.o_proj = patched
     gaps = fast_path_gaps(loaded.model)
     assert gaps == ["projection of type PatchedLinear, not nn.Linear"]
     ids = resolve_yes_no(loaded.tokenizer)

@@ -7,11 +7,13 @@ the in-process run bit for bit); the small sweep they all share is tests.support
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +44,20 @@ def finished_copy(sweep_reference, tmp_path: Path) -> Path:
     return out
 
 
-def test_existing_out_needs_resume(seed_model_dir, sweep_reference, tmp_path):
+def test_existing_out_needs_resume(sweep_model_dir, sweep_reference, tmp_path):
     out = finished_copy(sweep_reference, tmp_path)
     with pytest.raises(InputError, match="already holds the output of a sweep job; pass --resume"):
-        run_sweep(sweep_cfg(seed_model_dir, out, "ray.workers=0"))
+        run_sweep(sweep_cfg(sweep_model_dir, out, "ray.workers=0"))
 
 
-def test_resume_with_changed_config_is_refused(seed_model_dir, sweep_reference, tmp_path):
+def test_resume_with_changed_config_is_refused(sweep_model_dir, sweep_reference, tmp_path):
     out = finished_copy(sweep_reference, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in OutDir(out).results.iterdir()}
-    changed = sweep_cfg(seed_model_dir, out, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
+    changed = sweep_cfg(sweep_model_dir, out, "ray.workers=0", "ablation.random_controls=3", "prompts.seed=7")
     with pytest.raises(SweepError, match=r"ablation.random_controls: 2 -> 3.*prompts.seed: 0 -> 7"):
         run_sweep(changed, resume=True)
     # Keys that change no number (workers, engine chunking, W&B) may differ on resume.
-    ok = sweep_cfg(seed_model_dir, out, "ray.workers=0", "engine.max_rows=5")
+    ok = sweep_cfg(sweep_model_dir, out, "ray.workers=0", "engine.max_rows=5")
     assert run_sweep(ok, resume=True).shards_run == 0
     assert {p.name: p.stat().st_mtime_ns for p in OutDir(out).results.iterdir()} == before
 
@@ -65,7 +67,7 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_resume_recomputes_every_untrustworthy_shard(seed_model_dir, sweep_reference, tmp_path, capsys):
+def test_resume_recomputes_every_untrustworthy_shard(sweep_model_dir, sweep_reference, tmp_path, capsys):
     """Truncated, corrupt, missing and unrecorded shard files are named and recomputed, never read;
     a killed writer's temp file and its stale lock are cleaned up; intact shards are not touched."""
     out = OutDir(finished_copy(sweep_reference, tmp_path))
@@ -85,7 +87,7 @@ def test_resume_recomputes_every_untrustworthy_shard(seed_model_dir, sweep_refer
     out.lock.write_text(json.dumps({"pid": _dead_pid(), "host": "gone", "started": "then"}))
     intact = {i: out.shard(i).stat().st_mtime_ns for i in ids[4:]}
 
-    report = run_sweep(sweep_cfg(seed_model_dir, out.root, "ray.workers=0"), resume=True)
+    report = run_sweep(sweep_cfg(sweep_model_dir, out.root, "ray.workers=0"), resume=True)
     err = capsys.readouterr().err
     assert sorted(report.recomputed) == sorted([truncated, corrupt, missing, unrecorded])
     assert "truncated" in report.recomputed[truncated] and "corrupt" in report.recomputed[corrupt]
@@ -101,11 +103,11 @@ def test_resume_recomputes_every_untrustworthy_shard(seed_model_dir, sweep_refer
     assert all(e["status"] == "done" and e["rows"] == N_ROWS // N_SHARDS for e in entries.values())
 
 
-def test_corrupt_manifest_is_a_clear_error(seed_model_dir, sweep_reference, tmp_path, capsys):
+def test_corrupt_manifest_is_a_clear_error(sweep_model_dir, sweep_reference, tmp_path, capsys):
     out = finished_copy(sweep_reference, tmp_path)
     (out / "manifest.json").write_text('{"config": {"name": "sweep"}, "shards": {')
     args = ["--sweep", "--resume", "--out", str(out)]
-    for item in sweep_overrides(seed_model_dir):
+    for item in sweep_overrides(sweep_model_dir):
         args += ["--set", item]
     assert launch.main(args) == 2
     err = capsys.readouterr().err
@@ -178,10 +180,10 @@ def test_tinyzero_config_validates():
     assert canonical(parse_heads(cfg.ablation.target_heads)) == canonical(parse_heads(STUDY_HEADS_TEXT))
 
 
-def test_tinyzero_config_runs_on_seed_shaped_model(seed_model_dir, tmp_path):
+def test_tinyzero_config_runs_on_seed_shaped_model(sweep_model_dir, tmp_path):
     """The study's config with only the model swapped (and sizes cut for a CPU): 29 heads are valid."""
     overrides = [
-        f"model.path={seed_model_dir}", "model.device=cpu", "model.dtype=float32", "ray.address=",
+        f"model.path={sweep_model_dir}", "model.device=cpu", "model.dtype=float32", "ray.address=",
         "ray.workers=0", "prompts.n=4", "ablation.random_controls=2", "wandb.mode=disabled", "stats.n_boot=50",
         "engine.compile=false",
     ]
@@ -195,23 +197,37 @@ def test_tinyzero_config_runs_on_seed_shaped_model(seed_model_dir, tmp_path):
     assert all(p.suffix == ".png" for p in figures) and figures
 
 
-def test_default_config_validates(capsys):
-    assert launch.main(["--check"]) == 0
-    assert "64 prompts" in capsys.readouterr().out
+def _reference_problems(readme: str) -> list[str]:
+    """How the README's configuration reference differs from `--config-reference`: it must be there once, as one
+    table with exactly the generated rows, and no row of it may appear anywhere else."""
+    want = reference_markdown().splitlines()
+    lines = readme.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == want[0]]
+    if len(starts) != 1:
+        return [f"the table's header appears {len(starts)} times"]
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[starts[0]:]))
+    problems = [f"stale or missing: {line}" for line in want if line not in block]
+    problems += [f"not generated: {line}" for line in block if line not in want]
+    counts = Counter(line for line in lines if line in want[2:])  # the rows (other tables share the separator)
+    problems += [f"appears {n} times: {line}" for line, n in counts.items() if n > 1]
+    return problems
 
 
 def test_readme_holds_the_generated_config_reference():
-    readme = (REPO / "README.md").read_text()
-    missing = [line for line in reference_markdown().splitlines() if line not in readme]
-    assert not missing, f"README configuration reference is stale; regenerate it (--config-reference): {missing}"
+    problems = _reference_problems((REPO / "README.md").read_text())
+    assert not problems, f"README configuration reference: regenerate it (--config-reference): {problems}"
+    # The bug this replaced: rows repeated after the table (a blank line, then generate.* and compare.* again).
+    doubled = (REPO / "README.md").read_text().replace(
+        reference_markdown(), reference_markdown() + "\n\n" + "\n".join(reference_markdown().splitlines()[-4:]))
+    assert any(p.startswith("appears 2 times: | `compare.") for p in _reference_problems(doubled))
 
 
 
-def test_neuron_target_sweep_with_self_check(seed_model_dir, tmp_path):
+def test_neuron_target_sweep_with_self_check(sweep_model_dir, tmp_path):
     """A target of heads and neurons end to end (in-process): conditions name both, controls match both
     counts, the worker's fast-path self-check is in the manifest, and the target's rows equal the engine
     scoring the same ablation directly."""
-    cfg = sweep_cfg(seed_model_dir, tmp_path / "out", "ray.workers=0", "prompts.n=3", "shards.prompts_per_shard=3",
+    cfg = sweep_cfg(sweep_model_dir, tmp_path / "out", "ray.workers=0", "prompts.n=3", "shards.prompts_per_shard=3",
                     "ablation.target_heads=L17 H14", "ablation.target_neurons=L17 N3, L20 N100")
     report = run_sweep(cfg)
     out = OutDir(tmp_path / "out")
@@ -224,7 +240,7 @@ def test_neuron_target_sweep_with_self_check(seed_model_dir, tmp_path):
     check = worker["self_check"]
     assert check["path"] == "fast" and check["max_abs_diff"] <= check["tolerance"]
     assert report.rows_written == 3 * 4
-    loaded = load_model(str(seed_model_dir), dtype="float32", device="cpu")
+    loaded = load_model(str(sweep_model_dir), dtype="float32", device="cpu")
     scorer = Scorer(loaded, resolve_yes_no(loaded.tokenizer), EngineOptions())
     prompts = pl.read_parquet(out.prompts)["prompt"].to_list()
     want = scorer.score_prompts(prompts, [Ablation(((17, 14),), ((17, 3), (20, 100)))]).log_odds[:, 0]
@@ -234,7 +250,7 @@ def test_neuron_target_sweep_with_self_check(seed_model_dir, tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=score_tolerance(36, 128, want).max())
 
 
-def test_sweep_on_chain_of_thought_outputs_with_the_post_template(seed_model_dir, tmp_path):
+def test_sweep_on_chain_of_thought_outputs_with_the_post_template(sweep_model_dir, tmp_path):
     """Model outputs as prompts.file: attempts extracted, labelled, rendered with the chosen template;
     the template is recorded, and a resume with another template text is refused."""
     outputs = tmp_path / "outputs.jsonl"
@@ -247,7 +263,7 @@ def test_sweep_on_chain_of_thought_outputs_with_the_post_template(seed_model_dir
     template = tmp_path / "template.txt"
     template.write_text(POST.text + "\n")
     out = tmp_path / "out"
-    cfg = sweep_cfg(seed_model_dir, out, "ray.workers=0", f"prompts.file={outputs}", f"prompts.template={template}")
+    cfg = sweep_cfg(sweep_model_dir, out, "ray.workers=0", f"prompts.file={outputs}", f"prompts.template={template}")
     report = run_sweep(cfg)
     prompts = pl.read_parquet(OutDir(out).prompts)
     assert prompts["attempt"].to_list() == ["79 - 60 + 17 = 19 + 17 = 36", "3 * 5 + 7 = 15 + 7 = 22"]

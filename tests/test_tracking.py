@@ -711,14 +711,14 @@ def test_an_input_copied_elsewhere_or_changed_has_no_lineage_said_once(lineage_r
                            "changed since its generate run logged them")
 
 
-def _sweep_argv(out: Path, config: Path, seed_model_dir: Path) -> list[str]:
+def _sweep_argv(out: Path, config: Path, sweep_model_dir: Path) -> list[str]:
     argv = ["--sweep", "--resume", "--config", str(config), "--out", str(out)]
-    for item in sweep_overrides(seed_model_dir, "ray.workers=0", "wandb.mode=offline"):
+    for item in sweep_overrides(sweep_model_dir, "ray.workers=0", "wandb.mode=offline"):
         argv += ["--set", item]
     return argv
 
 
-def test_resumed_and_relogged_sweep_is_one_run_using_the_discovery(sweep_reference, lineage_runs, seed_model_dir,
+def test_resumed_and_relogged_sweep_is_one_run_using_the_discovery(sweep_reference, lineage_runs, sweep_model_dir,
                                                                    tmp_path, capsys):
     """The finished reference sweep resumed with --config the discovery's target.yaml (every shard is on
     disk, so only its outputs and W&B run are made again), then re-logged from its files as a folder from
@@ -729,7 +729,7 @@ def test_resumed_and_relogged_sweep_is_one_run_using_the_discovery(sweep_referen
     out = tmp_path / "OUT"
     runs = out / "wandb" / "wandb"
     shutil.copytree(sweep_reference[1], out)
-    assert launch.main(_sweep_argv(out, lineage_runs.target, seed_model_dir)) == 0, capsys.readouterr().err
+    assert launch.main(_sweep_argv(out, lineage_runs.target, sweep_model_dir)) == 0, capsys.readouterr().err
     (first,) = runs.glob("offline-run-*")
     first_run = read_run(first)
     assert json.loads((out / "manifest.json").read_text())["config_file"] == str(lineage_runs.target.resolve())

@@ -84,12 +84,12 @@ def _tiny(folder: Path, n_layers: int = 2, n_heads: int = 16, tie: bool = True) 
 
 
 @pytest.fixture(scope="module")
-def seed_state(seed_model_dir) -> dict[str, torch.Tensor]:
-    return load_file(Path(seed_model_dir) / "model.safetensors")
+def seed_state(sweep_model_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(sweep_model_dir) / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory, seed_model_dir, seed_state) -> Path:
+def planted_dir(tmp_path_factory, sweep_model_dir, seed_state) -> Path:
     gen = torch.Generator().manual_seed(1)
     st = {k: v.clone() for k, v in seed_state.items()}
     q = st[_layer(3, "self_attn.q_proj.weight")]
@@ -106,22 +106,22 @@ def planted_dir(tmp_path_factory, seed_model_dir, seed_state) -> Path:
         w[100] = _nudge(w[100], 1e-7, gen)
     st[_layer(30, "mlp.down_proj.weight")][:, 5] *= 1 + 1e-6
     st[EMBED][7414, 0] += 1e-3  # " Yes"
-    return _write(tmp_path_factory.mktemp("planted"), st, Path(seed_model_dir))
+    return _write(tmp_path_factory.mktemp("planted"), st, Path(sweep_model_dir))
 
 
 @pytest.fixture(scope="module")
-def bf16_pair(tmp_path_factory, seed_model_dir, seed_state) -> tuple[Path, Path]:
+def bf16_pair(tmp_path_factory, sweep_model_dir, seed_state) -> tuple[Path, Path]:
     base = {k: v.to(torch.bfloat16) for k, v in seed_state.items()}
     tuned = {k: v.clone() for k, v in base.items()}
     _bump_bf16(tuned[_layer(3, "self_attn.q_proj.weight")], 13 * HD, 0)
     _bump_bf16(tuned[_layer(10, "mlp.down_proj.weight")], 3, 7)
     root = tmp_path_factory.mktemp("bf16")
-    return _write(root / "base", base, Path(seed_model_dir)), _write(root / "tuned", tuned, Path(seed_model_dir))
+    return _write(root / "base", base, Path(sweep_model_dir)), _write(root / "tuned", tuned, Path(sweep_model_dir))
 
 
 @pytest.fixture(scope="module")
-def planted_table(seed_model_dir, planted_dir) -> pl.DataFrame:
-    return diff_checkpoints(plan_diff(str(seed_model_dir), str(planted_dir)))
+def planted_table(sweep_model_dir, planted_dir) -> pl.DataFrame:
+    return diff_checkpoints(plan_diff(str(sweep_model_dir), str(planted_dir)))
 
 
 def _key(row: dict) -> tuple:
@@ -201,8 +201,8 @@ def _check_against_reference(row: dict, a: np.ndarray, b: np.ndarray) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_identical_checkpoints_give_exact_zeros(seed_model_dir, study_heads, tmp_path):
-    result = run_weight_diff(str(seed_model_dir), str(seed_model_dir), tmp_path / "out",
+def test_identical_checkpoints_give_exact_zeros(sweep_model_dir, study_heads, tmp_path):
+    result = run_weight_diff(str(sweep_model_dir), str(sweep_model_dir), tmp_path / "out",
                              target_heads=study_heads, value_vectors=[(10, 7), (30, 5)], top_k=5)  # fmt: skip
     t = result.table
     assert (t["cos"] == 1.0).all() and t["cos"].null_count() == 0
@@ -264,13 +264,13 @@ def test_bf16_change_invisible_to_bf16_cosine_is_visible_here(bf16_pair):
         _check_against_reference(row, a, b)
 
 
-def test_sharded_checkpoint_gives_the_same_table(tmp_path, seed_model_dir, seed_state, planted_dir, planted_table):
+def test_sharded_checkpoint_gives_the_same_table(tmp_path, sweep_model_dir, seed_state, planted_dir, planted_table):
     from huggingface_hub import save_torch_state_dict
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     save_torch_state_dict(seed_state, sharded, max_shard_size="8MB")
-    shutil.copy(Path(seed_model_dir) / "config.json", sharded / "config.json")
+    shutil.copy(Path(sweep_model_dir) / "config.json", sharded / "config.json")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
     assert_frame_equal(diff_checkpoints(plan_diff(str(sharded), str(planted_dir))), planted_table)
 
@@ -290,8 +290,8 @@ def local_ray():
         os.environ["RAY_AUTH_MODE"] = old
 
 
-def test_ray_parallel_equals_serial(local_ray, seed_model_dir, planted_dir, planted_table, tmp_path):
-    result = run_weight_diff(str(seed_model_dir), str(planted_dir), tmp_path, top_k=3, ray_workers=2)
+def test_ray_parallel_equals_serial(local_ray, sweep_model_dir, planted_dir, planted_table, tmp_path):
+    result = run_weight_diff(str(sweep_model_dir), str(planted_dir), tmp_path, top_k=3, ray_workers=2)
     assert_frame_equal(result.table, planted_table)
     assert local_ray.is_initialized()  # a Ray it did not start is left running
 
@@ -411,8 +411,8 @@ def test_stored_lm_head_is_compared_with_the_tied_embeddings(tmp_path, tiny_dir,
     assert t.filter(component=EMBED)["max_abs_diff"].item() == 0.0
 
 
-def test_selections_pick_the_rows_of_heads_and_neurons(planted_table, seed_model_dir):
-    arch = plan_diff(str(seed_model_dir), str(seed_model_dir)).arch
+def test_selections_pick_the_rows_of_heads_and_neurons(planted_table, sweep_model_dir):
+    arch = plan_diff(str(sweep_model_dir), str(sweep_model_dir)).arch
     sel = select_rows(planted_table, arch, [(3, 13), (3, 12)], [(10, 7)], top_k=2)
     heads = sel.filter(selection="target_heads")
     # q, q bias, o for each head; both heads read kv head 1 (heads 8-15): its 4 rows once.

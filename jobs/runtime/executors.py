@@ -12,6 +12,7 @@ here wakes up at least once a second, so SIGINT/SIGTERM handlers in the driver r
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import socket
@@ -59,7 +60,7 @@ def init_ray(address: str, env_vars: dict[str, str], n_cpus_needed: float, worki
         if address:
             if working_dir and not in_ray_job():  # remote nodes get the code from the driver, not a shared disk
                 runtime_env["working_dir"] = working_dir
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         else:
             ray.init(
                 address="local",  # a new Ray, never one another program on this machine started
@@ -67,6 +68,7 @@ def init_ray(address: str, env_vars: dict[str, str], n_cpus_needed: float, worki
                 include_dashboard=False,
                 runtime_env=runtime_env,
                 log_to_driver=True,
+                logging_level=logging.WARNING,  # not "Started a local Ray instance." between the bar's lines
             )
     finally:
         if sigterm is not None:

@@ -1,8 +1,9 @@
 """Tiny random checkpoints of every supported family, written as model folders.
 
 Each model has 4 layers of 4 query heads (2 key/value heads where the family groups them), head_dim 8,
-hidden 32, MLP width 64, and the real Qwen2.5 vocabulary and tokenizer (so prompts, Yes/No ids and
-`load_model` run as for a real checkpoint). Weights are drawn wider than the default init, and every
+hidden 32, MLP width 64, and the first 10,000 ranks of the real Qwen2.5 tokenizer (a real BPE tokenizer
+with the study's Yes/No ids, so prompts, Yes/No ids and `load_model` run as for a real checkpoint; the
+full 151,643-token vocabulary would only make every model 15x larger and its tokenizer 40x slower to load). Weights are drawn wider than the default init, and every
 norm weight and bias is randomised too (transformers initialises them to 1 and 0, which would hide
 a dropped bias or a q/k norm applied to the wrong tensor).
 """
@@ -27,16 +28,16 @@ from transformers import (
     Qwen3Config,
 )
 
-from tests.support.models import QWEN25_VOCAB
-from tests.support.tokenizer import qwen25_tokenizer
+from tests.support.tokenizer import PLUMBING_RANKS, QWEN_SPECIAL_TOKENS, qwen25_tokenizer
 from verif.model.loading import LoadedModel, load_model
 
-EOS = 151643  # <|endoftext|> in the Qwen2.5 vocabulary
+EOS = PLUMBING_RANKS  # <|endoftext|>, the first special token after the kept ranks
+VOCAB = PLUMBING_RANKS + len(QWEN_SPECIAL_TOKENS)
 N_LAYERS, N_HEADS, N_KV, HEAD_DIM, HIDDEN, INTER = 4, 4, 2, 8, 32, 64
 WINDOW = 8  # sliding window, shorter than the test prompts so that it matters
 
 _COMMON = dict(
-    vocab_size=QWEN25_VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
     num_attention_heads=N_HEADS, max_position_embeddings=512, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
 )  # fmt: skip
 _GQA = dict(num_key_value_heads=N_KV, head_dim=HEAD_DIM)
@@ -93,15 +94,16 @@ _TMP = tempfile.TemporaryDirectory(prefix="verif-families-")  # removed when the
 
 
 @functools.cache
-def _tokenizer():
-    return qwen25_tokenizer()
+def family_tokenizer():
+    """The tokenizer every family model is written with (encode the tests' prompts with it)."""
+    return qwen25_tokenizer(PLUMBING_RANKS)
 
 
 @functools.cache
 def family_dir(family: str, overrides: tuple[tuple[str, object], ...] = ()) -> Path:
     """The folder of the tiny `family` model with config `overrides` ((key, value) pairs), built once."""
     name = family + "".join(f"-{k}={v}" for k, v in overrides)
-    return build_family_model(Path(_TMP.name) / name, family_config(family, **dict(overrides)), _tokenizer())
+    return build_family_model(Path(_TMP.name) / name, family_config(family, **dict(overrides)), family_tokenizer())
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """One small sweep shared by the sweep, fault and cluster tests, and the checks they make on its results.
 
-6 prompts x 4 conditions (baseline, a 3-head target, 2 random sets) on the seed-shaped model, one prompt
-per shard: 6 shards of 4 rows. Every run of it (in this process, on a local Ray, on the simulated
+6 prompts x 4 conditions (baseline, a 3-head target, 2 random sets) on the seed-shaped model with the small
+vocabulary (conftest `sweep_model_dir`), one prompt per shard: 6 shards of 4 rows. Every run of it (in this process, on a local Ray, on the simulated
 cluster, resumed after a fault) must give the same 24 rows. They are compared bit for bit: the same
 shard layout gives every worker the same batches, and every worker computes with one thread.
 """
