@@ -89,7 +89,7 @@ class _FakeSweep:
     def __init__(self):
         self.ran: list[tuple[str, bool]] = []
 
-    def __call__(self, cfg, resume=False):
+    def __call__(self, cfg, resume=False, config_file=None):
         self.ran.append((cfg.out, resume))
         out = OutDir(cfg.out)
         out.root.mkdir(parents=True, exist_ok=True)

@@ -59,9 +59,15 @@ class Placement:
 
     @classmethod
     def of_model(cls, model: nn.Module) -> Placement:
-        """Read from where the tensors are: one slot per distinct device, in forward order."""
+        """Read from where the tensors are: one slot per distinct device, in forward order (a part that holds
+        no tensor, such as a norm replaced by an identity, runs wherever the part before it does)."""
         parts = [model.get_input_embeddings(), *decoder_layers(model), final_norm(model), model.get_output_embeddings()]
-        where = [next(p.parameters()).device for p in parts]
+        where: list[torch.device] = []
+        for p in parts:
+            held = next(iter(p.parameters()), None)
+            if held is None:
+                held = next(iter(p.buffers()), None)
+            where.append(held.device if held is not None else where[-1])
         devices = list(dict.fromkeys(where))
         slots = [devices.index(d) for d in where]
         return cls(tuple(devices), tuple(slots[1:-2]), slots[0], slots[-2], slots[-1])
