@@ -18,7 +18,11 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.runtime.lock import refuse_if_locked
 from jobs.runtime.storage import OutDir, read_manifest
+from verif.design.conditions import CIRCUIT_NEEDS_TARGET
+from verif.design.heads import parse_heads
+from verif.design.neurons import parse_neurons
 from verif.task.prompt_file import load_prompt_file
+from verif.task.prompts import load_template
 
 
 def _shown(names: list[str], at_most: int = 3) -> str:
@@ -91,6 +95,41 @@ def check_prompt_file(path: str, key: str = "prompts.file") -> None:
             pass
     except OSError as e:
         raise InputError(f"{key} {path!r}: cannot be read ({e.strerror or e})") from None
+
+
+class ReferenceError(InputError):
+    """`ablation.reference` that cannot be read, or reference prompts that do not fit the sweep."""
+
+
+def _as_reference(e: ValueError) -> str:
+    """A prompts.file reader's message about the reference file, naming the key it came from."""
+    text = str(e)
+    return "ablation.reference" + text[len("prompts.file"):] if text.startswith("prompts.file") else \
+        f"ablation.reference: {text}"
+
+
+def read_reference_file(cfg: Config) -> list[str]:
+    """`ablation.reference`'s attempts rendered with the sweep's template: the prompts the mean kinds average
+    (one line naming the file and line when it cannot be read or parsed)."""
+    p, path = cfg.prompts, cfg.ablation.reference
+    check_prompt_file(path, "ablation.reference")
+    try:
+        table = load_prompt_file(path, p.extract, p.attempts, p.line_breaks)
+    except ValueError as e:
+        raise ReferenceError(_as_reference(e)) from None
+    if table.frame.height == 0:
+        raise ReferenceError(f"ablation.reference {path!r}: no attempt to average ({table.n_rows} records)")
+    template = load_template(p.template)
+    return [template.render(r["numbers"], r["target"], r["attempt"]) for r in table.frame.iter_rows(named=True)]
+
+
+def check_interventions(cfg: Config) -> None:
+    """A circuit needs a set to keep; a reference file must read."""
+    ab = cfg.ablation
+    if ab.circuit_kinds and not (parse_heads(ab.target_heads or []) or parse_neurons(ab.target_neurons or [])):
+        raise InputError(CIRCUIT_NEEDS_TARGET)
+    if ab.reference != "prompts":
+        read_reference_file(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +225,7 @@ def check_sweep_inputs(cfg: Config, resume: bool) -> None:
     at once; `run_sweep` and `prepare` make the same checks themselves.
     """
     check_out_dir(OutDir(cfg.out), resume)
+    check_interventions(cfg)
     p = cfg.prompts
     if p.file:
         check_prompt_file(p.file)

@@ -38,7 +38,23 @@ from jobs.runtime.storage import (
 )
 from jobs.runtime.worker import Shard, ShardScorer
 from jobs.weight_diff import check_weight_diff
-from verif.design.conditions import Condition, Ablation, build_conditions
+from jobs.reference import (
+    ReferencePlan,
+    check_positional_lengths,
+    plan_reference,
+    record_means,
+    resume_problems,
+    stored_means,
+)
+from verif.design.conditions import (
+    PAIRED_KINDS,
+    Ablation,
+    Condition,
+    build_conditions,
+    circuit_conditions,
+    with_interventions,
+)
+from verif.model.interventions import ReferenceMeans
 from verif.design.heads import parse_heads, validate_heads
 from verif.design.neurons import parse_neurons, validate_neurons
 from verif.model.loading import Arch, ModelSource
@@ -56,6 +72,8 @@ class SweepPlan:
     prompt_source: PromptSource
     conditions: list[Condition]
     shards: list[Shard]
+    reference: ReferencePlan | None = None  # the mean kinds' first pass (jobs.reference)
+    partners: list[int] | None = None  # each prompt's partner, when a condition resamples
 
     @property
     def model_names(self) -> list[str]:
@@ -145,26 +163,58 @@ def prepare(cfg: Config) -> SweepPlan:
     except ValueError as e:
         raise SweepError(str(e)) from e
     try:
-        conditions = build_conditions(arch.n_layers, arch.n_heads, Ablation(heads, neurons), ab.random_controls,
-                                      ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps, n_neurons=arch.n_neurons)
+        base = build_conditions(arch.n_layers, arch.n_heads, Ablation(heads, neurons), ab.random_controls,
+                                ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps, n_neurons=arch.n_neurons)
     except ValueError as e:
         raise SweepError(f"ablation.random_controls: {e}") from e
+    conditions = with_interventions(base, ab.kinds)
+    if ab.circuit_kinds:
+        try:
+            conditions += circuit_conditions(base, ab.circuit_kinds, arch.n_layers, arch.n_heads, arch.n_neurons)
+        except ValueError as e:
+            raise SweepError(str(e)) from e
     try:
         prompts, prompt_source, where = build_prompts(cfg)
     except ValueError as e:
         raise SweepError(str(e)) from e
     tokenizers = dict(zip(names, check_tokens(sources, cfg)))  # names are distinct (resolve_models)
     prompts, prompt_source = limit_lengths(cfg, sources, tokenizers, prompts, where, prompt_source)
+    reference = plan_reference(cfg, prompts, conditions)
+    check_positional_lengths(reference, prompts["prompt"].to_list(), tokenizers)
+    partners = pair_partners(prompts, conditions)
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
-    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards)
+    return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards, reference, partners)
+
+
+def pair_partners(prompts: pl.DataFrame, conditions: list[Condition]) -> list[int] | None:
+    """Each prompt's partner (the row of its pair that is not itself) when a condition resamples, else None.
+
+    A pair is the two rows of `prompts.parquet` sharing a `pair_id`; the worker reads the partner's
+    activations from the partner's text, which travels with the shard (partners need not share one)."""
+    if not any(c.intervention in PAIRED_KINDS for c in conditions):
+        return None
+    ids = prompts["pair_id"].to_list() if "pair_id" in prompts.columns else [None] * prompts.height
+    rows: dict[int, list[int]] = {}
+    for i, pid in enumerate(ids):
+        if pid is not None:
+            rows.setdefault(pid, []).append(i)
+    partners = []
+    for i, pid in enumerate(ids):
+        pair = rows.get(pid, []) if pid is not None else []
+        if len(pair) != 2:
+            raise SweepError(f"ablation.kind: resample patches each prompt with its partner's activations, and prompt "
+                             f"{i} has {'no pair' if pid is None else f'{len(pair) - 1} partners in pair {pid}'}; "
+                             "resample needs counterfactual pairs (prompts.pairs: true, or a prompts.file with pair_id)")
+        partners.append(pair[1] if pair[0] == i else pair[0])
+    return partners
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
     return pl.DataFrame(
         [c.row() for c in conditions],
-        schema={"condition": pl.Utf8, "kind": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
-                "neurons": pl.Utf8, "n_neurons": pl.Int64, "layer": pl.Int64, "head": pl.Int64},
+        schema={"condition": pl.Utf8, "kind": pl.Utf8, "intervention": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
+                "neurons": pl.Utf8, "n_neurons": pl.Int64, "layer": pl.Int64, "head": pl.Int64, "kept": pl.Utf8},
     )
 
 
@@ -181,6 +231,7 @@ def _open_out(plan: SweepPlan, out: OutDir) -> tuple[dict, dict[str, str]]:
         if old_digest != plan.prompt_source.template_digest:
             diffs.append(f"prompts.template: the template text changed ({old_digest} -> "
                          f"{plan.prompt_source.template_digest})")
+        diffs += resume_problems(old, plan.reference)
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
         return old, reset_untrusted(out, old, ("model", "prompts", "conditions"))
@@ -220,6 +271,7 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
         return done
     prompts_text = plan.prompts["prompt"].to_list()
     ablation_of = {c.id: c.ablation for c in plan.conditions}
+    paired = {c.id for c in plan.conditions if c.intervention in PAIRED_KINDS}
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
     try:
         with worker_pool(cfg.ray, out) as pool:
@@ -234,11 +286,19 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
                                  check_prompt=prompts_text[0])
                 executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
                 manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
+                means = None
+                if plan.reference is not None:
+                    bar.set_description(f"reference means {model}")
+                    means = pool.share(reference_means(plan, out, manifest, executor, model))
                 bar.set_description(f"scoring {model}")
                 t_rows, rows_before = time.perf_counter(), done.rows
 
-                def payload(s: Shard, name=model):
-                    return [prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name
+                def payload(s: Shard, name=model, means=means):
+                    partners = None
+                    if paired & set(s.conditions):
+                        partners = [prompts_text[plan.partners[i]] for i in s.prompt_ids]
+                    return ([prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name,
+                            means, partners)
 
                 def progress(frame: pl.DataFrame, t0=t_rows, before=rows_before) -> None:
                     done.rows += frame.height
@@ -253,6 +313,23 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
     finally:
         bar.close()
     return done
+
+
+def reference_means(plan: SweepPlan, out: OutDir, manifest: dict, executor, model: str) -> ReferenceMeans:
+    """The model's reference means: from OUT when recorded and verified, else from a first pass of
+    reference shards on the model's workers (sums added here, divided once, written and recorded)."""
+    ref = plan.reference
+    stored = stored_means(ref, out, manifest, model)
+    if stored is not None:
+        return stored
+    shards = ref.shards(plan.model_names.index(model), model)
+    texts = list(ref.texts)
+    total = None
+    for _, sums, _ in executor.run(shards, lambda s: ([texts[i] for i in s.prompt_ids], ref.sites, ref.positional)):
+        total = sums if total is None else total + sums
+    means = record_means(total, ref, out, manifest, model)
+    write_json_atomic(manifest, out.manifest)
+    return means
 
 
 def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:

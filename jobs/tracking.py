@@ -15,11 +15,14 @@ WANDB_API_KEY). An offline run is uploaded later with `wandb sync`.
 
 Keys:
   run.summary  "{model}/{condition}/{column}"          every numeric column of summary.parquet
-               "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
+               "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls (zero; another
+                                                       kind under "{model}/target_vs_controls/target@{kind}/...")
+               "{model}/faithfulness/{kind}/{label}/{stat}"  the target set's faithfulness (circuit conditions)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
                "sweep/{rows_written,shards_run,...}"   job bookkeeping
   history      "tables/<name>"                         W&B Tables (summary, per_prompt, ...)
-               "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target, <kind>_pooled
+               "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target (target@<kind>),
+                                                       <kind>_pooled (<kind>@<intervention>_pooled)
                "figures/<file stem>"                   the PNG figures as images
   artifact     "<name>-results" of type "sweep-results" (results/, summary, prompts, conditions, stats/,
                and OUT/weight_diff* when that job ran); the weight-diff-only job logs "<name>-weight-diff"
@@ -67,7 +70,7 @@ OWN_HISTOGRAM_KINDS = ("baseline", "target")
 TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", "p_empirical", "p_less",
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
-LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind")
+LOGGED_TABLES = ("summary", "per_prompt", "target_vs_controls", "paired_change", "by_error_kind", "faithfulness")
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +118,13 @@ def tvc_metrics(tvc: pl.DataFrame) -> dict[str, Any]:
     return out
 
 
+def faithfulness_metrics(faith: pl.DataFrame) -> dict[str, Any]:
+    """The target's faithfulness per circuit kind and label: "{model}/faithfulness/{kind}/{label}/{stat}"."""
+    rows = faith.filter(pl.col("kept") == "target").iter_rows(named=True)
+    return {f"{r['model']}/faithfulness/{r['intervention']}/{r['label']}/{s}": _scalar(r[s])
+            for r in rows for s in ("faithfulness", "random_mean", "random_max", "p_greater")}
+
+
 def to_wandb_table(df: pl.DataFrame):
     """A polars frame as a wandb.Table: nested columns (lists, structs) become strings, None stays None."""
     import wandb
@@ -135,7 +145,11 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
     """
     import wandb
 
-    kinds = conditions.select("condition", "kind")
+    kind = pl.col("kind")
+    if "intervention" in conditions.columns:  # pooled per intervention kind too: random_pooled, random@mean_pooled
+        kind = pl.when(pl.col("intervention").is_in(["zero", "none"])).then(kind).otherwise(
+            kind + "@" + pl.col("intervention"))
+    kinds = conditions.select("condition", kind.alias("kind"))
     df = (
         results.select("model", "condition", "prompt_id", "p_yes_norm")
         .join(prompts.select("prompt_id", "label"), on="prompt_id", how="left")
@@ -332,6 +346,8 @@ def log_sweep(
         metrics = summary_metrics(tables["summary"])
         if tables.get("target_vs_controls") is not None:
             metrics.update(tvc_metrics(tables["target_vs_controls"]))
+        if tables.get("faithfulness") is not None:
+            metrics.update(faithfulness_metrics(tables["faithfulness"]))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
         metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})

@@ -31,6 +31,8 @@ INTERVENTIONS = ("zero", "mean", "mean_positional", "resample")
 # Kinds that read the reference prompts' means (computed in a first pass) or the partner's activations.
 REFERENCE_KINDS = ("mean", "mean_positional")
 PAIRED_KINDS = ("resample",)
+CIRCUIT_NEEDS_TARGET = ("ablation.circuit: a circuit keeps the target set, and ablation.target_heads and "
+                        "ablation.target_neurons are both empty; name the set to keep")
 # Neuron controls draw from their own stream, so adding neurons to a target leaves its head controls
 # exactly as they were (same seed, same head sets).
 NEURON_SEED_OFFSET = 7919
@@ -211,8 +213,7 @@ def circuit_conditions(conditions: Sequence[Condition], kinds: Sequence[str], n_
     """
     target = next((c for c in conditions if c.kind == "target"), None)
     if target is None or not (target.heads or target.neurons):
-        raise ValueError("ablation.circuit: the circuit keeps the target set, and ablation.target_heads and "
-                         "ablation.target_neurons are both empty; name the set to keep")
+        raise ValueError(CIRCUIT_NEEDS_TARGET)
     with_neurons = bool(target.neurons)
     kept = [("circuit", "circuit", target)] + [
         (f"circuit-{c.id}", "circuit_random", c) for c in conditions if c.kind == "random"]
