@@ -263,6 +263,7 @@ class WeightDiffConfig:
 
 # `verif.analysis.discovery.metric.PROMPT_CHOICES` (that module imports torch; a test keeps the two equal).
 DISCOVER_PROMPTS = ("correct", "incorrect", "all")
+DISCOVER_INTERVENTIONS = ("zero", "mean", "resample")
 
 
 def _screen(v: int | str) -> str | None:
@@ -291,6 +292,10 @@ class DiscoverConfig:
     seed: int = doc("Seed of the random sets and of the probes' train / held-out split.", 0)
     batch_size: int = doc("Prompts per forward (and backward) of the attribution, attention and residual "
                           "passes.", 8, at_least(1))
+    intervention: str = doc("How exact effects and sets intervene, and what AtP differences against "
+                            "((z_ref - z) . dM/dz): zero, mean (ablation.reference's means) or resample (each "
+                            "prompt's partner; adds the exact per-head patching effect, noising and denoising).",
+                            "zero", _one_of(*DISCOVER_INTERVENTIONS))
 
 
 def _positive(v: float) -> str | None:

@@ -26,6 +26,7 @@ from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
 from jobs.inputs import check_out_dir
 from jobs.prepare import PromptSource, build_prompts, check_tokens, limit_lengths, resolve_models
+from jobs.partners import pair_partners
 from jobs.runtime.pool import run_recorded, worker_pool
 from jobs.runtime.resumable import recover, reset_untrusted, running
 from jobs.runtime.storage import (
@@ -185,29 +186,6 @@ def prepare(cfg: Config) -> SweepPlan:
     check_weight_diff(cfg)
     shards = plan_shards(cfg, names, prompts.height, conditions)
     return SweepPlan(cfg, sources, arch, prompts, prompt_source, conditions, shards, reference, partners)
-
-
-def pair_partners(prompts: pl.DataFrame, conditions: list[Condition]) -> list[int] | None:
-    """Each prompt's partner (the row of its pair that is not itself) when a condition resamples, else None.
-
-    A pair is the two rows of `prompts.parquet` sharing a `pair_id`; the worker reads the partner's
-    activations from the partner's text, which travels with the shard (partners need not share one)."""
-    if not any(c.intervention in PAIRED_KINDS for c in conditions):
-        return None
-    ids = prompts["pair_id"].to_list() if "pair_id" in prompts.columns else [None] * prompts.height
-    rows: dict[int, list[int]] = {}
-    for i, pid in enumerate(ids):
-        if pid is not None:
-            rows.setdefault(pid, []).append(i)
-    partners = []
-    for i, pid in enumerate(ids):
-        pair = rows.get(pid, []) if pid is not None else []
-        if len(pair) != 2:
-            raise SweepError(f"ablation.kind: resample patches each prompt with its partner's activations, and prompt "
-                             f"{i} has {'no pair' if pid is None else f'{len(pair) - 1} partners in pair {pid}'}; "
-                             "resample needs counterfactual pairs (prompts.pairs: true, or a prompts.file with pair_id)")
-        partners.append(pair[1] if pair[0] == i else pair[0])
-    return partners
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:

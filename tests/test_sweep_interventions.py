@@ -17,7 +17,9 @@ import pytest
 from jobs.reference import ReferencePlan, means_path, resume_problems
 from jobs.runtime.storage import OutDir, file_digest
 from jobs.runtime.worker import Shard, ShardScorer, WorkerSpec
-from jobs.sweep import SweepError, pair_partners, run_sweep
+from jobs.errors import InputError
+from jobs.partners import pair_partners
+from jobs.sweep import run_sweep
 from tests.support.interventions import means_of, reference_table
 from tests.support.sweeps import KEY, manifest, sweep_cfg
 from tests.tolerances import ScoreTol
@@ -162,9 +164,9 @@ def test_with_interventions_and_pair_partners():
                                                                                          "pair_id": pl.Int64})
     assert pair_partners(prompts, both) == [2, 3, 0, 1]
     assert pair_partners(prompts, base) is None
-    with pytest.raises(SweepError, match="prompt 0 has no pair; resample needs counterfactual pairs"):
+    with pytest.raises(InputError, match="prompt 0 has no pair; resample needs counterfactual pairs"):
         pair_partners(prompts.with_columns(pl.lit(None, pl.Int64).alias("pair_id")), both)
-    with pytest.raises(SweepError, match="prompt 0 has 2 partners in pair 7"):
+    with pytest.raises(InputError, match="prompt 0 has 2 partners in pair 7"):
         pair_partners(pl.DataFrame({"pair_id": [7, 7, 7]}), [Condition("t", "target", ((1, 2),), intervention="resample")])
 
 

@@ -110,6 +110,11 @@ class Sites:
         return cls({int(l): tuple(v) for l, v in d["heads"].items()}, {int(l): tuple(v) for l, v in d["neurons"].items()})
 
 
+def all_components(n_layers: int, n_heads: int, n_neurons: int) -> Sites:
+    """Every head and every MLP neuron of a model (what AtP's reference activations cover)."""
+    return Sites({l: tuple(range(n_heads)) for l in range(n_layers)}, {l: tuple(range(n_neurons)) for l in range(n_layers)})
+
+
 # --------------------------------------------------------------------------------------------
 # what replaces them
 # --------------------------------------------------------------------------------------------
