@@ -123,6 +123,8 @@ class SweepReport:
             f"summary:  {out.summary}",
             f"stats:    {out.stats}/",
             f"figures:  {out.figures}/ ({len(fin.figures) if fin else 0} PNG)",
+            *([f"means:    {out.root / 'reference'}/ (the mean kinds' reference means)"]
+              if (out.root / "reference").is_dir() else []),
             f"manifest: {out.manifest}",
             f"W&B run:  {(fin and fin.wandb_dir) or 'disabled'}",
         ]
