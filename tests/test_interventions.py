@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.interventions import means_of, own_inputs, reference_table
 from tests.tolerances import ScoreTol, assert_scores_close
-from verif.design.conditions import INTERVENTIONS, Ablation
+from verif.design.conditions import INTERVENTIONS, PAIRED_KINDS, REFERENCE_KINDS, Ablation
 from verif.design.heads import parse_heads
 from verif.design.neurons import parse_neurons
 from verif.model.engine import EngineOptions, Scorer
@@ -49,10 +49,15 @@ class Case:
         return [Ablation()] + [Ablation(h, n, kind) for h, n in self.sets]
 
     def sources(self, scorer: Scorer, ablations) -> Sources:
-        """The engine's sources from its own passes: reference means over the four prompts, the partners' cache."""
-        sites = Sites.of(ablations)
-        means = scorer.reference_sums(self.toks, sites, positional=True).means()
-        return Sources(means, scorer.activations([self.toks[p] for p in PARTNERS], sites))
+        """The engine's sources from its own passes, as a sweep makes them: reference means over the four prompts
+        of the mean kinds' components, the partners' cache of the resample conditions' components."""
+        means = cache = None
+        reference, paired = Sites.of(ablations, REFERENCE_KINDS), Sites.of(ablations, PAIRED_KINDS)
+        if reference:
+            means = scorer.reference_sums(self.toks, reference, positional=True).means()
+        if paired:
+            cache = scorer.activations([self.toks[p] for p in PARTNERS], paired)
+        return Sources(means, cache)
 
     def reference(self, kind: str):
         if kind not in self._reference:
@@ -117,17 +122,21 @@ def test_padded_units_equal_reference(case):
 
 
 def test_per_row_mixing_equals_rows_alone(case):
-    """Rows of every kind and several sets in one forward (one unit, trunk shared, chunks of 5 rows) equal each
-    (prompt, condition) scored alone."""
+    """Rows of every kind and several sets in one forward (one unit, trunk shared, chunks of 5 rows), each kind's
+    source covering only its own components as in a sweep, equal each (prompt, condition) scored alone."""
     mixed = [Ablation(), Ablation(*case.sets[0], "zero"), Ablation(*case.sets[1], "mean"),
              Ablation(*case.sets[0], "mean_positional"), Ablation(*case.sets[2], "resample"),
-             Ablation(*case.sets[2], "mean"), Ablation(*case.sets[1], "resample")]
+             Ablation(*case.sets[2], "mean"), Ablation(*case.sets[1], "resample"),
+             Ablation(((20, 1), (3, 5)), (), "resample")]  # components no mean kind touches, in a layer one does
     scorer = Scorer(case.loaded, case.ids, EngineOptions(max_rows=5, bucket_ratio=2.0))
     sources = case.sources(scorer, mixed)
     together = scorer.score_tokens(case.toks, mixed, sources)
     alone = np.zeros_like(together.log_odds)
+    every = Sites.of(mixed)  # alone, each row reads sources that cover every component
+    means = scorer.reference_sums(case.toks, every, positional=True).means()
+    cache = scorer.activations([case.toks[p] for p in PARTNERS], every)
     for i, toks in enumerate(case.toks):
-        one = Sources(sources.means, sources.cache.select([i]))
+        one = Sources(means, cache.select([i]))
         for j, a in enumerate(mixed):
             alone[i, j] = scorer.score_tokens([toks], [a], one).log_odds[0, 0]
     np.testing.assert_allclose(together.log_odds, alone, rtol=0, atol=case.tol.log)

@@ -175,7 +175,8 @@ def summarize(
 ) -> pl.DataFrame:
     """One row per (model, condition): levels, paired changes vs baseline, and discrimination.
 
-    Columns: model, condition, kind, n_heads, layer, head, n_correct, n_incorrect, n_nonfinite,
+    Columns: model, condition, kind, intervention (none for the baseline, else the condition's kind of
+    intervention: zero, mean, mean_positional, resample), n_heads, layer, head, n_correct, n_incorrect, n_nonfinite,
     mean_p_yes_norm_correct/incorrect, mean_p_no_norm_correct/incorrect (1 - p_yes_norm),
     delta_correct/incorrect (mean paired change of p_yes_norm vs baseline), mean_log_odds_correct/
     incorrect, delta_log_odds_correct/incorrect, auroc, delta_auroc.

@@ -343,14 +343,14 @@ class UnitEdits:
                     mask[c, j:j + per] = True
         dev = lambda t: torch.as_tensor(t).to(self.device, self.dtype)  # noqa: E731
         mean = positional = cache = None
-        means = self.sources.means
-        if (self.code == _MEAN).any():
+        means, c = self.sources.means, self.sources.cache
+        # A source covers its own kind's components (check_sources); columns it lacks are never read from it.
+        if (self.code == _MEAN).any() and key in means.mean:
             mean = dev(self._subset(means.mean[key], means.sites, key, cols))
-        if (self.code == _POSITIONAL).any():
+        if (self.code == _POSITIONAL).any() and key in means.positional:
             table = self._subset(means.positional[key], means.sites, key, cols)[: self.seq]
             positional = dev(np.flip(table, 0).copy())  # index t of the unit: seq - 1 - t positions before the last
-        if (self.code == _CACHE).any():
-            c = self.sources.cache
+        if (self.code == _CACHE).any() and key in c.sites.keys():
             cache = torch.zeros(len(self.prompts), self.seq, len(cols), device=self.device, dtype=self.dtype)
             for p, i in enumerate(self.prompts):
                 entry = self._subset(c.entries[i][key], c.sites, key, cols)
@@ -358,12 +358,20 @@ class UnitEdits:
         return (torch.from_numpy(cols).to(self.device), torch.from_numpy(mask).to(self.device), mean, positional, cache)
 
     def _subset(self, values, sites: Sites, key: Key, cols: np.ndarray):
-        """The columns `cols` of an array over `sites`' columns at `key` (the source may hold more)."""
+        """The columns `cols` of an array over `sites`' columns at `key`: the source may hold more, and columns
+        it does not hold (another kind's) are 0."""
         have = sites.columns(key, self.head_dim)
         if len(have) == len(cols) and (have == cols).all():
             return values
-        pos = np.searchsorted(have, cols)
-        return values[..., torch.as_tensor(pos)] if isinstance(values, torch.Tensor) else values[..., pos]
+        pos = np.minimum(np.searchsorted(have, cols), len(have) - 1)
+        present = have[pos] == cols
+        if isinstance(values, torch.Tensor):
+            out = values.new_zeros(*values.shape[:-1], len(cols))
+            out[..., torch.from_numpy(present)] = values[..., torch.from_numpy(pos[present])]
+            return out
+        out = np.zeros(values.shape[:-1] + (len(cols),), dtype=values.dtype)
+        out[..., present] = values[..., pos[present]]
+        return out
 
     def _replace(self, key: Key, row_cond: np.ndarray, row_prompt: np.ndarray) -> Replace | None:
         built = self._built.get(key[0])
@@ -381,10 +389,10 @@ class UnitEdits:
         values = torch.zeros(len(row_cond), self.seq if full else 1, len(cols), device=self.device, dtype=self.dtype)
         for code, src in ((_MEAN, mean), (_POSITIONAL, positional)):
             rows = np.flatnonzero(codes == code)
-            if len(rows):
+            if len(rows) and src is not None:
                 values[torch.from_numpy(rows).to(self.device)] = src
         rows = np.flatnonzero(codes == _CACHE)
-        if len(rows):
+        if len(rows) and cache is not None:
             values[torch.from_numpy(rows).to(self.device)] = cache[torch.from_numpy(row_prompt[rows]).to(self.device)]
         return Replace(cols, row_mask, values)
 
