@@ -145,11 +145,11 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
     """
     import wandb
 
-    kind = pl.col("kind")
+    pooled = pl.col("kind")
     if "intervention" in conditions.columns:  # pooled per intervention kind too: random_pooled, random@mean_pooled
-        kind = pl.when(pl.col("intervention").is_in(["zero", "none"])).then(kind).otherwise(
-            kind + "@" + pl.col("intervention"))
-    kinds = conditions.select("condition", kind.alias("kind"))
+        pooled = pl.when(pl.col("intervention").is_in(["zero", "none"])).then(pooled).otherwise(
+            pooled + "@" + pl.col("intervention"))
+    kinds = conditions.select("condition", "kind", pooled.alias("pooled"))
     df = (
         results.select("model", "condition", "prompt_id", "p_yes_norm")
         .join(prompts.select("prompt_id", "label"), on="prompt_id", how="left")
@@ -157,7 +157,7 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
         .with_columns(
             pl.when(pl.col("kind").is_in(OWN_HISTOGRAM_KINDS) | pl.col("kind").is_null())
             .then(pl.col("condition"))
-            .otherwise(pl.col("kind") + "_pooled")
+            .otherwise(pl.col("pooled") + "_pooled")
             .alias("group")
         )
         .filter(pl.col("p_yes_norm").is_finite() & pl.col("label").is_not_null())

@@ -22,8 +22,8 @@ from verif.model.interventions import Sites, Sources
 from verif.model.score import resolve_yes_no
 
 FIELDS = ("p_yes", "p_no", "p_yes_norm", "log_odds")
-# Prompts 0 and 1, and 2 and 3, are pairs (equal token lengths); 20 vs 16 tokens: two length buckets.
-LENGTHS = (20, 20, 16, 16)
+# Prompts 0 and 1, and 2 and 3, are pairs (equal token lengths); 14 vs 11 tokens: two length buckets.
+LENGTHS = (14, 14, 11, 11)
 PARTNERS = (1, 0, 3, 2)
 SETS = {  # heads, and neurons (on SmolLM2 single late neurons move the answer by less than the tolerance)
     "seed": (parse_heads("L3 H13, L17 H14, L17 H2, L25 H11"), parse_neurons("L10 N5, L20 N7, L20 N100")),
@@ -123,7 +123,7 @@ def test_padded_units_equal_reference(case):
 
 def test_per_row_mixing_equals_rows_alone(case):
     """Rows of every kind and several sets in one forward (one unit, trunk shared, chunks of 5 rows), each kind's
-    source covering only its own components as in a sweep, equal each (prompt, condition) scored alone."""
+    source covering only its own components as in a sweep, equal each condition scored alone."""
     mixed = [Ablation(), Ablation(*case.sets[0], "zero"), Ablation(*case.sets[1], "mean"),
              Ablation(*case.sets[0], "mean_positional"), Ablation(*case.sets[2], "resample"),
              Ablation(*case.sets[2], "mean"), Ablation(*case.sets[1], "resample"),
@@ -132,13 +132,11 @@ def test_per_row_mixing_equals_rows_alone(case):
     sources = case.sources(scorer, mixed)
     together = scorer.score_tokens(case.toks, mixed, sources)
     alone = np.zeros_like(together.log_odds)
-    every = Sites.of(mixed)  # alone, each row reads sources that cover every component
-    means = scorer.reference_sums(case.toks, every, positional=True).means()
-    cache = scorer.activations([case.toks[p] for p in PARTNERS], every)
-    for i, toks in enumerate(case.toks):
-        one = Sources(means, cache.select([i]))
-        for j, a in enumerate(mixed):
-            alone[i, j] = scorer.score_tokens([toks], [a], one).log_odds[0, 0]
+    every = Sites.of(mixed)  # alone, each condition reads sources that cover every component
+    one = Sources(scorer.reference_sums(case.toks, every, positional=True).means(),
+                  scorer.activations([case.toks[p] for p in PARTNERS], every))
+    for j, a in enumerate(mixed):
+        alone[:, j] = scorer.score_tokens(case.toks, [a], one).log_odds[:, 0]
     np.testing.assert_allclose(together.log_odds, alone, rtol=0, atol=case.tol.log)
 
 
@@ -188,7 +186,7 @@ def test_reference_sums_add_over_shards(case):
     sites = Sites.of([Ablation(*case.sets[2], "mean")])
     whole = scorer.reference_sums(case.toks, sites, positional=True)
     parts = scorer.reference_sums(case.toks[2:], sites, True) + scorer.reference_sums(case.toks[:2], sites, True)
-    assert parts.n_tokens == whole.n_tokens == sum(LENGTHS) and list(parts.n_at) == [4] * 16 + [2] * 4
+    assert parts.n_tokens == whole.n_tokens == sum(LENGTHS) and list(parts.n_at) == [4] * 11 + [2] * 3
     a, b = whole.means(), parts.means()
     d = case.loaded.arch.head_dim
     for key in sites.keys():

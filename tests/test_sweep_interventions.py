@@ -29,13 +29,13 @@ from verif.model.engine import EngineOptions, Scorer
 from verif.model.interventions import Sites, Sources
 from verif.model.score import resolve_yes_no
 
-KINDS = ("zero", "mean", "mean_positional")
+KINDS = ("zero", "mean_positional")  # and mean through the circuit conditions
 SETTINGS = ("ray.workers=0", f"ablation.kind=[{', '.join(KINDS)}]", "ablation.circuit=mean", "shards.prompts_per_shard=3")
 
 
 @pytest.fixture(scope="module")
 def kinds_sweep(seed_model_dir, tmp_path_factory):
-    """The small sweep under zero, mean and mean_positional, with mean circuits: (results, OUT)."""
+    """The small sweep under zero and mean_positional, with mean circuits: (results, OUT)."""
     out = tmp_path_factory.mktemp("kinds") / "OUT"
     report = run_sweep(sweep_cfg(seed_model_dir, out, *SETTINGS))
     assert report.shards_run == 2
@@ -54,7 +54,7 @@ def test_conditions_times_kinds_keep_the_zero_ids(kinds_sweep, sweep_reference):
     assert conditions.filter(pl.col("kind") == "circuit")["kept"].to_list() == ["target"]
     # the same random sets under every kind
     heads = dict(zip(conditions["condition"], conditions["heads"]))
-    assert heads["random-001"] == heads["random-001@mean"] == heads["random-001@mean_positional"]
+    assert heads["random-001"] == heads["random-001@mean_positional"]
     assert results.height == 6 * len(expected)
 
 
@@ -69,8 +69,8 @@ def test_zero_rows_are_the_zero_only_sweeps(kinds_sweep, sweep_reference, seed_m
 
 
 def test_mean_kinds_and_circuit_equal_the_independent_reference(kinds_sweep, seed_model, rounding):
-    """mean and mean_positional over all six prompts (the default reference, read in two shards and added), and
-    the circuit (every head but the target's, mean-ablated), against hooks one prompt at a time."""
+    """mean_positional over all six prompts (the default reference, read in two shards and added), and the
+    circuit (every head but the target's, mean-ablated), against hooks one prompt at a time."""
     results, out = kinds_sweep
     prompts = pl.read_parquet(OutDir(out).prompts)
     conditions = pl.read_parquet(OutDir(out).conditions)
@@ -81,8 +81,8 @@ def test_mean_kinds_and_circuit_equal_the_independent_reference(kinds_sweep, see
     target = tuple(parse_heads(by_id["target"]["heads"]))
     arch = seed_model.arch
     circuit = tuple((l, h) for l in range(arch.n_layers) for h in range(arch.n_heads) if (l, h) not in target)
-    cases = {"target@mean": Ablation(target, (), "mean"), "target@mean_positional": Ablation(target, (), "mean_positional"),
-             "random-000@mean": Ablation(parse_heads(by_id["random-000"]["heads"]), (), "mean"),
+    cases = {"target@mean_positional": Ablation(target, (), "mean_positional"),
+             "random-000@mean_positional": Ablation(parse_heads(by_id["random-000"]["heads"]), (), "mean_positional"),
              "circuit@mean": Ablation(circuit, (), "mean")}
     want = reference_table(seed_model, ids, toks, list(cases.values()), means)
     tol = ScoreTol.between_forwards(rounding(seed_model))
@@ -123,13 +123,13 @@ def test_stats_and_figures_per_kind(kinds_sweep):
     out = OutDir(kinds_sweep[1])
     tvc = pl.read_parquet(out.stats / "target_vs_controls.parquet")
     assert tvc.group_by("intervention").len().sort("intervention").rows() == [(k, 3) for k in sorted(KINDS)]
-    assert set(tvc["target_condition"]) == {"target", "target@mean", "target@mean_positional"}
+    assert set(tvc["target_condition"]) == {"target", "target@mean_positional"}
     assert (tvc["n_controls"] == 2).all()  # each target against the random sets of its own kind
     paired = pl.read_parquet(out.stats / "paired_change.parquet")
     assert set(paired["condition"]) == set(tvc["target_condition"])
     names = {p.name.split("__", 1)[1] for p in out.figures.glob("*.png")}
     assert {"interventions.png", "faithfulness.png", "before_after.png", "before_after__mean_positional.png",
-            "null__delta_correct__mean.png", "null__delta_correct.png"} <= names
+            "null__delta_correct__mean_positional.png", "null__delta_correct.png"} <= names
 
 
 def test_reference_means_in_out_and_resume(kinds_sweep, seed_model_dir, tmp_path):
@@ -188,3 +188,21 @@ def test_worker_resamples_from_the_partners_texts(seed_model_dir, seed_model, sh
     want = scorer.score_tokens(toks[:1], abls, Sources(cache=scorer.activations(toks[1:], Sites.of(abls))))
     np.testing.assert_array_equal(cols["log_odds"], want.log_odds[0])
     assert cols["log_odds"][1] != cols["log_odds"][0]
+
+
+def test_wandb_keys_per_kind(kinds_sweep):
+    """W&B gets each kind's target-vs-controls keys beside zero's, the faithfulness, and histograms pooled per kind."""
+    from jobs.tracking import faithfulness_metrics, p_yes_norm_histograms, tvc_metrics
+
+    results, root = kinds_sweep
+    out = OutDir(root)
+    (model,) = results["model"].unique().to_list()
+    keys = tvc_metrics(pl.read_parquet(out.stats / "target_vs_controls.parquet"))
+    for prefix in ("", "target@mean_positional/"):
+        assert f"{model}/target_vs_controls/{prefix}delta_correct/p_empirical" in keys
+    faith = faithfulness_metrics(pl.read_parquet(out.stats / "faithfulness.parquet"))
+    assert {f"{model}/faithfulness/mean/{label}/faithfulness" for label in ("correct", "incorrect", "all")} <= set(faith)
+    hists = p_yes_norm_histograms(results, pl.read_parquet(out.prompts), pl.read_parquet(out.conditions))
+    groups = {k.split("/")[2] for k in hists}
+    assert {"baseline", "target", "target@mean_positional", "random_pooled", "random@mean_positional_pooled",
+            "circuit@mean_pooled"} <= groups

@@ -97,17 +97,10 @@ class Sites:
         return all(set(ids) <= set(self.layers(site).get(layer, ())) for site in SITES
                    for layer, ids in other.layers(site).items())
 
-    def width(self, head_dim: int) -> int:
-        """Columns in all, over every layer and site (what one position of a cache holds)."""
-        return sum(len(v) * head_dim for v in self.heads.values()) + sum(len(v) for v in self.neurons.values())
-
     def to_dict(self) -> dict:
+        """JSON form, for the manifest (layers as strings)."""
         return {"heads": {str(l): list(v) for l, v in self.heads.items()},
                 "neurons": {str(l): list(v) for l, v in self.neurons.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sites:
-        return cls({int(l): tuple(v) for l, v in d["heads"].items()}, {int(l): tuple(v) for l, v in d["neurons"].items()})
 
 
 def all_components(n_layers: int, n_heads: int, n_neurons: int) -> Sites:
