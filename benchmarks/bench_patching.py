@@ -22,6 +22,7 @@ row-layers against the loop's).
 
     python benchmarks/bench_patching.py                  # SmolLM2, 1 pair (2 prompts x 270 heads)
     python benchmarks/bench_patching.py --pairs 2 --layers 4   # faster: heads of the first 4 layers only
+    python benchmarks/bench_patching.py --layers 1 --heads 4   # a smoke run
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=1, help="counterfactual pairs (prompts = 2 x this)")
     p.add_argument("--layers", type=int, default=0, help="screen the heads of the first N layers only (0: all)")
+    p.add_argument("--heads", type=int, default=0, help="screen the first N heads of each such layer only (0: all)")
     p.add_argument("--model", default="packaged:smollm2-135m")
     p.add_argument("--threads", type=int, default=1, help=benchlib.THREADS_HELP)
     p.add_argument("--profile", action="store_true", help="also profile one engine call: where its time goes")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [t for pair in pairs for t in pair]
     partners = [t for a, b in pairs for t in (b, a)]
     n_layers = args.layers or arch.n_layers
-    heads = [(layer, h) for layer in range(n_layers) for h in range(arch.n_heads)]
+    heads = [(layer, h) for layer in range(n_layers) for h in range(args.heads or arch.n_heads)]
     conditions = [Ablation()] + [Ablation(((layer, h),), (), "resample") for layer, h in heads]
     scorer = Scorer(loaded, ids)
     sites = Sites.of(conditions)
