@@ -334,7 +334,8 @@ class UnitEdits:
                 if lyr == layer:
                     j = where[i * per]
                     mask[c, j:j + per] = True
-        dev = lambda t: torch.as_tensor(t).to(self.device, self.dtype)  # noqa: E731
+        # a copy (arrays that came through Ray's object store are read-only)
+        dev = lambda t: torch.tensor(np.asarray(t)).to(self.device, self.dtype)  # noqa: E731
         mean = positional = cache = None
         means, c = self.sources.means, self.sources.cache
         # A source covers its own kind's components (check_sources); columns it lacks are never read from it.
