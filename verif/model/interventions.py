@@ -278,10 +278,12 @@ class Replace:
     values: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` `[rows, T, width]`, or `[rows, width]` for the last position only; returns a new tensor."""
+        """`x` `[rows, T, width]`, or `[rows, width]` for the last position only; returns a new tensor (on x's
+        device: a layer of a model split over devices gets its values there)."""
         mask, values = (self.mask, self.values) if x.dim() == 3 else (self.mask[:, 0], self.values[:, -1])
-        old = x.index_select(-1, self.cols)
-        return x.index_copy(-1, self.cols, torch.where(mask, values.to(x.dtype), old))
+        cols, mask, values = (t.to(x.device) for t in (self.cols, mask, values))
+        old = x.index_select(-1, cols)
+        return x.index_copy(-1, cols, torch.where(mask, values.to(x.dtype), old))
 
 
 @dataclass
