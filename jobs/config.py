@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from jobs.errors import InputError
-from verif.design.conditions import SWEEPS
+from verif.design.conditions import INTERVENTIONS, SWEEPS
 from verif.design.heads import parse_heads
 from verif.design.neurons import parse_neurons
 from verif.model.options import DEFAULT_NO, DEFAULT_YES, DEVICES, DTYPES, EngineOptions, at_least, doc
@@ -99,6 +99,27 @@ def _template(v: str) -> str | None:
     except ValueError as e:
         return str(e).removeprefix(f"prompts.template {v!r}: ")
     return None
+
+
+def _kinds(v: str | list, what: str = "intervention") -> str | None:
+    """An intervention kind or a non-empty list of distinct ones."""
+    items = v if isinstance(v, list) else [v]
+    if not items:
+        return f"must be an {what} kind or a non-empty list of them"
+    bad = [k for k in items if k not in INTERVENTIONS]
+    if bad:
+        return f"unknown {what} kind {bad[0]!r}; valid: {', '.join(repr(k) for k in INTERVENTIONS)}"
+    if len(set(items)) != len(items):
+        return f"lists a kind twice ({items})"
+    return None
+
+
+def _circuit(v: bool | str | list) -> str | None:
+    return None if isinstance(v, bool) else _kinds(v)
+
+
+def _reference(v: str) -> str | None:
+    return None if v and v.strip() else "must be 'prompts' or a JSONL or parquet file of attempts or model outputs"
 
 
 def _neurons(v: str | list) -> str | None:
@@ -187,6 +208,27 @@ class AblationConfig:
     exclude_target: bool = doc("Keep target heads and neurons out of the control sets.", True)
     match_layers: bool = doc("Draw controls with the target's per-layer head (and neuron) counts.", False)
     sweeps: list = listing("Extra sweeps: layer (each layer whole), single_head (each head alone).", [], _sweeps)
+    kind: str | list = doc("Intervention: zero (the study's), mean, mean_positional or resample (the prompt's "
+                           "partner's activation: activation patching), or a list: every condition under every "
+                           "kind (see README, Interventions).", "zero", _kinds)
+    reference: str = doc("Prompts the mean kinds average: prompts (all of this sweep's, correct and incorrect) or "
+                         "a file in the prompts.file formats.", "prompts", _reference)
+    circuit: bool | str | list = doc("Faithfulness of the target set: circuit conditions that keep only the target "
+                                     "(and each random set, and nothing) and intervene on every other head (and "
+                                     "neuron, when the target has neurons) with this kind or list; true = mean.",
+                                     False, _circuit)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """`kind` as a tuple, in the order given."""
+        return tuple(self.kind) if isinstance(self.kind, list) else (self.kind,)
+
+    @property
+    def circuit_kinds(self) -> tuple[str, ...]:
+        """The kinds circuit conditions intervene with (none when `circuit` is false)."""
+        if isinstance(self.circuit, bool):
+            return ("mean",) if self.circuit else ()
+        return tuple(self.circuit) if isinstance(self.circuit, list) else (self.circuit,)
 
 
 @dataclass(frozen=True)
@@ -243,6 +285,7 @@ class WeightDiffConfig:
 
 # `verif.analysis.discovery.metric.PROMPT_CHOICES` (that module imports torch; a test keeps the two equal).
 DISCOVER_PROMPTS = ("correct", "incorrect", "all")
+DISCOVER_INTERVENTIONS = ("zero", "mean", "resample")
 
 
 def _screen(v: int | str) -> str | None:
@@ -280,6 +323,10 @@ class DiscoverConfig:
                          "sets.parquet also scores every set on them, and target.yaml points the follow-up sweep "
                          "at them. 0 = rank, choose and test on the same prompts (optimistic p-values).", 0.5,
                          _holdout)
+    intervention: str = doc("How exact effects and sets intervene, and what AtP differences against "
+                            "((z_ref - z) . dM/dz): zero, mean (ablation.reference's means) or resample (each "
+                            "prompt's partner; adds the exact per-head patching effect, noising and denoising).",
+                            "zero", _one_of(*DISCOVER_INTERVENTIONS))
 
 
 def _positive(v: float) -> str | None:

@@ -23,7 +23,7 @@ from verif.analysis.tables import per_prompt_table
 from verif.model.loading import Arch
 
 # Tables written under OUT/stats/ when they apply.
-STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects")
+STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects", "faithfulness")
 
 
 @dataclass
@@ -47,10 +47,14 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
     tables["per_prompt"] = per_prompt_table(results, prompts)
     tables["condition_effects"] = condition_effects(results, prompts, conditions, n_boot=st.n_boot, seed=st.seed)
     kinds = set(conditions["kind"].to_list())
-    if "target" in kinds:
-        tables["paired_change"] = stats.paired_change(results, prompts, "target", n_boot=st.n_boot, seed=st.seed)
+    targets = conditions.filter(pl.col("kind") == "target")["condition"].to_list()  # one per intervention kind
+    if targets:
+        tables["paired_change"] = pl.concat([stats.paired_change(results, prompts, t, n_boot=st.n_boot, seed=st.seed)
+                                             for t in targets])
     if {"target", "random"} <= kinds:
         tables["target_vs_controls"] = stats.target_vs_controls(tables["summary"], list(stats.DEFAULT_CONTROL_METRICS))
+    if "circuit" in kinds:
+        tables["faithfulness"] = stats.faithfulness(results, prompts, conditions)
     write_parquet_atomic(tables["summary"], out.summary)
     for name in STATS_TABLES:
         if name in tables:
@@ -71,6 +75,7 @@ def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookke
         pngs = figures.make_figures(
             tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,
             n_layers=arch.n_layers, n_heads=arch.n_heads, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
+            faith=tables.get("faithfulness"),
         )
     weight_diff = run_configured_weight_diff(cfg, out)
     if weight_diff is not None:

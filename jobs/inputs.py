@@ -19,7 +19,11 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.runtime.lock import refuse_if_locked
 from jobs.runtime.storage import OutDir, read_manifest
+from verif.design.conditions import CIRCUIT_NEEDS_TARGET
+from verif.design.heads import parse_heads
+from verif.design.neurons import parse_neurons
 from verif.task.prompt_file import load_prompt_file, located_problems
+from verif.task.prompts import load_template
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,45 @@ def check_prompt_file(path: str, key: str = "prompts.file") -> None:
             pass
     except OSError as e:
         raise InputError(f"{key} {path!r}: cannot be read ({e.strerror or e})") from None
+
+
+class ReferenceError(InputError):
+    """`ablation.reference` that cannot be read, or reference prompts that do not fit the sweep."""
+
+
+def _as_reference(e: ValueError) -> str:
+    """A prompts.file reader's message about the reference file, naming the key it came from."""
+    text = str(e)
+    return "ablation.reference" + text[len("prompts.file"):] if text.startswith("prompts.file") else \
+        f"ablation.reference: {text}"
+
+
+def read_reference_file(cfg: Config) -> list[str]:
+    """`ablation.reference`'s attempts rendered with the sweep's template: the prompts the mean kinds average
+    (one line naming the file and line when it cannot be read or parsed)."""
+    p, path = cfg.prompts, cfg.ablation.reference
+    check_prompt_file(path, "ablation.reference")
+    try:
+        table = load_prompt_file(path, p.extract, p.attempts, p.line_breaks)
+    except ValueError as e:
+        raise ReferenceError(_as_reference(e)) from None
+    if table.frame.height == 0:
+        raise ReferenceError(f"ablation.reference {path!r}: no attempt to average ({table.n_rows} records)")
+    template = load_template(p.template)
+    return [template.render(r["numbers"], r["target"], r["attempt"]) for r in table.frame.iter_rows(named=True)]
+
+
+def check_interventions(cfg: Config, job: Job) -> None:
+    """For a job that intervenes through the engine: a sweep's circuit needs a set to keep; a reference
+    file (the means of mean and mean_positional) must read."""
+    if not job.engine:
+        return
+    ab = cfg.ablation
+    if job.ablates_targets and ab.circuit_kinds and not (parse_heads(ab.target_heads or [])
+                                                         or parse_neurons(ab.target_neurons or [])):
+        raise InputError(CIRCUIT_NEEDS_TARGET)
+    if ab.reference != "prompts":
+        read_reference_file(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +262,7 @@ def check_job_inputs(cfg: Config, job: Job, resume: bool) -> None:
     at once; the job's own run makes the same checks again.
     """
     check_out_dir(job.folder(cfg), resume, job.name)
+    check_interventions(cfg, job)
     p = cfg.prompts
     if job.prompts and p.file:
         check_prompt_file(p.file)

@@ -28,6 +28,7 @@ from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
 from jobs.fit import check_fit
 from jobs.inputs import JOBS, check_out_dir
+from jobs.partners import pair_partners
 from jobs.prepare import PromptSource, prepare_models, prepare_prompts
 from jobs.runtime.pool import run_recorded, worker_pool
 from jobs.runtime.resumable import finish, recover, reset_untrusted, running
@@ -41,7 +42,23 @@ from jobs.runtime.storage import (
 )
 from jobs.runtime.worker import Shard, ShardScorer
 from jobs.weight_diff import check_weight_diff
-from verif.design.conditions import Condition, Ablation, build_conditions
+from jobs.reference import (
+    ReferencePlan,
+    check_positional_lengths,
+    plan_reference,
+    record_means,
+    resume_problems,
+    stored_means,
+)
+from verif.design.conditions import (
+    PAIRED_KINDS,
+    Ablation,
+    Condition,
+    build_conditions,
+    circuit_conditions,
+    with_interventions,
+)
+from verif.model.interventions import ReferenceMeans
 from verif.model.loading import Arch, ModelSource
 
 class SweepError(InputError):
@@ -58,6 +75,8 @@ class SweepPlan:
     conditions: list[Condition]
     shards: list[Shard]
     fit: list[str] = field(default_factory=list)  # each model's memory estimate (jobs.fit), for --check
+    reference: ReferencePlan | None = None  # the mean kinds' first pass (jobs.reference)
+    partners: list[int] | None = None  # each prompt's partner, when a condition resamples
 
     @property
     def model_names(self) -> list[str]:
@@ -106,6 +125,8 @@ class SweepReport:
             f"summary:  {out.summary}",
             f"stats:    {out.stats}/",
             f"figures:  {out.figures}/ ({len(fin.figures) if fin else 0} PNG)",
+            *([f"means:    {out.root / 'reference'}/ (the mean kinds' reference means)"]
+              if (out.root / "reference").is_dir() else []),
             f"manifest: {out.manifest}",
             f"W&B run:  {(fin and fin.wandb_dir) or 'disabled'}",
         ]
@@ -142,24 +163,35 @@ def prepare(cfg: Config) -> SweepPlan:
         raise SweepError(f"model.path: models differ in {what} {sorted(shapes)}; one target cannot fit all")
     arch = archs[0]
     try:
-        conditions = build_conditions(arch.n_layers, arch.n_heads, Ablation(models.heads, models.neurons),
-                                      ab.random_controls, ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps,
-                                      n_neurons=arch.n_neurons)
+        base = build_conditions(arch.n_layers, arch.n_heads, Ablation(models.heads, models.neurons),
+                                ab.random_controls, ab.seed, ab.exclude_target, ab.match_layers, ab.sweeps,
+                                n_neurons=arch.n_neurons)
     except ValueError as e:
         raise SweepError(f"ablation.random_controls: {e} (ablation.match_layers: {str(ab.match_layers).lower()}, "
                          f"ablation.exclude_target: {str(ab.exclude_target).lower()})") from e
+    conditions = with_interventions(base, ab.kinds)
+    if ab.circuit_kinds:
+        try:
+            conditions += circuit_conditions(base, ab.circuit_kinds, arch.n_layers, arch.n_heads, arch.n_neurons)
+        except ValueError as e:
+            raise SweepError(str(e)) from e
     prepared = prepare_prompts(cfg, job, models)
+    prompts = prepared.prompts
+    reference = plan_reference(cfg, prompts, conditions)
+    check_positional_lengths(reference, prompts["prompt"].to_list(), dict(zip(prepared.names, prepared.tokenizers)))
+    partners = pair_partners(prompts, conditions)
     check_weight_diff(cfg)
     fit = check_fit(cfg, prepared.sources)
-    shards = plan_shards(cfg, prepared.names, prepared.prompts.height, conditions)
-    return SweepPlan(cfg, prepared.sources, arch, prepared.prompts, prepared.prompt_source, conditions, shards, fit)
+    shards = plan_shards(cfg, prepared.names, prompts.height, conditions)
+    return SweepPlan(cfg, prepared.sources, arch, prompts, prepared.prompt_source, conditions, shards, fit, reference,
+                     partners)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
     return pl.DataFrame(
         [c.row() for c in conditions],
-        schema={"condition": pl.Utf8, "kind": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
-                "neurons": pl.Utf8, "n_neurons": pl.Int64, "layer": pl.Int64, "head": pl.Int64},
+        schema={"condition": pl.Utf8, "kind": pl.Utf8, "intervention": pl.Utf8, "heads": pl.Utf8, "n_heads": pl.Int64,
+                "neurons": pl.Utf8, "n_neurons": pl.Int64, "layer": pl.Int64, "head": pl.Int64, "kept": pl.Utf8},
     )
 
 
@@ -176,6 +208,7 @@ def _open_out(plan: SweepPlan, out: OutDir) -> tuple[dict, dict[str, str]]:
         if old_digest != plan.prompt_source.template_digest:
             diffs.append(f"prompts.template: the template text changed ({old_digest} -> "
                          f"{plan.prompt_source.template_digest})")
+        diffs += resume_problems(old, plan.reference)
         if diffs:
             raise SweepError(f"--resume: the config differs from the one {out.root} was started with: " + "; ".join(diffs))
         return old, reset_untrusted(out, old, ("model", "prompts", "conditions"))
@@ -215,6 +248,7 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
         return done
     prompts_text = plan.prompts["prompt"].to_list()
     ablation_of = {c.id: c.ablation for c in plan.conditions}
+    paired = {c.id for c in plan.conditions if c.intervention in PAIRED_KINDS}
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
     try:
         with worker_pool(cfg.ray, out) as pool:
@@ -229,11 +263,19 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
                                  check_prompt=prompts_text[0], max_prompt_tokens=cfg.prompts.max_tokens)
                 executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
                 manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
+                means = None
+                if plan.reference is not None:
+                    bar.set_description(f"reference means {model}")
+                    means = pool.share(reference_means(plan, out, manifest, executor, model))
                 bar.set_description(f"scoring {model}")
                 t_rows, rows_before = time.perf_counter(), done.rows
 
-                def payload(s: Shard, name=model):
-                    return [prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name
+                def payload(s: Shard, name=model, means=means):
+                    partners = None
+                    if paired & set(s.conditions):
+                        partners = [prompts_text[plan.partners[i]] for i in s.prompt_ids]
+                    return ([prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name,
+                            means, partners)
 
                 def progress(frame: pl.DataFrame, t0=t_rows, before=rows_before) -> None:
                     done.rows += frame.height
@@ -248,6 +290,23 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
     finally:
         bar.close()
     return done
+
+
+def reference_means(plan: SweepPlan, out: OutDir, manifest: dict, executor, model: str) -> ReferenceMeans:
+    """The model's reference means: from OUT when recorded and verified, else from a first pass of
+    reference shards on the model's workers (sums added here, divided once, written and recorded)."""
+    ref = plan.reference
+    stored = stored_means(ref, out, manifest, model)
+    if stored is not None:
+        return stored
+    shards = ref.shards(plan.model_names.index(model), model)
+    texts = list(ref.texts)
+    total = None
+    for _, sums, _ in executor.run(shards, lambda s: ([texts[i] for i in s.prompt_ids], ref.sites, ref.positional)):
+        total = sums if total is None else total + sums
+    means = record_means(total, ref, out, manifest, model)
+    write_json_atomic(manifest, out.manifest)
+    return means
 
 
 def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:

@@ -12,7 +12,9 @@ Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
   run.summary  "headline/..."                          stable names for panels over many runs
                                                        (`headline_metrics`)
                "{model}/{condition}/{column}"          every numeric column of summary.parquet
-               "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls
+               "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls (zero; another
+                                                       kind under "{model}/target_vs_controls/target@{kind}/...")
+               "{model}/faithfulness/{kind}/{label}/{stat}"  the target set's faithfulness (circuit conditions)
                "cross/{a}__{b}/target/{metric}/{stat}", "cross/{a}__{b}/maps/{sweep}/{metric}/{stat}"
                                                        with two or more models (`cross_model_logs`)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
@@ -21,7 +23,8 @@ Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
                                                        "charts/..._table", their panels in the config
                                                        under _wandb.visualize
                "tables/<name>"                         W&B Tables (summary, condition_effects, per_prompt, ...)
-               "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target, <kind>_pooled
+               "{model}/p_yes_norm/{group}/{label}"    histograms; group = baseline, target (target@<kind>),
+                                                       <kind>_pooled (<kind>@<intervention>_pooled)
                "figures/<file stem>"                   the PNG figures as images
   artifact     "<name>-results" of type "sweep-results" (results/, summary, prompts, conditions, stats/,
                and OUT/weight_diff* when that job ran); the weight-diff-only job logs "<name>-weight-diff"
@@ -73,7 +76,7 @@ TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", 
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
 LOGGED_TABLES = ("summary", "condition_effects", "per_prompt", "target_vs_controls", "paired_change",
-                 "by_error_kind")
+                 "by_error_kind", "faithfulness")
 TABLE_ROWS = charts_mod.CHART_ROWS  # wandb.Table.MAX_ROWS: W&B cuts a longer table with only a log line
 TAG_CHARS = 64  # W&B refuses longer tags
 # Summary values of the target's cross-model rows and of the effect-map rows.
@@ -127,6 +130,13 @@ def tvc_metrics(tvc: pl.DataFrame) -> dict[str, Any]:
     return out
 
 
+def faithfulness_metrics(faith: pl.DataFrame) -> dict[str, Any]:
+    """The target's faithfulness per circuit kind and label: "{model}/faithfulness/{kind}/{label}/{stat}"."""
+    rows = faith.filter(pl.col("kept") == "target").iter_rows(named=True)
+    return {f"{r['model']}/faithfulness/{r['intervention']}/{r['label']}/{s}": _scalar(r[s])
+            for r in rows for s in ("faithfulness", "random_mean", "random_max", "p_greater")}
+
+
 def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl.DataFrame) -> dict[str, Any]:
     """Histograms of p_yes_norm per model, condition group and label, on fixed bins over [0, 1].
 
@@ -135,7 +145,11 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
     """
     import wandb
 
-    kinds = conditions.select("condition", "kind")
+    pooled = pl.col("kind")
+    if "intervention" in conditions.columns:  # pooled per intervention kind too: random_pooled, random@mean_pooled
+        pooled = pl.when(pl.col("intervention").is_in(["zero", "none"])).then(pooled).otherwise(
+            pooled + "@" + pl.col("intervention"))
+    kinds = conditions.select("condition", "kind", pooled.alias("pooled"))
     df = (
         results.select("model", "condition", "prompt_id", "p_yes_norm")
         .join(prompts.select("prompt_id", "label"), on="prompt_id", how="left")
@@ -143,7 +157,7 @@ def p_yes_norm_histograms(results: pl.DataFrame, prompts: pl.DataFrame, conditio
         .with_columns(
             pl.when(pl.col("kind").is_in(OWN_HISTOGRAM_KINDS) | pl.col("kind").is_null())
             .then(pl.col("condition"))
-            .otherwise(pl.col("kind") + "_pooled")
+            .otherwise(pl.col("pooled") + "_pooled")
             .alias("group")
         )
         .filter(pl.col("p_yes_norm").is_finite() & pl.col("label").is_not_null())
@@ -329,6 +343,8 @@ def log_sweep(
         models = model_order(cfg, summary["model"].unique(maintain_order=True).to_list())
         metrics.update(headline_metrics(summary, effects, tables.get("target_vs_controls"), tables["prompts"].height,
                                         models))
+        if tables.get("faithfulness") is not None:
+            metrics.update(faithfulness_metrics(tables["faithfulness"]))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
         metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})

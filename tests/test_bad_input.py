@@ -311,6 +311,16 @@ CASES = [
     Case("no-mode", ("--out", "{out}"), ("one of the arguments --sweep",)),
     Case("unknown-flag", ("--sweep", "--bogus-flag"), ("unrecognized arguments: --bogus-flag",)),
     Case("weight-diff-without-base", ("--weight-diff",), ("--weight-diff needs --base and --tuned",)),
+    # -- interventions (issue 20) -------------------------------------------------------------------------------
+    Case("unknown-intervention-kind", sweep("--set", "ablation.kind=[zero, noise]"),
+         ("ablation.kind: unknown intervention kind 'noise'", "'zero', 'mean', 'mean_positional', 'resample'")),
+    Case("reference-file-does-not-parse", sweep("--set", "ablation.kind=mean", "--set",
+                                                "ablation.reference={files}/json.jsonl"),
+         ("ablation.reference: {files}/json.jsonl:2: invalid JSON",)),
+    Case("reference-file-missing", sweep("--set", "ablation.reference={files}/absent.jsonl"),
+         ("ablation.reference", "absent.jsonl", "no such file")),
+    Case("circuit-with-an-empty-target", sweep("--set", "ablation.circuit=true", "--set", "ablation.target_heads="),
+         ("ablation.circuit: a circuit keeps the target set", "ablation.target_heads", "empty")),
 ]
 NO_OUT = ("no-mode", "unknown-flag", "weight-diff-without-base")
 

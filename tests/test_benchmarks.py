@@ -87,6 +87,22 @@ def test_shared_prefix_small(tmp_path, seed_model, rounding):
     assert all(ok for name, ok in res["checks"].items() if not name.startswith("p_yes_norm_diff"))
 
 
+def test_patching_small(tmp_path, seed_model_dir, seed_model, rounding):
+    """The per-head resample screen, 4 heads of layer 0 of the seed-shaped model: the hand loop and the engine agree."""
+    out = tmp_path / "patching.json"
+    run_script("bench_patching.py", "--model", str(seed_model_dir), "--layers", "1", "--heads", "4", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["prompts"] == 2 and res["heads"] == 4 and res["rows"] == 8
+    assert len(set(res["prompt_tokens"])) == 1  # a pair: two prompts of one length
+    # The loop (the model's own forward, batch 1) and the engine are two float32 forwards (tests/tolerances.py).
+    tol = ScoreTol.between_forwards(rounding(seed_model))
+    assert res["max_abs_log_odds_diff"] < tol.log
+    low, high = res["patching_effect_range"]
+    assert high - low > 10 * tol.log  # patching the partner's heads moves the verdict
+    assert res["row_layers"]["engine"] == 2 * (5 * 36)  # per prompt: the trunk + 4 heads, all from layer 0
+    assert all(v > 0 for v in res["speedup"].values())
+
+
 def test_gpu_benchmark_data_is_small_and_real():
     data_file = BENCH / "data" / "qwen25_prompts.json"
     assert data_file.stat().st_size < 2_000_000

@@ -144,6 +144,33 @@ def test_exact_equals_a_sweeps_single_head_effects(finished, tiny_dir, tmp_path)
         assert row["delta"] == pytest.approx(effect(objective, layer, head), abs=1e-4)
 
 
+def test_mean_discovery_equals_a_mean_sweeps_single_head_effects(finished, tiny_dir, tmp_path):
+    """discover.intervention: mean reads the reference means in a first step (shards of reference prompts,
+    added), screens heads under mean-ablation and differences AtP against the means; its exact effects are a
+    mean-ablation sweep's single-head effects (the same default reference: all 8 prompts)."""
+    out = tmp_path / "OUT"
+    run_discovery(load_config(None, overrides(tiny_dir, "discover.intervention=mean", "wandb.mode=disabled"), str(out)))
+    shards = json.loads((out / "discovery" / "manifest.json").read_text())["shards"]
+    assert sorted(k for k in shards if "reference" in k) == ["m0-reference-p000000", "m0-reference-p000003",
+                                                             "m0-reference-p000006"]
+    cfg = load_config(None, overrides(tiny_dir, "ablation.target_heads=null", "ablation.random_controls=0",
+                                      "ablation.sweeps=[single_head]", "ablation.kind=mean", "wandb.mode=disabled",
+                                      "stats.n_boot=10"), str(tmp_path / "sweep"))
+    run_sweep(cfg)
+    results = pl.read_parquet(tmp_path / "sweep" / "results" / "*.parquet")
+    objective = read(out, "prompts").filter("in_objective")["prompt_id"]
+    lo = results.filter(pl.col("prompt_id").is_in(objective.implode())).pivot("condition", index="prompt_id",
+                                                                            values="log_odds")
+    heads = read(out, "heads")
+    screened = heads.filter(pl.col("exact").is_not_null())
+    assert screened.height == 6
+    for row in screened.iter_rows(named=True):
+        sweep_effect = (lo[f"head-L{row['layer']:02d}H{row['head']:02d}@mean"] - lo["baseline"]).mean()
+        assert row["exact"] == pytest.approx(sweep_effect, abs=1e-4)  # as for zero (the test above)
+    zero = read(finished[0], "heads")  # the zero discovery: AtP against 0, not against the means
+    assert np.abs(heads["atp"].to_numpy() - zero["atp"].to_numpy()).max() > 1e-3 * np.abs(zero["atp"].to_numpy()).max()
+
+
 def test_combined_sums_equal_one_pass_over_all_prompts(finished, tiny_dir):
     """The job cut the selection half's prompts into 2 scan shards and added their sums; one worker pass
     over all of them must give the same means up to float64 summation order: each prompt's own sums are

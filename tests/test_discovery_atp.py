@@ -20,6 +20,7 @@ from verif.analysis.discovery.metric import choose_prompts
 from verif.analysis.discovery.sums import PromptSums, combine
 from verif.model.ablation import AblationMasks, HookedAblation, head_masks
 from verif.model.engine import EngineOptions, Scorer
+from verif.model.interventions import Sites, Sources, all_components
 from verif.model.score import resolve_yes_no, score_plain
 from tests.support.exact_models import small_seed_model
 
@@ -41,13 +42,14 @@ def tokens(qwen_tokenizer, short_prompts):
     return [qwen_tokenizer.encode(p, add_special_tokens=False) for p in short_prompts]
 
 
-def reference_atp(model, arch, token_ids, yes, no) -> tuple[np.ndarray, np.ndarray, float]:
-    """sum over prompts and positions of -z . dM/dz, M = mean log-odds, by autograd on zero leaves."""
+def reference_atp(model, arch, token_ids, yes, no, z_ref=None) -> tuple[np.ndarray, np.ndarray, float]:
+    """sum over prompts and positions of (z_ref - z) . dM/dz, M = mean log-odds, by autograd on zero leaves;
+    `z_ref(i, kind, layer)` is prompt i's reference input `[T, width]` there (None: 0)."""
     heads = np.zeros((arch.n_layers, arch.n_heads))
     neurons = np.zeros((arch.n_layers, arch.intermediate_size))
     objective = 0.0
     n = len(token_ids)
-    for toks in token_ids:
+    for i, toks in enumerate(token_ids):
         leaves, inputs, handles = {}, {}, []
 
         def add_leaf(key):
@@ -72,7 +74,8 @@ def reference_atp(model, arch, token_ids, yes, no) -> tuple[np.ndarray, np.ndarr
                 h.remove()
         objective += float(m.detach())
         for (kind, layer), g in zip(keys, grads):
-            contrib = -(inputs[(kind, layer)] * g)[0].double()  # [T, width]
+            ref = 0 if z_ref is None else torch.as_tensor(z_ref(i, kind, layer), dtype=g.dtype)
+            contrib = ((ref - inputs[(kind, layer)]) * g)[0].double()  # [T, width]
             if kind == "head":
                 heads[layer] += contrib.view(len(toks), arch.n_heads, arch.head_dim).sum((0, 2)).numpy()
             else:
@@ -208,3 +211,89 @@ def test_batches_sort_by_length_and_same_length_batches_never_pad():
     assert same_length_batches(tokens, 2) == [[1, 4], [0, 2], [3], [5]]
     with pytest.raises(ValueError, match="batch_size"):
         length_batches(tokens, 0)
+
+
+# ---------------------------------------------------------------- AtP against mean and partner activations
+
+
+def _pairs(tokens):
+    """Hand-made pairs of equal token length: prompt 2k and 2k+1 cut to the shorter's length."""
+    out = []
+    for a, b in ((0, 1), (2, 3)):
+        n = min(len(tokens[a]), len(tokens[b]))
+        out += [tokens[a][:n], tokens[b][:n]]
+    return out, [1, 0, 3, 2]
+
+
+def _own_inputs(model, toks) -> dict:
+    got, handles = {}, []
+    for layer, block in enumerate(model.model.layers):
+        for kind, mod in (("head", block.self_attn.o_proj), ("neuron", block.mlp.down_proj)):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, key=(kind, layer): got.__setitem__(key, a[0][0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([list(toks)]))
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _own_means(model, token_ids) -> dict:
+    """Mean o_proj and down_proj input over every position of these prompts, as atp_sums takes them."""
+    reads = [_own_inputs(model, t) for t in token_ids]
+    site = {"head": "heads", "neuron": "neurons"}
+    return {(site[k], l): torch.cat([r[(k, l)] for r in reads]).mean(0).numpy() for k, l in reads[0]}
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_atp_with_a_reference_equals_float64_autograd(small, tokens, kind):
+    """(z_ref - z) . dM/dz with z_ref the reference prompts' mean or the partner's activation, padded batches
+    (the two pairs differ in length), against autograd one prompt at a time."""
+    ids = resolve_yes_no(small.tokenizer)
+    toks, partners = _pairs(tokens)
+    model, arch = small.model, small.arch
+    means = partner_toks = None
+    if kind == "mean":
+        means = _own_means(model, tokens)
+        z_ref = lambda i, k, l: means[({"head": "heads", "neuron": "neurons"}[k], l)]  # noqa: E731
+    else:
+        partner_toks = [toks[p] for p in partners]
+        reads = [_own_inputs(model, t) for t in partner_toks]
+        z_ref = lambda i, k, l: reads[i][(k, l)]  # noqa: E731
+    ref_heads, ref_neurons, _ = reference_atp(model, arch, toks, ids.yes, ids.no, z_ref)
+    got = atp_sums(model, arch, toks, ids, PAD, batch_size=4, means=means, partners=partner_toks)
+    np.testing.assert_allclose(got.mean("atp_heads"), ref_heads, rtol=0, atol=F64 * np.abs(ref_heads).max())
+    np.testing.assert_allclose(got.mean("atp_neurons"), ref_neurons, rtol=0, atol=F64 * np.abs(ref_neurons).max())
+    zero_heads, _, _ = reference_atp(model, arch, toks, ids.yes, ids.no)
+    assert np.abs(ref_heads - zero_heads).max() > 1e-2 * np.abs(zero_heads).max()  # z_ref matters here
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_atp_equals_the_exact_effect_of_its_kind_where_the_objective_is_linear(qwen_tokenizer, tokens, kind):
+    """In the linear model of the test above, AtP against the mean or the partner is the exact mean- or
+    resample-ablation effect of each last-layer head (the engine's, through `Sources`). One prompt of each pair
+    is scored: in a linear objective the two directions of a pair cancel exactly."""
+    linear = small_seed_model(qwen_tokenizer, seed=3)
+    last = linear.arch.n_layers - 1
+    linear.model.model.layers[last].mlp.down_proj.weight.data.zero_()
+    linear.model.model.norm = torch.nn.Identity()
+    ids = resolve_yes_no(qwen_tokenizer, yes=(" Yes",), no=(" No",))
+    pairs, _ = _pairs(tokens)
+    toks, partner_toks = pairs[0::2], pairs[1::2]
+    scorer = Scorer(linear, ids, EngineOptions(pad_id=PAD))
+    sets = single_head_sets([(last, h) for h in range(linear.arch.n_heads)], kind)
+    sites = Sites.of(sets)
+    if kind == "mean":
+        ref = scorer.reference_sums(toks, all_components(linear.arch.n_layers, linear.arch.n_heads,
+                                                         linear.arch.n_neurons), positional=False).means()
+        atp = atp_sums(linear.model, linear.arch, toks, ids, PAD, batch_size=4, means=ref.mean)
+        sources = Sources(means=ref)
+    else:
+        atp = atp_sums(linear.model, linear.arch, toks, ids, PAD, batch_size=4, partners=partner_toks)
+        sources = Sources(cache=scorer.activations(partner_toks, sites))
+    exact = delta_sums(scorer, toks, sets, sources)
+    assert np.abs(exact.mean("delta")).max() > 1e-2
+    np.testing.assert_allclose(atp.mean("atp_heads")[last], exact.mean("delta"), rtol=0,
+                               atol=F64 * np.abs(exact.mean("delta")).max())

@@ -44,7 +44,8 @@ from jobs.config import Config
 from jobs.discover.outputs import Findings, Written, follow_up_prompts, write_outputs
 from jobs.discover.worker import DiscoveryShard, DiscoveryWorker, ScanPrompts
 from jobs.errors import InputError
-from jobs.inputs import JOBS, check_out_dir
+from jobs.inputs import JOBS, check_out_dir, read_reference_file
+from jobs.partners import pair_partners
 from jobs.runtime.pool import WorkerPool, run_recorded, worker_pool
 from jobs.runtime.resumable import finish, recover, reset_untrusted, running
 from jobs.runtime.storage import OutDir, package_versions, read_manifest, write_json_atomic, write_parquet_atomic
@@ -59,6 +60,7 @@ from verif.analysis.discovery.sets import check_controls, plan_sets, sets_table
 from verif.analysis.discovery.sums import PromptSums, combine
 from verif.analysis.discovery.tables import exact_map
 from verif.design.conditions import Ablation
+from verif.model.interventions import ReferenceMeans, all_components
 from verif.model.loading import Arch, ModelSource
 
 # Keys that change no number of a discovery: allowed to differ on --resume (the target set, the
@@ -91,6 +93,8 @@ class DiscoveryPlan:
     prompt_source: PromptSource
     shards: list[DiscoveryShard]
     tokenizers: dict  # model name -> its tokenizer (a follow-up's pairs must match lengths in each)
+    reference: list[str] | None = None  # discover.intervention mean: the prompts its means average
+    partners: list[int] | None = None  # discover.intervention resample: each prompt's partner (row)
 
     @property
     def model_names(self) -> list[str]:
@@ -114,20 +118,25 @@ def slices(ids: Sequence[int], per_shard: int) -> list[tuple[int, ...]]:
 
 
 def plan_shards(names: list[str], selection: list[int], objective: list[int], heldout_objective: list[int],
-                per_shard: int) -> list[DiscoveryShard]:
+                per_shard: int, n_reference: int = 0, exact_prompts: list[int] | None = None) -> list[DiscoveryShard]:
     """Every shard of every model, with stable ids (named by their first prompt id).
 
     Scan shards are slices of `shards.prompts_per_shard` prompts of the selection half. Exact and
     sets shards hold one prompt each: one prompt already scores every screened head or every set (tens
     to hundreds of rows, a full batch), and single prompts let any number of workers share the
-    costliest steps evenly. Exact shards score the selection half's objective prompts, sets shards
-    those of both halves.
+    costliest steps evenly. Exact shards score the selection half's objective prompts (with resample,
+    `exact_prompts`: every prompt of the selection half's pairs, so that noising and denoising are both
+    measured), sets shards those of both halves. With `discover.intervention: mean` the reference prompts
+    (`n_reference`, indexed in their own list) come first, in slices.
     """
     shards = []
     for m, name in enumerate(names):
+        shards += [DiscoveryShard(f"m{m}-reference-p{s[0]:06d}", name, "reference", s)
+                   for s in (slices(list(range(n_reference)), per_shard) if n_reference else [])]
         shards += [DiscoveryShard(f"m{m}-scan-p{s[0]:06d}", name, "scan", s) for s in slices(selection, per_shard)]
         shards.append(DiscoveryShard(f"m{m}-neurons", name, "neurons"))
-        for step, ids in (("exact", objective), ("sets", sorted(objective + heldout_objective))):
+        exact = objective if exact_prompts is None else exact_prompts
+        for step, ids in (("exact", exact), ("sets", sorted(objective + heldout_objective))):
             shards += [DiscoveryShard(f"m{m}-{step}-p{i:06d}", name, "deltas", (i,), step) for i in ids]
     return shards
 
@@ -153,7 +162,7 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     prompts, names = prepared.prompts, prepared.names
     labels = prompts["label"].to_list()
     try:
-        held = holdout_mask(labels, d.holdout, d.seed)
+        held = holdout_mask(labels, d.holdout, d.seed, prompts["pair_id"].to_list())
         chosen = choose_prompts(labels, d.prompts)
     except ValueError as e:
         raise DiscoveryError(str(e)) from e
@@ -170,10 +179,17 @@ def prepare(cfg: Config) -> DiscoveryPlan:
     prompts = prompts.with_columns(pl.Series("heldout", held), pl.Series("in_objective", [i in set(objective) for i in range(len(ids))]),
                                    pl.Series("in_heldout_objective", [i in set(heldout_objective) for i in range(len(ids))]))
     selection = [ids[i] for i in range(len(ids)) if not held[i]]
+    reference = partners = None
+    if d.intervention == "mean":  # the selection half's means: the held-out half stays unread until it is scored
+        reference = ([prompts["prompt"][i] for i in range(len(ids)) if not held[i]] if cfg.ablation.reference == "prompts"
+                     else read_reference_file(cfg))
+    if d.intervention == "resample":
+        partners = pair_partners(prompts, [], paired=True, key="discover.intervention")
     shards = plan_shards(names, selection, [ids[i] for i in objective], [ids[i] for i in heldout_objective],
-                         cfg.shards.prompts_per_shard)
+                         cfg.shards.prompts_per_shard, len(reference or ()), selection if partners is not None else None)
     tokenizers = dict(zip(names, prepared.tokenizers))
-    return DiscoveryPlan(cfg, prepared.sources, prepared.archs, prompts, prepared.prompt_source, shards, tokenizers)
+    return DiscoveryPlan(cfg, prepared.sources, prepared.archs, prompts, prepared.prompt_source, shards, tokenizers,
+                         reference, partners)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +324,15 @@ class _ModelShards:
             self.executor = None
 
 
+def reference_means(sums: PromptSums, arch: Arch) -> ReferenceMeans:
+    """The reference step's added sums divided once: every head's and neuron's mean activation."""
+    sites = all_components(arch.n_layers, arch.n_heads, arch.n_neurons)
+    n_tokens = int(sums.sums["n_tokens"])
+    mean = {(site, int(layer)): v / n_tokens for key, v in sums.sums.items() if key != "n_tokens"
+            for site, layer in [key.split("/")]}
+    return ReferenceMeans(sites, mean, None, None, sums.n_prompts, n_tokens)
+
+
 def _fit(residuals: np.ndarray, labels: list[bool], seed: int) -> tuple[list[Probe], str | None]:
     """The probes, or none and why (fewer than 2 correct and 2 incorrect attempts)."""
     try:
@@ -320,16 +345,29 @@ def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
     """The four steps for one model (module docstring); returns its tables."""
     d = plan.cfg.discover
     name = shards.name
+    prompt_ids_all = plan.prompts["prompt_id"].to_list()
     texts = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["prompt"].to_list()))
     targets = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["target"].to_list()))
     in_objective = dict(zip(plan.prompts["prompt_id"].to_list(), plan.prompts["in_objective"].to_list()))
+    in_heldout_objective = dict(zip(prompt_ids_all, plan.prompts["in_heldout_objective"].to_list()))
+
+    kind = d.intervention
+    means = None
+    if plan.reference is not None:
+        ref = plan.reference
+        frames = shards.run(plan.of(name, "reference"), lambda s: ([ref[i] for i in s.prompt_ids],),
+                            lambda s: digest([ref[i] for i in s.prompt_ids]), "reference")
+        means = reference_means(combine(frame_sums(f) for f in frames), plan.archs[shards.m])
+    partner_text = None if plan.partners is None else {pid: texts[prompt_ids_all[p]] for pid, p in
+                                                        zip(prompt_ids_all, plan.partners)}
 
     def scan_inputs(s: DiscoveryShard) -> ScanPrompts:
         p = s.prompt_ids
+        partners = None if partner_text is None else tuple(partner_text[i] for i in p)
         return ScanPrompts(tuple(texts[i] for i in p), tuple(targets[i] for i in p), tuple(in_objective[i] for i in p),
-                           d.batch_size)
+                           d.batch_size, partners, means)
 
-    scan_frames = shards.run(plan.of(name, "scan"), scan_inputs, lambda s: digest(scan_inputs(s).__dict__), "scan")
+    scan_frames = shards.run(plan.of(name, "scan"), scan_inputs, lambda s: digest(scan_inputs(s).key()), "scan")
     scan = combine(frame_sums(f) for f in scan_frames)
     selection = plan.prompts.filter(~pl.col("heldout"))
     probes, probe_note = _fit(frame_residuals(scan_frames, selection["prompt_id"].to_list()),
@@ -339,26 +377,40 @@ def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
     (neuron_frame,) = shards.run(plan.of(name, "neurons"), lambda s: probes, lambda s: probes_digest, "neurons")
     neuron_scores = frame_sums(neuron_frame).sums
 
-    def deltas(step: str, sets: list[Ablation]) -> tuple[PromptSums, PromptSums | None]:
-        """The sums over the selection half's objective prompts, and over the held-out half's (None: none)."""
-        described = [a.describe() for a in sets]
-        planned = plan.of(name, "deltas", step)
-        frames = shards.run(planned, lambda s: ([texts[i] for i in s.prompt_ids], sets), lambda s: digest(described),
-                            step)
-        halves = {True: [], False: []}
-        for shard, frame in zip(planned, frames):
-            halves[in_objective[shard.prompt_ids[0]]].append(frame_sums(frame))
-        return combine(halves[True]), (combine(halves[False]) if halves[False] else None)
+    means_digest = None if means is None else means.digest()
 
+    def deltas(step: str, sets: list[Ablation]) -> dict[int, PromptSums]:
+        """Each prompt's sums of the step (one prompt per shard), by prompt id."""
+        described = [a.describe() for a in sets]
+        todo = plan.of(name, "deltas", step)
+
+        def inputs(s: DiscoveryShard):
+            partners = None if partner_text is None else [partner_text[i] for i in s.prompt_ids]
+            return [texts[i] for i in s.prompt_ids], sets, means, partners
+
+        frames = shards.run(todo, inputs, lambda s: digest(described, means_digest), step)
+        return {s.prompt_ids[0]: frame_sums(f) for s, f in zip(todo, frames)}
+
+    objective_ids = [i for i in prompt_ids_all if in_objective[i]]
     atp_heads = scan.mean("atp_heads")
     screen = heads_to_screen(atp_heads, d.exact)
-    exact = exact_map(atp_heads.shape, screen, deltas("exact", single_head_sets(screen))[0].mean("delta"))
+    per_prompt = deltas("exact", single_head_sets(screen, kind))
+    exact = exact_map(atp_heads.shape, screen, combine(per_prompt[i] for i in objective_ids).mean("delta"))
     head_scores = {"atp": atp_heads, "exact": exact, "attn_to_target": scan.mean("attn_to_target")}
+    patching = {}
+    if plan.partners is not None:  # exact resample effects on the selection half: noising (correct), denoising
+        labels = dict(zip(prompt_ids_all, plan.prompts["label"].to_list()))
+        for column, label in (("patch_noising", True), ("patch_denoising", False)):
+            part = [per_prompt[i] for i in per_prompt if labels[i] == label]
+            patching[column] = exact_map(atp_heads.shape, screen, combine(part).mean("delta"))
     neuron_maps = {"atp": scan.mean("atp_neurons"), "logit_yes_no": neuron_scores["logit_yes_no"],
                    "probe_cos": neuron_scores["probe_cos"]}
     head_plan = plan_sets(head_scores, "head", d.k, d.controls, d.seed)
     neuron_plan = plan_sets(neuron_maps, "neuron", d.k, d.controls, d.seed)
-    set_sums, heldout_sums = deltas("sets", head_plan.conditions + neuron_plan.conditions)
+    set_deltas = deltas("sets", [dataclasses.replace(a, kind=kind) for a in head_plan.conditions + neuron_plan.conditions])
+    set_sums = combine(set_deltas[i] for i in objective_ids)
+    heldout_ids = [i for i in prompt_ids_all if in_heldout_objective[i]]
+    heldout_sums = combine(set_deltas[i] for i in heldout_ids) if heldout_ids else None
     effects = set_sums.mean("delta")
     heldout = heldout_sums.mean("delta") if heldout_sums else np.full(effects.shape, np.nan)
     n_head_sets = len(head_plan.conditions)
@@ -366,7 +418,7 @@ def discover_model(plan: DiscoveryPlan, shards: _ModelShards) -> Findings:
                       sets_table(neuron_plan, effects[n_head_sets:], heldout[n_head_sets:])])
     return Findings(
         model=name, spec=plan.sources[shards.m].spec, n_objective=scan.n_prompts, which=d.prompts,
-        head_maps=head_scores, neuron_maps=neuron_maps, probes=probes,
+        head_maps=head_scores | patching, neuron_maps=neuron_maps, probes=probes,
         sets=sets.select(pl.lit(name).alias("model"), pl.all()),
         objective_attribution=float(scan.mean("log_odds")), objective_engine=float(set_sums.mean("log_odds")),
         n_controls=d.controls, probe_note=probe_note, n_heldout=heldout_sums.n_prompts if heldout_sums else 0,

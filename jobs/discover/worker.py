@@ -15,7 +15,7 @@ as a sweep scores them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,11 +26,12 @@ from verif.analysis.discovery.attention import attn_to_target_sums, encode_with_
 from verif.analysis.discovery.exact import delta_sums
 from verif.analysis.discovery.neurons import logit_yes_no, value_vectors
 from verif.analysis.discovery.probes import Probe, last_position_residuals, probe_cosines
-from verif.design.conditions import Ablation
+from verif.design.conditions import PAIRED_KINDS, Ablation
 from verif.model.engine import Scorer
+from verif.model.interventions import ReferenceMeans, Sites, Sources, all_components
 from verif.model.loading import LoadedModel, load_model
 
-PHASES = ("scan", "neurons", "deltas")
+PHASES = ("reference", "scan", "neurons", "deltas")
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,21 @@ class DiscoveryShard:
 
 @dataclass(frozen=True)
 class ScanPrompts:
-    """A scan shard's prompts: text, target number, and whether the objective M averages it."""
+    """A scan shard's prompts: text, target number, and whether the objective M averages it; with
+    `discover.intervention` mean or resample, what AtP differences against (the reference means over every
+    head and neuron, or each prompt's partner's text)."""
 
     texts: tuple[str, ...]
     targets: tuple[int, ...]
     in_objective: tuple[bool, ...]
     batch_size: int
+    partners: tuple[str, ...] | None = None
+    means: ReferenceMeans | None = field(default=None, compare=False)
+
+    def key(self) -> dict:
+        """What the shard's result depends on, for its inputs digest (the means by their own digest)."""
+        return {**{k: v for k, v in self.__dict__.items() if k != "means"},
+                "means": None if self.means is None else self.means.digest()}
 
 
 class DiscoveryWorker(ModelWorker):
@@ -80,8 +90,9 @@ class DiscoveryWorker(ModelWorker):
         if shard.phase == "neurons":
             return {"shard": shard.id, **self.neuron_scores(inputs)}
         if shard.phase == "deltas":
-            texts, ablations = inputs
-            return {"shard": shard.id, **self.deltas(texts, ablations)}
+            return {"shard": shard.id, **self.deltas(*inputs)}
+        if shard.phase == "reference":
+            return {"shard": shard.id, **self.reference(*inputs)}
         raise ValueError(f"shard {shard.id}: unknown phase {shard.phase!r}; one of {', '.join(PHASES)}")
 
     def scan(self, prompt_ids: tuple[int, ...], prompts: ScanPrompts) -> dict:
@@ -99,7 +110,12 @@ class DiscoveryWorker(ModelWorker):
         }
         if chosen:  # a slice of the prompts may hold none the objective averages: its sums are 0 over 0
             pad = self.scorer.pad_id
-            atp = atp_sums(model, arch, [tokens[i] for i in chosen], self.ids, pad, prompts.batch_size)
+            partners = None
+            if prompts.partners is not None:
+                partners = [self.loaded.tokenizer.encode(prompts.partners[i], add_special_tokens=False) for i in chosen]
+            means = None if prompts.means is None else prompts.means.mean
+            atp = atp_sums(model, arch, [tokens[i] for i in chosen], self.ids, pad, prompts.batch_size, means,
+                           partners)
             attn = attn_to_target_sums(model, arch, [tokens[i] for i in chosen], [positions[i] for i in chosen],
                                        prompts.batch_size)
             arrays = {**atp.sums, **attn.sums}
@@ -113,7 +129,22 @@ class DiscoveryWorker(ModelWorker):
         arrays = {"logit_yes_no": logit_yes_no(model, self.ids), "probe_cos": probe_cosines(value_vectors(model), probes)}
         return {"n_prompts": 0, "arrays": arrays}
 
-    def deltas(self, texts: list[str], ablations: list[Ablation]) -> dict:
-        """Sums over these prompts of each set's `delta` (log-odds with it ablated minus without) and `log_odds`."""
-        sums = delta_sums(self.scorer, self.scorer.tokenize(texts), ablations)
+    def deltas(self, texts: list[str], ablations: list[Ablation], means: ReferenceMeans | None = None,
+               partners: list[str] | None = None) -> dict:
+        """Sums over these prompts of each set's `delta` (log-odds with it intervened on minus without) and
+        `log_odds`; a mean kind reads `means`, resample the activations of `partners` (prompt i's is i)."""
+        tokens = self.scorer.tokenize(texts)
+        cache = None
+        if partners is not None:
+            cache = self.scorer.activations(self.scorer.tokenize(partners), Sites.of(ablations, PAIRED_KINDS))
+        sums = delta_sums(self.scorer, tokens, ablations, Sources(means, cache))
         return {"n_prompts": sums.n_prompts, "arrays": dict(sums.sums)}
+
+    def reference(self, texts: list[str]) -> dict:
+        """Float64 sums of every head's and neuron's activation over these reference prompts and their token
+        count (`n_tokens`): the driver adds the shards and divides once."""
+        arch = self.loaded.arch
+        sites = all_components(arch.n_layers, arch.n_heads, arch.n_neurons)
+        sums = self.scorer.reference_sums(self.scorer.tokenize(texts), sites, positional=False)
+        arrays = {f"{site}/{layer}": v for (site, layer), v in sums.total.items()}
+        return {"n_prompts": sums.n_prompts, "arrays": {**arrays, "n_tokens": np.asarray(float(sums.n_tokens))}}

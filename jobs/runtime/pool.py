@@ -102,6 +102,15 @@ class WorkerPool:
         return WorkerSpec(threads=max(1, int(self.ray.cpus_per_worker)) if self.n_workers else None,
                           gpus=max(1, int(self.ray.gpus_per_worker)), **fields)
 
+    def share(self, obj: Any) -> Any:
+        """An object every shard's call reads (reference means): put in Ray's object store once, so each call
+        passes a reference that Ray resolves on the worker's node; in this process, the object itself."""
+        if self.n_workers == 0 or obj is None:
+            return obj
+        import ray
+
+        return ray.put(obj)
+
     def executor(self, worker_cls: type[ModelWorker], method: str, spec: WorkerSpec, max_attempts: int):
         """Workers of `worker_cls` (model loaded, fast path checked) that run `method` on shards."""
         t = time.perf_counter()

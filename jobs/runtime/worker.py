@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
-from verif.design.conditions import Ablation
+from jobs.reference import ReferenceShard
+from verif.design.conditions import PAIRED_KINDS, Ablation
 from verif.model.engine import Scorer
+from verif.model.interventions import ReferenceMeans, ReferenceSums, Sites, Sources
 from verif.model.loading import load_model
 from verif.model.options import EngineOptions
 from verif.model.score import resolve_yes_no
@@ -89,15 +91,33 @@ class ModelWorker:
 
 
 class ShardScorer(ModelWorker):
-    """A sweep's worker: scores shards; prompts and ablations come with each call."""
+    """A sweep's worker: scores shards; prompts and ablations come with each call (and what non-zero kinds
+    read: the reference means, the partners' texts). A shard of the mean kinds' first pass
+    (`jobs.reference.ReferenceShard`) returns its prompts' activation sums instead."""
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.scorer = Scorer(self.loaded, self.ids, spec.engine)
 
-    def score(self, shard: Shard, prompts: list[str], ablations: list[Ablation], model_name: str) -> dict[str, list]:
-        """Result columns for every (prompt, condition) of the shard, prompt-major."""
-        table = self.scorer.score_prompts(prompts, ablations)
+    def score(self, shard: Shard | ReferenceShard, *args) -> dict[str, list] | ReferenceSums:
+        """`score_shard` or, for a first-pass shard, `reference_sums`, with the shard's payload."""
+        if isinstance(shard, ReferenceShard):
+            return self.reference_sums(*args)
+        return self.score_shard(shard, *args)
+
+    def reference_sums(self, texts: list[str], sites: Sites, positional: bool) -> ReferenceSums:
+        """Float64 sums of the activations at `sites` over these reference prompts."""
+        return self.scorer.reference_sums(self.scorer.tokenize(texts), sites, positional)
+
+    def score_shard(self, shard: Shard, prompts: list[str], ablations: list[Ablation], model_name: str,
+                    means: ReferenceMeans | None = None, partners: list[str] | None = None) -> dict[str, list]:
+        """Result columns for every (prompt, condition) of the shard, prompt-major. For resample the
+        partners' activations are read first, from an unablated forward of `partners[i]` (prompt i's)."""
+        cache = None
+        paired = Sites.of(ablations, PAIRED_KINDS)
+        if paired:
+            cache = self.scorer.activations(self.scorer.tokenize(partners), paired)
+        table = self.scorer.score_prompts(prompts, ablations, Sources(means, cache))
         n, c = len(shard.prompt_ids), len(shard.conditions)
         return {
             "model": [model_name] * (n * c),

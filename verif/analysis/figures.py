@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from verif.analysis import stats
+from verif.design.conditions import INTERVENTIONS
 from verif.design.heads import parse_heads
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "plot_head_heatmap",
     "plot_layer_bars",
     "plot_p_yes_hist",
+    "plot_interventions",
+    "plot_faithfulness",
     "make_figures",
 ]
 
@@ -52,6 +55,9 @@ METRIC_LABELS: dict[str, str] = {
     "mean_p_yes_norm_correct": f"mean {PNORM}, correct attempts",
     "mean_p_yes_norm_incorrect": f"mean {PNORM}, incorrect attempts",
 }
+# How each intervention kind is named in a title.
+VERBS = {"zero": "zero-ablating", "mean": "mean-ablating", "mean_positional": "position-mean-ablating",
+         "resample": "resampling (the partner's activations into)"}
 _C_BASE = "#5b7fa6"
 _C_ABL = "#e07b39"
 _C_CORRECT = "#2a9d4b"
@@ -109,8 +115,10 @@ def plot_before_after(
     n_boot: int = 2000,
     seed: int = 0,
     conditions: pl.DataFrame | None = None,
+    intervention: str = "zero",
 ) -> Path:
-    """The study's figure: mean normalised P(Yes) and P(No) before and after ablating the target set.
+    """The study's figure: mean normalised P(Yes) and P(No) before and after ablating the target set
+    (`target` is its condition under `intervention`, whose name the title gives).
 
     One panel for correct attempts, one for incorrect ones; in each, P(Yes) and P(No) as grouped
     bars (baseline vs ablated) with 95% percentile-bootstrap CIs of the mean (resampling prompts).
@@ -170,7 +178,8 @@ def plot_before_after(
             ax.text(0.5, 1.06, f"paired Δ P(Yes) = {r['mean_change']:+.3f}{ci}", ha="center", va="center", fontsize=9)
     axes[0].set_ylabel("mean normalised probability\nP(Yes)/(P(Yes)+P(No)) and P(No)/(P(Yes)+P(No))")
     heads_txt = f" ({n_heads} heads)" if n_heads is not None else ""
-    fig.suptitle(f"{model}: verification before vs after zero-ablating the target heads{heads_txt}", fontsize=12)
+    fig.suptitle(f"{model}: verification before vs after {VERBS.get(intervention, intervention)} the target "
+                 f"heads{heads_txt}", fontsize=12)
     sub = f"{n_all} prompts paired; error bars: 95% bootstrap CI of the mean ({n_boot} resamples of prompts)"
     if n_drop:
         sub += f"; {n_drop} non-finite pairs dropped"
@@ -240,7 +249,9 @@ def plot_null_distribution(
     ax.set_xlabel(_label(metric))
     ax.set_ylabel("count of random head sets")
     n_p = _n_prompts_from_summary(summary, model)
-    fig.suptitle(f"{model}: target heads vs random head sets ({n_p if n_p is not None else '?'} prompts)\n"
+    kinds = sorted(set(sm["intervention"].drop_nulls().to_list()) - {"none"}) if "intervention" in sm.columns else []
+    how = f", {'/'.join(kinds)}" if kinds and kinds != ["zero"] else ""
+    fig.suptitle(f"{model}: target heads vs random head sets ({n_p if n_p is not None else '?'} prompts{how})\n"
                  f"{_short(metric)}", fontsize=11)
     ax.legend(loc="best", fontsize=8)
     ymax = ax.get_ylim()[1]
@@ -423,6 +434,102 @@ def plot_p_yes_hist(
 
 
 # --------------------------------------------------------------------------------------------
+# intervention kinds side by side, and faithfulness
+# --------------------------------------------------------------------------------------------
+
+
+def _judged_kinds(summary: pl.DataFrame, model: str) -> list[str]:
+    """Intervention kinds under which the model has both a target and random sets, in INTERVENTIONS order."""
+    sm = summary.filter(pl.col("model") == model)
+    if "intervention" not in sm.columns:
+        return []
+    have = {k: set(sm.filter(pl.col("intervention") == k)["kind"].to_list()) for k in INTERVENTIONS}
+    return [k for k in INTERVENTIONS if {"target", "random"} <= have[k]]
+
+
+def plot_interventions(
+    summary: pl.DataFrame, model: str, path: str | Path, metrics: Sequence[str] = stats.DEFAULT_CONTROL_METRICS
+) -> Path | None:
+    """The target-vs-controls verdict under each intervention kind, side by side: per metric, one column per
+    kind with every random set's effect (dots) and the target's (diamond), and its empirical p-value.
+
+    A claim that a set matters should hold across kinds (Miller et al. 2024: the kind of ablation decides
+    which task is measured); this is where a reader sees whether it does. None when fewer than two kinds ran.
+    """
+    kinds = _judged_kinds(summary, model)
+    if len(kinds) < 2:
+        return None
+    sm = summary.filter(pl.col("model") == model)
+    tvc = stats.target_vs_controls(sm, list(metrics))
+    fig = _new_figure(4.2 * len(metrics), 5.0)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)[0])
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, m in zip(axes, metrics):
+        for x, k in enumerate(kinds):
+            part = sm.filter(pl.col("intervention") == k)
+            cv = part.filter(pl.col("kind") == "random")[m].cast(pl.Float64).to_numpy()
+            cv = cv[np.isfinite(cv)]
+            ax.scatter(x + rng.uniform(-0.15, 0.15, cv.size), cv, s=14, color=_C_BASE, alpha=0.7,
+                       label="random sets" if x == 0 else None)
+            t = part.filter(pl.col("kind") == "target")[m].cast(pl.Float64).to_list()
+            row = tvc.filter((pl.col("intervention") == k) & (pl.col("metric") == m))
+            if t and t[0] is not None and np.isfinite(t[0]):
+                ax.scatter([x], [t[0]], s=90, marker="D", color=_C_INCORRECT, zorder=3,
+                           label="target set" if x == 0 else None)
+            if row.height and row["p_empirical"][0] is not None:
+                ax.annotate(f"p = {row['p_empirical'][0]:.2g}", (x, 1.0), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=8)
+        ax.axhline(0.0, color="grey", ls="--", lw=1)
+        ax.set_xticks(range(len(kinds)), kinds, fontsize=9)
+        ax.set_xlim(-0.6, len(kinds) - 0.4)
+        ax.set_xlabel("intervention kind")
+        ax.set_ylabel(_label(m), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    n_p = _n_prompts_from_summary(summary, model)
+    fig.suptitle(f"{model}: target set vs random sets of its size under each intervention "
+                 f"({n_p if n_p is not None else '?'} prompts; p: two-sided empirical)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path)
+
+
+def plot_faithfulness(faith: pl.DataFrame, model: str, path: str | Path, label: str = "all") -> Path | None:
+    """Faithfulness of the target set and of each random set of its size, one column per circuit kind:
+    1 = the set alone restores the model's mean log-odds, 0 = no better than intervening on everything."""
+    fm = faith.filter((pl.col("model") == model) & (pl.col("label") == label))
+    if fm.height == 0:
+        return None
+    kinds = [k for k in INTERVENTIONS if k in set(fm["intervention"].to_list())]
+    fig = _new_figure(max(7.0, 2.2 * len(kinds) + 2), 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)
+    for x, k in enumerate(kinds):
+        part = fm.filter(pl.col("intervention") == k)
+        rv = part.filter(pl.col("kept") != "target")["faithfulness"].cast(pl.Float64).to_numpy()
+        rv = rv[np.isfinite(rv)]
+        ax.scatter(x + rng.uniform(-0.15, 0.15, rv.size), rv, s=14, color=_C_BASE, alpha=0.7,
+                   label="random sets of its size" if x == 0 else None)
+        tgt = part.filter(pl.col("kept") == "target")
+        if tgt.height and tgt["faithfulness"][0] is not None:
+            ax.scatter([x], [tgt["faithfulness"][0]], s=90, marker="D", color=_C_INCORRECT, zorder=3,
+                       label="target set" if x == 0 else None)
+            if tgt["p_greater"][0] is not None:
+                ax.annotate(f"p(≥) = {tgt['p_greater'][0]:.2g}", (x, 1.0), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=8)
+    for y in (0.0, 1.0):
+        ax.axhline(y, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_xlim(-0.6, len(kinds) - 0.4)
+    ax.set_xlabel("intervention on everything outside the kept set")
+    ax.set_ylabel("faithfulness = (M(circuit) − M(nothing kept)) / (M(model) − M(nothing kept))", fontsize=8)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{model}: faithfulness of the target set\n({label} attempts; M = mean log-odds)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
 # everything that applies
 # --------------------------------------------------------------------------------------------
 
@@ -440,14 +547,17 @@ def make_figures(
     metrics: Sequence[str] = stats.DEFAULT_CONTROL_METRICS,
     target: str = "target",
     baseline: str = "baseline",
+    faith: pl.DataFrame | None = None,
 ) -> list[Path]:
     """Make every figure the data supports, for each model, into `out_dir`; return their paths.
 
-    Per model: before/after bars (needs the target condition), null distributions for each metric
-    in `metrics` (needs target and random conditions, and a finite target effect), the single-head
-    heatmap and layer bars for each metric in ("delta_correct", "delta_incorrect") when those sweeps
-    ran, and P(Yes) histograms for baseline and target. Missing pieces are skipped, not errors.
-    File names: `<model>__<figure>[__<metric>].png` with the model name made file-safe.
+    Per model and intervention kind: before/after bars (needs the target condition), null distributions for
+    each metric in `metrics` (needs target and random conditions, and a finite target effect), the
+    single-head heatmap and layer bars for each metric in ("delta_correct", "delta_incorrect") when those
+    sweeps ran; then P(Yes) histograms for baseline and the target under each kind, the kinds side by side
+    (`plot_interventions`, two kinds or more) and the faithfulness of the target (`faith`, when circuit
+    conditions ran). Missing pieces are skipped, not errors. File names:
+    `<model>__<figure>[__<metric>][__<kind>].png` with the model name made file-safe; zero has no suffix.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,29 +567,45 @@ def make_figures(
     for model in sorted(results["model"].unique().to_list()):
         stem = _safe(model)
         conds = set(results.filter(pl.col("model") == model)["condition"].unique().to_list())
-        sm = summary.filter(pl.col("model") == model)
-        kinds = set(sm["kind"].drop_nulls().to_list())
-        if baseline in conds and target in conds:
-            paths.append(plot_before_after(results, prompts, model, target=target, path=out / f"{stem}__before_after.png",
-                                           baseline=baseline, n_boot=n_boot, seed=seed, conditions=conditions))
-        if "target" in kinds and "random" in kinds:
-            for m in metrics:
-                if m not in sm.columns:
-                    continue
-                tv = sm.filter(pl.col("kind") == "target")[m][0]
-                if tv is None or not np.isfinite(tv):
-                    continue
-                paths.append(plot_null_distribution(summary, model, m, out / f"{stem}__null__{m}.png"))
-        for m in ("delta_correct", "delta_incorrect"):
-            p = plot_head_heatmap(summary, conditions, model, n_layers=n_layers, n_heads=n_heads, metric=m,
-                                  path=out / f"{stem}__head_heatmap__{m}.png")
-            if p is not None:
-                paths.append(p)
-            p = plot_layer_bars(summary, model, n_layers=n_layers, metric=m,
-                                path=out / f"{stem}__layer_bars__{m}.png")
-            if p is not None:
-                paths.append(p)
-        p = plot_p_yes_hist(results, prompts, model, conditions=(baseline, target), path=out / f"{stem}__p_yes_hist.png")
+        sm_all = summary.filter(pl.col("model") == model)
+        kinds = [k for k in INTERVENTIONS if k in set(sm_all["intervention"].to_list())] \
+            if "intervention" in sm_all.columns else ["zero"]
+        for kind in kinds:
+            sfx = "" if kind == "zero" else f"__{kind}"
+            tcond = target if kind == "zero" else f"{target}@{kind}"
+            sm = sm_all.filter(pl.col("intervention").is_in(["none", kind])) if "intervention" in sm_all.columns \
+                else sm_all
+            kinds_here = set(sm["kind"].drop_nulls().to_list())
+            if baseline in conds and tcond in conds:
+                paths.append(plot_before_after(results, prompts, model, target=tcond, baseline=baseline,
+                                               path=out / f"{stem}__before_after{sfx}.png", n_boot=n_boot, seed=seed,
+                                               conditions=conditions, intervention=kind))
+            if "target" in kinds_here and "random" in kinds_here:
+                for m in metrics:
+                    if m not in sm.columns:
+                        continue
+                    tv = sm.filter(pl.col("kind") == "target")[m][0]
+                    if tv is None or not np.isfinite(tv):
+                        continue
+                    paths.append(plot_null_distribution(sm, model, m, out / f"{stem}__null__{m}{sfx}.png"))
+            for m in ("delta_correct", "delta_incorrect"):
+                p = plot_head_heatmap(sm, conditions, model, n_layers=n_layers, n_heads=n_heads, metric=m,
+                                      path=out / f"{stem}__head_heatmap__{m}{sfx}.png")
+                if p is not None:
+                    paths.append(p)
+                p = plot_layer_bars(sm, model, n_layers=n_layers, metric=m,
+                                    path=out / f"{stem}__layer_bars__{m}{sfx}.png")
+                if p is not None:
+                    paths.append(p)
+        shown = [baseline] + [target if k == "zero" else f"{target}@{k}" for k in kinds]
+        p = plot_p_yes_hist(results, prompts, model, conditions=shown, path=out / f"{stem}__p_yes_hist.png")
         if p is not None:
             paths.append(p)
+        p = plot_interventions(summary, model, out / f"{stem}__interventions.png", metrics)
+        if p is not None:
+            paths.append(p)
+        if faith is not None and faith.height:
+            p = plot_faithfulness(faith, model, out / f"{stem}__faithfulness.png")
+            if p is not None:
+                paths.append(p)
     return paths

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from verif.design.conditions import INTERVENTIONS
+
 __all__ = [
     "METRIC_COLUMNS",
     "DEFAULT_CONTROL_METRICS",
@@ -36,6 +38,7 @@ __all__ = [
     "paired_change",
     "target_vs_controls",
     "by_error_kind",
+    "faithfulness",
 ]
 
 # Columns of `results` that hold measurements; any of them being non-finite marks the row broken.
@@ -172,7 +175,8 @@ def summarize(
 ) -> pl.DataFrame:
     """One row per (model, condition): levels, paired changes vs baseline, and discrimination.
 
-    Columns: model, condition, kind, n_heads, layer, head, n_correct, n_incorrect, n_nonfinite,
+    Columns: model, condition, kind, intervention (none for the baseline, else the condition's kind of
+    intervention: zero, mean, mean_positional, resample), n_heads, layer, head, n_correct, n_incorrect, n_nonfinite,
     mean_p_yes_norm_correct/incorrect, mean_p_no_norm_correct/incorrect (1 - p_yes_norm),
     delta_correct/incorrect (mean paired change of p_yes_norm vs baseline), mean_log_odds_correct/
     incorrect, delta_log_odds_correct/incorrect, auroc, delta_auroc.
@@ -239,10 +243,12 @@ def summarize(
     out = out.with_columns(
         # The baseline is the baseline even when the conditions table forgot to say so.
         pl.when(pl.col("condition") == baseline).then(pl.lit("baseline")).otherwise(pl.col("kind")).alias("kind"),
+        pl.when(pl.col("condition") == baseline).then(pl.lit("none"))
+        .otherwise(pl.col("intervention").fill_null("zero")).alias("intervention"),
         pl.when(pl.col("condition") == baseline).then(pl.lit(0, pl.Int64)).otherwise(pl.col("n_heads")).alias("n_heads"),
     )
     cols = [
-        "model", "condition", "kind", "n_heads", "layer", "head",
+        "model", "condition", "kind", "intervention", "n_heads", "layer", "head",
         "n_correct", "n_incorrect", "n_nonfinite",
         "mean_p_yes_norm_correct", "mean_p_yes_norm_incorrect",
         "mean_p_no_norm_correct", "mean_p_no_norm_incorrect",
@@ -255,14 +261,22 @@ def summarize(
     return (
         out.with_columns([pl.col(c).cast(pl.Float64) for c in float_cols])
         .with_columns(_kind_rank_expr().alias("_k"))
-        .sort(["model", "_k", "layer", "head", "condition"], nulls_last=True)
+        .with_columns(_intervention_rank_expr().alias("_i"))
+        .sort(["model", "_i", "_k", "layer", "head", "condition"], nulls_last=True)
         .select(cols)
     )
 
 
+def _intervention_rank_expr() -> pl.Expr:
+    order = ("none", *INTERVENTIONS)
+    return pl.col("intervention").replace_strict(list(order), list(range(len(order))), default=len(order),
+                                                 return_dtype=pl.Int64)
+
+
 def _condition_meta(conditions: pl.DataFrame | None, baseline: str) -> pl.DataFrame:
-    """condition -> kind, n_heads, layer, head (typed, one row per condition)."""
-    schema = {"condition": pl.Utf8, "kind": pl.Utf8, "n_heads": pl.Int64, "layer": pl.Int64, "head": pl.Int64}
+    """condition -> kind, intervention, n_heads, layer, head (typed, one row per condition)."""
+    schema = {"condition": pl.Utf8, "kind": pl.Utf8, "intervention": pl.Utf8, "n_heads": pl.Int64, "layer": pl.Int64,
+              "head": pl.Int64}
     if conditions is None or conditions.height == 0:
         return pl.DataFrame(schema=schema)
     _check_columns(conditions, ("condition", "kind"), "conditions")
@@ -363,9 +377,10 @@ def target_vs_controls(
     """Judge the target head set's effect against the effects of random head sets.
 
     `metric` is one summary column or a list of them (e.g. DEFAULT_CONTROL_METRICS); the result is
-    long: one row per (model, metric, target condition). Columns: model, metric, target_condition,
-    target_effect, control_mean, control_std (ddof=1), n_controls, z, p_empirical, p_less,
-    p_greater, rank.
+    long: one row per (model, metric, target condition). Columns: model, intervention, metric,
+    target_condition, target_effect, control_mean, control_std (ddof=1), n_controls, z, p_empirical,
+    p_less, p_greater, rank. A target is judged against the random sets of its own intervention kind
+    (the summary's `intervention` column; all of them when it has none).
 
     * p_empirical (two-sided) = (1 + #controls with |effect| >= |target effect|) / (n_controls + 1).
       The +1 counts the target as one draw of the null, so p is never 0 and with n controls the
@@ -382,45 +397,60 @@ def target_vs_controls(
     metrics = [metric] if isinstance(metric, str) else list(metric)
     _check_columns(summary, ["model", "condition", "kind"] + metrics, "summary")
     rows: list[dict] = []
+    if "intervention" not in summary.columns:
+        summary = summary.with_columns(pl.lit("zero").alias("intervention"))
     for model in sorted(summary["model"].unique().to_list()):
         sm = summary.filter(pl.col("model") == model)
-        targets = sm.filter(pl.col("kind") == target_kind)
-        controls = sm.filter(pl.col("kind") == control_kind)
-        if targets.height == 0:
+        if sm.filter(pl.col("kind") == target_kind).height == 0:
             raise ValueError(f"model {model!r}: no condition of kind {target_kind!r} in summary")
-        if controls.height == 0:
+        if sm.filter(pl.col("kind") == control_kind).height == 0:
             raise ValueError(f"model {model!r}: no condition of kind {control_kind!r} (random controls) in summary")
-        for m in metrics:
-            cv = controls[m].cast(pl.Float64).to_numpy()
-            cv = cv[np.isfinite(cv)]
-            n = int(cv.size)
-            mu = float(cv.mean()) if n else None
-            sd = float(cv.std(ddof=1)) if n >= 2 else None
-            for trow in targets.select("condition", m).iter_rows():
-                tcond, t = trow
-                ok = t is not None and np.isfinite(t) and n > 0
-                rows.append(
-                    {
-                        "model": model,
-                        "metric": m,
-                        "target_condition": tcond,
-                        "target_effect": float(t) if t is not None else None,
-                        "control_mean": mu,
-                        "control_std": sd,
-                        "n_controls": n,
-                        "z": (t - mu) / sd if ok and sd is not None and sd > 0 else None,
-                        "p_empirical": (1 + int((np.abs(cv) >= abs(t)).sum())) / (n + 1) if ok else None,
-                        "p_less": (1 + int((cv <= t).sum())) / (n + 1) if ok else None,
-                        "p_greater": (1 + int((cv >= t).sum())) / (n + 1) if ok else None,
-                        "rank": 1 + int((np.abs(cv) > abs(t)).sum()) if ok else None,
-                    }
-                )
+        kinds = sm.filter(pl.col("kind") == target_kind)["intervention"].unique(maintain_order=True).to_list()
+        for kind in kinds:
+            rows += _judged(sm.filter(pl.col("intervention") == kind), model, kind, metrics, target_kind, control_kind)
     schema = {
-        "model": pl.Utf8, "metric": pl.Utf8, "target_condition": pl.Utf8, "target_effect": pl.Float64,
-        "control_mean": pl.Float64, "control_std": pl.Float64, "n_controls": pl.Int64, "z": pl.Float64,
-        "p_empirical": pl.Float64, "p_less": pl.Float64, "p_greater": pl.Float64, "rank": pl.Int64,
+        "model": pl.Utf8, "intervention": pl.Utf8, "metric": pl.Utf8, "target_condition": pl.Utf8,
+        "target_effect": pl.Float64, "control_mean": pl.Float64, "control_std": pl.Float64, "n_controls": pl.Int64,
+        "z": pl.Float64, "p_empirical": pl.Float64, "p_less": pl.Float64, "p_greater": pl.Float64, "rank": pl.Int64,
     }  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
+
+
+def _judged(sm: pl.DataFrame, model: str, kind: str, metrics: list[str], target_kind: str,
+            control_kind: str) -> list[dict]:
+    """target_vs_controls' rows for one model and intervention kind."""
+    rows: list[dict] = []
+    targets = sm.filter(pl.col("kind") == target_kind)
+    controls = sm.filter(pl.col("kind") == control_kind)
+    if controls.height == 0:
+        raise ValueError(f"model {model!r}: no condition of kind {control_kind!r} (random controls) under {kind}")
+    for m in metrics:
+        cv = controls[m].cast(pl.Float64).to_numpy()
+        cv = cv[np.isfinite(cv)]
+        n = int(cv.size)
+        mu = float(cv.mean()) if n else None
+        sd = float(cv.std(ddof=1)) if n >= 2 else None
+        for trow in targets.select("condition", m).iter_rows():
+            tcond, t = trow
+            ok = t is not None and np.isfinite(t) and n > 0
+            rows.append(
+                {
+                    "model": model,
+                    "intervention": kind,
+                    "metric": m,
+                    "target_condition": tcond,
+                    "target_effect": float(t) if t is not None else None,
+                    "control_mean": mu,
+                    "control_std": sd,
+                    "n_controls": n,
+                    "z": (t - mu) / sd if ok and sd is not None and sd > 0 else None,
+                    "p_empirical": (1 + int((np.abs(cv) >= abs(t)).sum())) / (n + 1) if ok else None,
+                    "p_less": (1 + int((cv <= t).sum())) / (n + 1) if ok else None,
+                    "p_greater": (1 + int((cv >= t).sum())) / (n + 1) if ok else None,
+                    "rank": 1 + int((np.abs(cv) > abs(t)).sum()) if ok else None,
+                }
+            )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,3 +482,83 @@ def by_error_kind(results: pl.DataFrame, prompts: pl.DataFrame, baseline: str = 
         pl.col("_d").mean().cast(pl.Float64).alias("mean_delta_p_yes_norm"),
     )
     return out.sort(["model", "condition", "error_kind"])
+
+
+# --------------------------------------------------------------------------------------------
+# faithfulness of a set (circuit conditions)
+# --------------------------------------------------------------------------------------------
+
+CIRCUIT_KINDS = ("circuit", "circuit_random", "circuit_empty")
+
+
+def faithfulness(
+    results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl.DataFrame, baseline: str = "baseline"
+) -> pl.DataFrame:
+    """How much of the model's verdict a set carries alone (Wang et al. 2022, IOI), for the target and for the
+    random sets of its size, per model, circuit intervention kind and label group (correct, incorrect, all).
+
+    `faithfulness = (M(circuit) - M(nothing kept)) / (M(model) - M(nothing kept))`, M the mean log-odds
+    over the group's finite rows: 1 when keeping the set alone restores the model's mean verdict, 0 when it
+    does no better than keeping nothing. Undefined (null) where the model and the empty circuit agree
+    (|M(model) - M(nothing kept)| == 0) or a mean is not finite.
+
+    Columns: model, intervention, condition, kept (target or random-NNN), label, n, m_circuit, m_empty,
+    m_model, faithfulness; and on the target's row its judgement against the random sets of its size:
+    n_random, random_mean, random_max, p_greater ((1 + #random sets with faithfulness >= the target's) /
+    (n_random + 1)) and `verdict`, which says when a random set of its size explains as much.
+    """
+    meta = conditions.select("condition", "kind", "intervention", "kept")
+    df = labelled(results, prompts).join(meta, on="condition", how="left")
+    schema = {
+        "model": pl.Utf8, "intervention": pl.Utf8, "condition": pl.Utf8, "kept": pl.Utf8, "label": pl.Utf8,
+        "n": pl.Int64, "m_circuit": pl.Float64, "m_empty": pl.Float64, "m_model": pl.Float64,
+        "faithfulness": pl.Float64, "n_random": pl.Int64, "random_mean": pl.Float64, "random_max": pl.Float64,
+        "p_greater": pl.Float64, "verdict": pl.Utf8,
+    }  # fmt: skip
+    rows: list[dict] = []
+
+    def mean(part: pl.DataFrame) -> float | None:
+        v = part.filter(pl.col("_finite"))["log_odds"].to_numpy()
+        return float(v.mean()) if v.size else None
+
+    for model in sorted(df["model"].unique().to_list()):
+        dm = df.filter(pl.col("model") == model)
+        circuits = dm.filter(pl.col("kind").is_in(CIRCUIT_KINDS))
+        for kind in circuits["intervention"].unique(maintain_order=True).to_list():
+            dk = circuits.filter(pl.col("intervention") == kind)
+            for lab in _LABEL_NAMES:
+                pick = (lambda d: d) if lab == "all" else (lambda d, c=lab == "correct": d.filter(pl.col("label") == c))
+                m_model = mean(pick(dm.filter(pl.col("condition") == baseline)))
+                m_empty = mean(pick(dk.filter(pl.col("kind") == "circuit_empty")))
+                found = []
+                for cond in dk.filter(pl.col("kind") != "circuit_empty")["condition"].unique(maintain_order=True):
+                    part = pick(dk.filter(pl.col("condition") == cond))
+                    m = mean(part)
+                    ok = None not in (m, m_empty, m_model) and m_model != m_empty
+                    found.append({"model": model, "intervention": kind, "condition": cond, "kept": part["kept"][0],
+                                  "label": lab, "n": part.filter(pl.col("_finite")).height, "m_circuit": m,
+                                  "m_empty": m_empty, "m_model": m_model,
+                                  "faithfulness": (m - m_empty) / (m_model - m_empty) if ok else None})
+                rows += _judge_faithfulness(found)
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _judge_faithfulness(found: list[dict]) -> list[dict]:
+    """The target's row gets the random sets' faithfulness next to its own, and what it says."""
+    random = np.array([r["faithfulness"] for r in found if r["kept"] != "target" and r["faithfulness"] is not None])
+    for r in found:
+        if r["kept"] != "target":
+            continue
+        n = int(random.size)
+        r.update(n_random=n, random_mean=float(random.mean()) if n else None,
+                 random_max=float(random.max()) if n else None)
+        f = r["faithfulness"]
+        if f is None or not n:
+            r["verdict"] = "undefined" if f is None else "no random set of its size to compare with"
+            continue
+        beaten = int((random >= f).sum())
+        r["p_greater"] = (1 + beaten) / (n + 1)
+        r["verdict"] = (f"explains more than all {n} random sets of its size" if not beaten else
+                        f"explains no more than a random set of its size: {beaten} of {n} random sets explain as much "
+                        "or more")
+    return found

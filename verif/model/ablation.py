@@ -18,7 +18,7 @@ rows ablates a neuron there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from verif.design.neurons import validate_neurons
 from verif.model.arch import Arch
 from verif.model.families import down_projs, o_projs
 from verif.model.placement import Placement
+from verif.model.interventions import Edit
 
 
 def head_masks(
@@ -131,6 +132,8 @@ class HookedAblation:
         self._masks_on: dict[int, torch.Tensor] | None = None  # slot -> head masks there (a split model)
         self.masks: torch.Tensor | None = None
         self.neuron_masks: dict[int, torch.Tensor] | None = None
+        # layer -> the rows' Edit there (verif.model.interventions: non-zero kinds, captures), or None
+        self.edit_at: Callable[[int], Edit | None] | None = None
         self._handles: list = []
 
     def set(self, masks: AblationMasks | None, device: torch.device | str = "cpu") -> None:
@@ -147,23 +150,33 @@ class HookedAblation:
             self._masks_on = {slot: p.to(self.masks, slot) for slot in set(p.layers)}
             self.neuron_masks = {layer: p.to(m, p.layers[layer]) for layer, m in self.neuron_masks.items()}
 
+    def _edit(self, layer: int) -> Edit | None:
+        return None if self.edit_at is None else self.edit_at(layer)
+
     def _head_hook(self, layer: int):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            if self.masks is None:
+            edit = self._edit(layer)
+            mask = None if self.masks is None else self.masks[:, layer]
+            if mask is not None and bool((mask == 1).all()):
+                mask = None
+            if mask is None and edit is None:
                 return None
-            mask = (self.masks if self._masks_on is None else self._masks_on[self.placement.layers[layer]])[:, layer]
-            if bool((mask == 1).all()):
-                return None
-            return (apply_head_mask(args[0], mask, self.arch.head_dim),) + tuple(args[1:])
+            a = args[0]
+            if mask is not None:
+                on = self.masks if self._masks_on is None else self._masks_on[self.placement.layers[layer]]
+                a = apply_head_mask(a, on[:, layer], self.arch.head_dim)
+            return (a if edit is None else edit.at_heads(a),) + tuple(args[1:])
 
         return pre_hook
 
     def _neuron_hook(self, layer: int):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            edit = self._edit(layer)
             keep = self.neuron_masks.get(layer) if self.neuron_masks else None
-            if keep is None:
+            if keep is None and edit is None:
                 return None
-            return (apply_neuron_mask(args[0], keep),) + tuple(args[1:])
+            z = args[0] if keep is None else apply_neuron_mask(args[0], keep)
+            return (z if edit is None else edit.at_neurons(z),) + tuple(args[1:])
 
         return pre_hook
 
@@ -178,3 +191,4 @@ class HookedAblation:
         self._handles = []
         self.masks = self._masks_on = None
         self.neuron_masks = None
+        self.edit_at = None

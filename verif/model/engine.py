@@ -33,6 +33,15 @@ from verif.model.ablation import AblationMasks
 from verif.model.families import fast_path_gaps
 from verif.model.forward import FastForward, to_device
 from verif.model.hooked import HookForward
+from verif.model.interventions import (
+    ActivationCache,
+    Capture,
+    ReferenceSums,
+    Sites,
+    Sources,
+    UnitEdits,
+    check_sources,
+)
 from verif.model.loading import Arch, LoadedModel
 from verif.model.memory import AUTO_TOKENS_PER_CALL, activation_bytes_per_token  # noqa: F401  (re-exported)
 from verif.model.options import EngineOptions
@@ -238,17 +247,24 @@ class Scorer:
 
     @torch.inference_mode()
     def score_tokens(
-        self, token_ids: Sequence[Sequence[int]], ablations: Sequence[Ablation | Iterable[Head]]
+        self, token_ids: Sequence[Sequence[int]], ablations: Sequence[Ablation | Iterable[Head]],
+        sources: Sources | None = None,
     ) -> ScoreTable:
         """Score every prompt under every ablation (an empty one is the baseline).
 
-        An ablation is an `Ablation` (heads and neurons) or a plain head set. Each is checked against
-        the model before any work. Results stay on the device until every unit is queued and are
-        copied back once at the end: the only point where the host waits for the GPU.
+        An ablation is an `Ablation` (heads and neurons, and the kind of intervention) or a plain head
+        set (zero). Each is checked against the model before any work, and so are the `sources` that
+        non-zero kinds read (`verif.model.interventions`: reference means, a per-prompt activation
+        cache). Results stay on the device until every unit is queued and are copied back once at the
+        end: the only point where the host waits for the GPU.
         """
-        masks = AblationMasks.build(ablations, self.loaded.arch)  # on the CPU: the row plan is made there
-        n, c = len(token_ids), len(ablations)
+        abls = [Ablation.of(a) for a in ablations]
+        masks = AblationMasks.build(abls, self.loaded.arch)  # on the CPU: the row plan is made there
+        n, c = len(token_ids), len(abls)
         lengths = [len(t) for t in token_ids]
+        edited = any(a.kind != "zero" for a in abls)
+        if edited:
+            check_sources(abls, sources, lengths)
         before = self.forward.stats.row_layers
         done: list[tuple[Unit, torch.Tensor, torch.Tensor]] = []
         for unit in plan_units(lengths, c, self.opts, self._rows_for):
@@ -258,7 +274,12 @@ class Scorer:
             same_length = len({len(t) for t in toks}) == 1
             ly, ln = [], []
             unit_masks = masks.select(unit.conditions)
-            for logits in self.forward.logits(ids, None if same_length else attn, unit_masks, self.opts.share_trunk):
+            edits = None
+            if edited:
+                edits = UnitEdits([abls[j] for j in unit.conditions], sources, unit.prompts, ids.shape[1],
+                                  self.loaded.arch.head_dim, self.device, self.dtype)
+            for logits in self.forward.logits(ids, None if same_length else attn, unit_masks, self.opts.share_trunk,
+                                              edits):
                 y, no = self._yes_no_log_probs(logits)
                 ly.append(y)
                 ln.append(no)
@@ -279,5 +300,50 @@ class Scorer:
         return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before,
                           int(s.nonfinite.sum()))
 
-    def score_prompts(self, prompts: Sequence[str], ablations: Sequence[Ablation | Iterable[Head]]) -> ScoreTable:
-        return self.score_tokens(self.tokenize(prompts), ablations)
+    def score_prompts(self, prompts: Sequence[str], ablations: Sequence[Ablation | Iterable[Head]],
+                      sources: Sources | None = None) -> ScoreTable:
+        return self.score_tokens(self.tokenize(prompts), ablations, sources)
+
+    @torch.inference_mode()
+    def activations(self, token_ids: Sequence[Sequence[int]], sites: Sites) -> ActivationCache:
+        """The activations at `sites` of this model's unablated forward of each prompt: the cache a
+        non-zero kind reads (resample: the partners'; another model's, for cross-model patching).
+
+        It runs the path that scores (the same units, chunks and layer code, every position), so a
+        prompt's own activations replace its own exactly.
+        """
+        lengths = [len(t) for t in token_ids]
+        entries: list[dict] = [{} for _ in token_ids]
+        baseline = AblationMasks.build([Ablation()], self.loaded.arch)
+        keep_last = getattr(self.forward, "last_position_only", False)
+        try:
+            if keep_last:
+                self.forward.last_position_only = False  # a capture reads every position of the last block too
+            for unit in plan_units(lengths, 1, self.opts, self._rows_for):
+                self.forward.max_rows = unit.chunk_rows
+                toks = [token_ids[i] for i in unit.prompts]
+                ids, attn = (to_device(t, self.device) for t in left_pad(toks, self.pad_id)[:2])
+                same_length = len({len(t) for t in toks}) == 1
+                capture = Capture(sites, range(len(toks)), [len(t) for t in toks], ids.shape[1],
+                                  self.loaded.arch.head_dim)
+                for _ in self.forward.logits(ids, None if same_length else attn, baseline, self.opts.share_trunk,
+                                             capture):
+                    pass
+                for p, i in enumerate(unit.prompts):
+                    entries[i] = capture.entries[p]
+        finally:
+            if keep_last:
+                self.forward.last_position_only = True
+        return ActivationCache(sites, entries)
+
+    def reference_sums(self, token_ids: Sequence[Sequence[int]], sites: Sites, positional: bool,
+                       batch: int = 16) -> ReferenceSums:
+        """Float64 sums of the activations at `sites` over these reference prompts (`batch` prompts' caches
+        held at a time): what the mean kinds' first pass adds up."""
+        total = None
+        for a in range(0, len(token_ids), batch):
+            part = ReferenceSums.of(self.activations(token_ids[a:a + batch], sites), positional)
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("reference_sums: no reference prompt given")
+        return total

@@ -20,7 +20,10 @@ into them, so no memory is duplicated (Phi-3 stores them fused already).
 
 Heads are ablated by a `[rows, H]` keep-mask on the attention output before o_proj, neurons by a
 `[rows, I]` keep-mask on the down projection's input, built per forward call only for the layers
-where one of its rows ablates a neuron.
+where one of its rows ablates a neuron. Interventions other than zero (mean, mean_positional,
+resample) then write their replacement values at the same two points through an `Edit` of the chunk's
+rows (`verif.model.interventions`), which a capture uses to read activations too; a zero-only unit has
+no edit and runs exactly as before.
 
 GPU notes. The whole row plan (which rows are live, which chunk ablates at which layer) is computed
 on the CPU before the first kernel and copied over without a stream sync, so the host never waits
@@ -53,6 +56,7 @@ from verif.model.ablation import AblationMasks, apply_head_mask, apply_neuron_ma
 from verif.model.arch import Arch
 from verif.model.families import final_norm, model_family
 from verif.model.families.base import BlockSpec, get_path
+from verif.model.interventions import Capture, Edit, UnitEdits
 from verif.model.placement import Placement
 
 
@@ -229,11 +233,15 @@ def _attend(
 def _block_output(
     h: torch.Tensor, a: torch.Tensor, w: LayerWeights, head_mask: torch.Tensor | None,
     neuron_mask: torch.Tensor | None, head_dim: int, act: Callable[[torch.Tensor], torch.Tensor],
+    edit: Edit | None = None,
 ) -> torch.Tensor:
     """Head ablation, o_proj and residual, then the gated MLP (neuron ablation at the down projection's
-    input) and residual (`[rows, (T,) width]`); with `post_norm` the norms apply to the two outputs."""
+    input) and residual (`[rows, (T,) width]`); with `post_norm` the norms apply to the two outputs.
+    `edit` then writes the replacement values of non-zero interventions at the two sites (or reads them)."""
     if head_mask is not None:
         a = apply_head_mask(a, head_mask, head_dim)
+    if edit is not None:
+        a = edit.at_heads(a)
     attn = F.linear(a, w.o_w, w.o_b)
     if w.post_norm:
         h = h + _norm(attn, w.ln1, w.ln1_eps, w.norm_f32)
@@ -245,6 +253,8 @@ def _block_output(
     z = act(gate) * up
     if neuron_mask is not None:
         z = apply_neuron_mask(z, neuron_mask)
+    if edit is not None:
+        z = edit.at_neurons(z)
     mlp = F.linear(z, w.down_w, w.down_b)
     return h + (_norm(mlp, w.ln2, w.ln2_eps, w.norm_f32) if w.post_norm else mlp)
 
@@ -262,9 +272,10 @@ def decoder_layer(
     act: Callable[[torch.Tensor], torch.Tensor],
     gqa_in_kernel: bool,
     neuron_mask: torch.Tensor | None = None,
+    edit: Edit | None = None,
 ) -> torch.Tensor:
     """One decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads, `neuron_mask`
-    `[rows, I]` MLP neurons.
+    `[rows, I]` MLP neurons, `edit` replaces what non-zero interventions replace (`verif.model.interventions`).
 
     `cos`/`sin` are `[rows or 1, T, rotary dims]`; `attn_mask` `[rows or 1, 1, T, T]` or None (causal).
     """
@@ -280,7 +291,7 @@ def decoder_layer(
         q, k = _qk_norm(qkv[..., : nh * d], qkv[..., nh * d: (nh + nkv) * d], w, d)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     a = _attend(q, k, v, attn_mask, True, gqa_in_kernel)
-    return _block_output(h, a, w, head_mask, neuron_mask, d, act)
+    return _block_output(h, a, w, head_mask, neuron_mask, d, act, edit)
 
 
 def last_position_layer(
@@ -296,6 +307,7 @@ def last_position_layer(
     act: Callable[[torch.Tensor], torch.Tensor],
     gqa_in_kernel: bool,
     neuron_mask: torch.Tensor | None = None,
+    edit: Edit | None = None,
 ) -> torch.Tensor:
     """The last decoder block, for the last position only: `[rows, T, hidden]` -> `[rows, hidden]`.
 
@@ -320,7 +332,7 @@ def last_position_layer(
     a = _attend(q, k, v, mask, False, gqa_in_kernel)
     if head_mask is not None:
         a = apply_head_mask(a, head_mask, d)
-    return _block_output(h[:, -1], a[:, 0], w, None, neuron_mask, d, act)
+    return _block_output(h[:, -1], a[:, 0], w, None, neuron_mask, d, act, edit)
 
 
 def padded_attention_mask(attn: torch.Tensor) -> torch.Tensor:
@@ -493,8 +505,8 @@ class FastForward:
 
     def _layer(self, *args) -> torch.Tensor:
         """The decoder block, compiled if asked; a compile failure falls back to eager once, loudly."""
-        if self.layer_fn is decoder_layer:
-            return decoder_layer(*args)
+        if self.layer_fn is decoder_layer or (len(args) > 12 and args[12] is not None):
+            return decoder_layer(*args)  # an edit is a Python object: eager, never a compiled graph
         h, _, cos, sin, attn_mask, head_mask = args[:6]
         neuron_mask = args[11] if len(args) > 11 else None
         marks = ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (attn_mask, (0, 2, 3)), (head_mask, (0,)), (neuron_mask, (0,)))
@@ -516,12 +528,14 @@ class FastForward:
         attn: torch.Tensor | None,
         masks: AblationMasks,
         share_trunk: bool = True,
+        edits: UnitEdits | Capture | None = None,
     ) -> torch.Tensor:
         """Final-normed last-position states `[P, C, hidden]` for P prompts under C conditions.
 
         `input_ids` `[P, T]` (left padded when `attn` is given), `masks` the conditions' ablations
         (on the CPU: the row plan is made there). With `share_trunk=False` every (prompt, condition)
-        row runs all layers: the reference for sharing.
+        row runs all layers: the reference for sharing. `edits` gives each chunk's `Edit` per layer
+        (the replacements of non-zero interventions, or a capture); None, as for zero-ablation, edits nothing.
         """
         arch, dev = self.arch, input_ids.device
         n_prompts, seq = input_ids.shape
@@ -574,8 +588,13 @@ class FastForward:
                 hm = row_masks[a:b, layer] if ablates else None
                 args = (h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act,
                         m is None)  # grouped-query heads read in place only without a mask, as transformers decides
-                if plan.row_neurons[a:b, layer].any():
-                    args += (to_device(masks.neuron_keep(plan.row_cond[a:b], layer).to(h.dtype), dev),)
+                neurons = plan.row_neurons[a:b, layer].any()
+                edit = None if edits is None else edits.at(layer, plan.row_cond[a:b], plan.row_prompt[a:b])
+                if neurons or edit is not None:
+                    args += (to_device(masks.neuron_keep(plan.row_cond[a:b], layer).to(h.dtype), dev) if neurons
+                             else None,)
+                if edit is not None:
+                    args += (edit,)
                 if final:  # eager: 1/36 of the work, not worth a compiled graph of its own
                     h[a:b, -1] = last_position_layer(*args)
                 else:
@@ -589,10 +608,11 @@ class FastForward:
         return last[to_device(plan.source, dev)]
 
     def logits(
-        self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True
+        self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True,
+        edits: UnitEdits | None = None,
     ) -> Iterator[torch.Tensor]:
         """Last-position logits `[rows, vocab]` of a unit, `max_rows` rows at a time, prompt-major."""
-        hidden = self.last_hidden(input_ids, attn, masks, share_trunk)
+        hidden = self.last_hidden(input_ids, attn, masks, share_trunk, edits)
         flat = hidden.reshape(-1, hidden.shape[-1])
         for a in range(0, flat.shape[0], self.max_rows):
             yield self.lm_head(flat[a:a + self.max_rows])

@@ -21,6 +21,7 @@ from torch import nn
 from verif.model.ablation import AblationMasks, HookedAblation
 from verif.model.arch import Arch
 from verif.model.forward import ForwardStats
+from verif.model.interventions import Capture, UnitEdits
 from verif.model.placement import Placement
 
 
@@ -36,11 +37,13 @@ class HookForward:
 
     @torch.inference_mode()
     def logits(
-        self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True
+        self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True,
+        edits: UnitEdits | Capture | None = None,
     ) -> Iterator[torch.Tensor]:
         """Last-position logits `[rows, vocab]` chunk by chunk, rows ordered prompt-major (`[P, C]`
         flattened). `attn` None means every prompt has the same length (no mask needed);
-        `share_trunk` has no meaning here (every row runs every layer)."""
+        `share_trunk` has no meaning here (every row runs every layer). `edits` gives each chunk's edit
+        per layer, applied by the same hooks (non-zero interventions, captures)."""
         n_prompts, n_cond = input_ids.shape[0], len(masks.neurons)
         dev = input_ids.device
         positions = None if attn is None else (attn.cumsum(-1) - 1).clamp(min=0)
@@ -50,6 +53,9 @@ class HookForward:
                 chunk = rows[a:a + self.max_rows]
                 prompt = torch.from_numpy(chunk // n_cond).to(dev)
                 hooks.set(masks.select(chunk % n_cond), dev)
+                if edits is not None:
+                    conds, prompts = chunk % n_cond, chunk // n_cond
+                    hooks.edit_at = lambda layer, c=conds, p=prompts: edits.at(layer, c, p)
                 kwargs = {} if attn is None else {"attention_mask": attn[prompt], "position_ids": positions[prompt]}
                 out = self.model(input_ids=input_ids[prompt], use_cache=False, logits_to_keep=1, **kwargs)
                 self.stats.row_layers += len(chunk) * self.arch.n_layers

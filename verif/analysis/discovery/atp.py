@@ -1,9 +1,13 @@
 """Attribution patching (AtP): a first-order estimate of every component's ablation effect at once.
 
 For a component with activation z (a head's slice of the o_proj input, or one coordinate of the
-down_proj input: the coefficient of that neuron's value vector), zero-ablation changes M by about
+down_proj input: the coefficient of that neuron's value vector), replacing z by z_ref changes M by about
 
-    atp = sum over prompts and positions of (0 - z) . dM/dz
+    atp = sum over prompts and positions of (z_ref - z) . dM/dz
+
+with z_ref = 0 for zero-ablation, the reference prompts' mean for mean-ablation, or the prompt's partner's
+activation at the same position for resample (activation patching; Nanda 2023, Kramar et al. 2024). The
+partners' activations come from an unablated forward of each batch's partners, padded as the batch is.
 
 One forward and one backward per batch give it for every head and every neuron. M is a mean over
 prompts, so a batch returns its sums (`PromptSums`) of `(0 - z) . dS/dz` with S the batch's summed
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +43,7 @@ class _ActivationGrads:
     def __init__(self, model: nn.Module, arch: Arch):
         self.model = model
         self.arch = arch
+        self.z_ref: dict[tuple[bool, int], torch.Tensor] = {}  # (per_head, layer) -> broadcastable to z (none: 0)
         device = next(model.parameters()).device
         self.heads = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float64, device=device)
         self.neurons = torch.zeros(arch.n_layers, arch.intermediate_size, dtype=torch.float64, device=device)
@@ -45,8 +51,11 @@ class _ActivationGrads:
         self._handles: list = []
 
     def _reducer(self, layer: int, per_head: bool, z: torch.Tensor, mask: torch.Tensor):
+        ref = self.z_ref.get((per_head, layer))
+
         def reduce(grad: torch.Tensor) -> None:
-            contrib = -(z.detach().double() * grad.double()) * mask[:, :, None]  # [B, T, width]
+            diff = -z.detach().double() if ref is None else ref.double() - z.detach().double()
+            contrib = (diff * grad.double()) * mask[:, :, None]  # [B, T, width]
             if per_head:
                 rows, seq, _ = contrib.shape
                 self.heads[layer] += contrib.view(rows, seq, self.arch.n_heads, self.arch.head_dim).sum((0, 1, 3))
@@ -85,6 +94,23 @@ def require_gradient_dtype(model: nn.Module) -> None:
         )
 
 
+@torch.no_grad()
+def _inputs(model: nn.Module, kwargs: dict) -> dict[tuple[bool, int], torch.Tensor]:
+    """Every layer's o_proj and down_proj input in the model's own unablated forward of a padded batch."""
+    got: dict[tuple[bool, int], torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(decoder_layers(model)):
+        for per_head, mod in ((True, block.self_attn.o_proj), (False, block.mlp.down_proj)):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, key=(per_head, i): got.__setitem__(key, args[0].detach().clone())))
+    try:
+        model(**kwargs, logits_to_keep=1, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 def atp_sums(
     model: nn.Module,
     arch: Arch,
@@ -92,11 +118,15 @@ def atp_sums(
     ids: YesNoIds,
     pad_id: int,
     batch_size: int = 8,
+    means: dict[tuple[str, int], np.ndarray] | None = None,
+    partners: Sequence[Sequence[int]] | None = None,
 ) -> PromptSums:
     """AtP sums over these prompts: `atp_heads` `[L, H]`, `atp_neurons` `[L, I]` and `log_odds` (scalar).
 
     `.mean("atp_heads")` of the (combined) result is the AtP estimate of each head's effect on M,
-    `.mean("log_odds")` is M itself.
+    `.mean("log_odds")` is M itself. z_ref is 0, or `means[(site, layer)]` (the full o_proj / down_proj
+    input width, `verif.model.interventions.ReferenceMeans.mean` over every head and neuron), or the
+    activations of `partners[i]` (prompt i's partner, as long as prompt i).
     """
     require_gradient_dtype(model)
     if not token_ids:
@@ -107,9 +137,17 @@ def atp_sums(
     # inference tensors can be neither part of a graph nor updated in place outside that mode.
     with torch.inference_mode(False), torch.enable_grad(), _ActivationGrads(model, arch) as grads:
         total = torch.zeros((), dtype=torch.float64, device=device)
+        if means is not None:
+            dtype = next(model.parameters()).dtype
+            grads.z_ref = {(site == "heads", layer): torch.as_tensor(v, dtype=dtype, device=device)
+                           for (site, layer), v in means.items()}
         for batch in length_batches(token_ids, batch_size):
             kwargs = padded([token_ids[i] for i in batch], pad_id, device)
             grads.mask = kwargs["attention_mask"].to(torch.float64)
+            if partners is not None:
+                if any(len(partners[i]) != len(token_ids[i]) for i in batch):
+                    raise ValueError("atp_sums: a partner is not as long as its prompt; positions would not match")
+                grads.z_ref = _inputs(model, padded([partners[i] for i in batch], pad_id, device))
             # A leaf that requires grad makes every activation downstream part of the graph while the
             # weights stay frozen.
             embeds = embed(kwargs.pop("input_ids")).detach().requires_grad_(True)

@@ -19,11 +19,23 @@ import numpy as np
 SPLIT_STREAM = 20261204
 
 
-def holdout_mask(labels: Sequence[bool], fraction: float, seed: int) -> list[bool]:
+def holdout_mask(labels: Sequence[bool], fraction: float, seed: int,
+                 pair_ids: Sequence[int | None] | None = None) -> list[bool]:
     """True for each held-out prompt: within each label, floor(fraction * n + 1/2) of its n prompts,
-    drawn by a permutation seeded with (seed, SPLIT_STREAM, label)."""
+    drawn by a permutation seeded with (seed, SPLIT_STREAM, label).
+
+    With counterfactual pairs (`pair_ids`, every prompt in one), whole pairs are held out instead,
+    floor(fraction * n_pairs + 1/2) of them by a permutation seeded with (seed, SPLIT_STREAM, 2): a pair is
+    one correct and one incorrect attempt, so the split stays stratified, and a prompt and the partner it
+    is patched from are never in different halves."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"discover.holdout: {fraction!r} must be in [0, 1)")
+    if pair_ids is not None and len(pair_ids) and all(p is not None for p in pair_ids):
+        pairs = sorted(set(pair_ids))
+        count = math.floor(fraction * len(pairs) + 0.5)
+        order = np.random.default_rng([seed, SPLIT_STREAM, 2]).permutation(len(pairs))
+        chosen = {pairs[j] for j in order[:count]}
+        return [p in chosen for p in pair_ids]
     labels = [bool(label) for label in labels]
     held = [False] * len(labels)
     for label in (True, False):

@@ -27,9 +27,11 @@ def _long(model: str, index_name: str, scores: dict[str, np.ndarray]) -> pl.Data
     )
 
 
-def heads_table(model: str, atp: np.ndarray, exact: np.ndarray, attn_to_target: np.ndarray) -> pl.DataFrame:
-    """`model, layer, head, atp, exact, attn_to_target` from `[L, H]` maps (NaN -> null)."""
-    return _long(model, "head", {"atp": atp, "exact": exact, "attn_to_target": attn_to_target})
+def heads_table(model: str, atp: np.ndarray, exact: np.ndarray, attn_to_target: np.ndarray,
+                **patching: np.ndarray) -> pl.DataFrame:
+    """`model, layer, head, atp, exact, attn_to_target` from `[L, H]` maps (NaN -> null), then any `patching`
+    maps (`patch_noising`, `patch_denoising`: a discovery under resample)."""
+    return _long(model, "head", {"atp": atp, "exact": exact, "attn_to_target": attn_to_target, **patching})
 
 
 def neurons_table(model: str, atp: np.ndarray, logit_yes_no: np.ndarray, probe_cos: np.ndarray) -> pl.DataFrame:
