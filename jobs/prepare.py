@@ -236,15 +236,6 @@ def build_prompts(cfg: Config, tokenizers: Mapping[str, object]) -> tuple[pl.Dat
     return numbered(frame), source, where
 
 
-def check_resample_pairs(kinds: Sequence[str], prompts: pl.DataFrame) -> None:
-    """`ablation.kind` may hold `resample` only when every prompt has a partner (`prompts.pairs`, or a
-    `prompts.file` with pair_id): resample takes a component's activation from the partner."""
-    if "resample" in kinds and prompts["pair_id"].null_count() > 0:
-        raise PrepareError("ablation.kind 'resample': patches each prompt with its partner's activations, and these "
-                           "prompts have no counterfactual pairs; set prompts.pairs=true (or give a prompts.file with "
-                           "a pair_id column), or drop resample (zero, mean and mean_positional need no pairs)")
-
-
 def numbered(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.drop("prompt_id", strict=False).with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
 

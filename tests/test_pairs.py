@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from jobs.config import ConfigError, load_config
-from jobs.prepare import PrepareError, build_prompts, check_resample_pairs
+from jobs.prepare import PrepareError, build_prompts
 from jobs.sweep import prepare
 from tests.support.sweeps import sweep_overrides
 from verif.task.countdown import CORRUPTIONS, Problem, generate_problems, iter_problems, make_attempts
@@ -199,11 +199,3 @@ def test_bad_pairs_of_a_file_are_named(tmp_path, tokenizers, records, extra, err
         build_prompts(_file_cfg(path, *extra), tokenizers)
 
 
-def test_resample_needs_pairs():
-    unpaired = pl.DataFrame({"pair_id": [None, None]}, schema={"pair_id": pl.Int64})
-    paired = pl.DataFrame({"pair_id": [0, 0]}, schema={"pair_id": pl.Int64})
-    check_resample_pairs(["zero", "mean", "mean_positional"], unpaired)
-    check_resample_pairs(["zero", "resample"], paired)
-    with pytest.raises(PrepareError, match="ablation.kind 'resample': patches each prompt with its partner's "
-                                           "activations, and these prompts have no counterfactual pairs"):
-        check_resample_pairs(["zero", "resample"], unpaired)
