@@ -148,11 +148,13 @@ def _fmt(v: float | None, spec: str = "+.4f") -> str:
 def groups(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
     """(key suffix "/<value>", rows) per value of the GROUP_COLUMNS present, or one group ("", all rows)
     when none varies: a sweep of one intervention kind keeps the keys of a sweep without the column."""
-    cols = [c for c in GROUP_COLUMNS if c in frame.columns and frame[c].n_unique() > 1]
+    # The baseline intervenes on nothing ("none"): it is no group of its own and splits nothing.
+    varying = frame.filter(pl.col("kind") != "baseline") if "kind" in frame.columns else frame
+    cols = [c for c in GROUP_COLUMNS if c in frame.columns and varying[c].n_unique() > 1]
     if not cols:
         return [("", frame)]
     return [("/" + "/".join(str(v) for v in values), part)
-            for values, part in frame.group_by(cols, maintain_order=True)]
+            for values, part in varying.group_by(cols, maintain_order=True)]
 
 
 def tvc_row(tvc: pl.DataFrame | None, model: str, metric: str, target: str) -> dict | None:

@@ -107,6 +107,13 @@ def seed_model(seed_model_dir) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def sweep_model(sweep_model_dir) -> LoadedModel:
+    """The shared small sweep's model (`sweep_model_dir`) loaded through the real loader, float32 on the CPU:
+    for tests that check a sweep's numbers against a reference computed on the same weights."""
+    return load_model(str(sweep_model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The packaged SmolLM2-135M (real weights, Llama, 30 layers x 9 heads), float32 on the CPU (~15-30 s)."""
     return load_model("packaged:smollm2-135m", dtype="float32", device="cpu")

@@ -1,7 +1,7 @@
 """Intervention kinds through the sweep: conditions x kinds, the mean kinds' first pass in OUT, resume, the
 circuit conditions and faithfulness, and a worker's resample shard with its partners' texts.
 
-One in-process sweep on the seed-shaped model (the small sweep of tests.support.sweeps, three kinds and a
+One in-process sweep on the seed-shaped plumbing model (`sweep_model`) (the small sweep of tests.support.sweeps, three kinds and a
 mean circuit); its numbers are checked against the zero-only reference sweep (`sweep_reference`) and
 against the independent hook reference of tests/support/interventions.py.
 """
@@ -34,10 +34,10 @@ SETTINGS = ("ray.workers=0", f"ablation.kind=[{', '.join(KINDS)}]", "ablation.ci
 
 
 @pytest.fixture(scope="module")
-def kinds_sweep(seed_model_dir, tmp_path_factory):
+def kinds_sweep(sweep_model_dir, tmp_path_factory):
     """The small sweep under zero and mean_positional, with mean circuits: (results, OUT)."""
     out = tmp_path_factory.mktemp("kinds") / "OUT"
-    report = run_sweep(sweep_cfg(seed_model_dir, out, *SETTINGS))
+    report = run_sweep(sweep_cfg(sweep_model_dir, out, *SETTINGS))
     assert report.shards_run == 2
     return OutDir(out).read_results(), out
 
@@ -58,34 +58,34 @@ def test_conditions_times_kinds_keep_the_zero_ids(kinds_sweep, sweep_reference):
     assert results.height == 6 * len(expected)
 
 
-def test_zero_rows_are_the_zero_only_sweeps(kinds_sweep, sweep_reference, seed_model, rounding):
+def test_zero_rows_are_the_zero_only_sweeps(kinds_sweep, sweep_reference, sweep_model, rounding):
     """Adding kinds leaves the zero conditions' numbers as a zero-only sweep has them (other batches: rounding)."""
     got = kinds_sweep[0].filter(pl.col("condition").is_in(["baseline", "target", "random-000", "random-001"]))
     want = sweep_reference[0]
-    tol = ScoreTol.between_forwards(rounding(seed_model))
+    tol = ScoreTol.between_forwards(rounding(sweep_model))
     a, b = got.sort(KEY), want.sort(KEY)
     assert a.select(KEY).equals(b.select(KEY))
     np.testing.assert_allclose(a["log_odds"], b["log_odds"], rtol=0, atol=tol.log)
 
 
-def test_mean_kinds_and_circuit_equal_the_independent_reference(kinds_sweep, seed_model, rounding):
+def test_mean_kinds_and_circuit_equal_the_independent_reference(kinds_sweep, sweep_model, rounding):
     """mean_positional over all six prompts (the default reference, read in two shards and added), and the
     circuit (every head but the target's, mean-ablated), against hooks one prompt at a time."""
     results, out = kinds_sweep
     prompts = pl.read_parquet(OutDir(out).prompts)
     conditions = pl.read_parquet(OutDir(out).conditions)
-    ids = resolve_yes_no(seed_model.tokenizer)
-    toks = [seed_model.tokenizer.encode(p, add_special_tokens=False) for p in prompts["prompt"]]
-    means = means_of(seed_model.model, toks)
+    ids = resolve_yes_no(sweep_model.tokenizer)
+    toks = [sweep_model.tokenizer.encode(p, add_special_tokens=False) for p in prompts["prompt"]]
+    means = means_of(sweep_model.model, toks)
     by_id = {r["condition"]: r for r in conditions.iter_rows(named=True)}
     target = tuple(parse_heads(by_id["target"]["heads"]))
-    arch = seed_model.arch
+    arch = sweep_model.arch
     circuit = tuple((l, h) for l in range(arch.n_layers) for h in range(arch.n_heads) if (l, h) not in target)
     cases = {"target@mean_positional": Ablation(target, (), "mean_positional"),
              "random-000@mean_positional": Ablation(parse_heads(by_id["random-000"]["heads"]), (), "mean_positional"),
              "circuit@mean": Ablation(circuit, (), "mean")}
-    want = reference_table(seed_model, ids, toks, list(cases.values()), means)
-    tol = ScoreTol.between_forwards(rounding(seed_model))
+    want = reference_table(sweep_model, ids, toks, list(cases.values()), means)
+    tol = ScoreTol.between_forwards(rounding(sweep_model))
     for j, cond in enumerate(cases):
         got = results.filter(pl.col("condition") == cond).sort("prompt_id")["log_odds"].to_numpy()
         np.testing.assert_allclose(got, want.log_odds[:, j], rtol=0, atol=tol.log, err_msg=cond)
@@ -132,7 +132,7 @@ def test_stats_and_figures_per_kind(kinds_sweep):
             "null__delta_correct__mean_positional.png", "null__delta_correct.png"} <= names
 
 
-def test_reference_means_in_out_and_resume(kinds_sweep, seed_model_dir, tmp_path):
+def test_reference_means_in_out_and_resume(kinds_sweep, sweep_model_dir, tmp_path):
     """The means file is recorded with its digests; a resume reuses it, or recomputes it (the same bytes) when
     it does not verify; a reference whose prompts changed is refused."""
     results, src = kinds_sweep
@@ -146,7 +146,7 @@ def test_reference_means_in_out_and_resume(kinds_sweep, seed_model_dir, tmp_path
     before = file_digest(path)
     path.write_bytes(b"damaged")
     OutDir(out).shard("m0-p000003-c000").unlink()
-    report = run_sweep(sweep_cfg(seed_model_dir, out, *SETTINGS), resume=True)
+    report = run_sweep(sweep_cfg(sweep_model_dir, out, *SETTINGS), resume=True)
     assert report.shards_run == 1 and file_digest(path) == before
     again = OutDir(out).read_results()
     assert again.sort(KEY).equals(results.sort(KEY))

@@ -180,9 +180,8 @@ def prepare(cfg: Config) -> DiscoveryPlan:
                                    pl.Series("in_heldout_objective", [i in set(heldout_objective) for i in range(len(ids))]))
     selection = [ids[i] for i in range(len(ids)) if not held[i]]
     reference = partners = None
-    if d.intervention == "mean":  # the selection half's means: the held-out half stays unread until it is scored
-        reference = ([prompts["prompt"][i] for i in range(len(ids)) if not held[i]] if cfg.ablation.reference == "prompts"
-                     else read_reference_file(cfg))
+    if d.intervention == "mean":  # as a sweep's: every prompt (the means read no label, so no half is chosen on)
+        reference = prompts["prompt"].to_list() if cfg.ablation.reference == "prompts" else read_reference_file(cfg)
     if d.intervention == "resample":
         partners = pair_partners(prompts, [], paired=True, key="discover.intervention")
     shards = plan_shards(names, selection, [ids[i] for i in objective], [ids[i] for i in heldout_objective],
