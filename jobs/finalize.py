@@ -19,11 +19,15 @@ from jobs.tracking import log_sweep
 from jobs.weight_diff import run_configured_weight_diff
 from verif.analysis import figures, stats
 from verif.analysis.effects import condition_effects
+from verif.analysis.patching import patching
 from verif.analysis.tables import per_prompt_table
 from verif.model.loading import Arch
 
 # Tables written under OUT/stats/ when they apply.
-STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects", "faithfulness")
+STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects", "faithfulness",
+                "patching", "patching_pairs", "patching_vs_controls")
+# The patching metric's columns the target's recovered is judged on against random sets (verif.analysis.patching).
+RECOVERED_METRICS = ("recovered_denoising", "recovered_noising", "recovered_both")
 
 
 @dataclass
@@ -55,11 +59,27 @@ def compute_tables(cfg: Config, out: OutDir, results: pl.DataFrame) -> dict[str,
         tables["target_vs_controls"] = stats.target_vs_controls(tables["summary"], list(stats.DEFAULT_CONTROL_METRICS))
     if "circuit" in kinds:
         tables["faithfulness"] = stats.faithfulness(results, prompts, conditions)
+    tables.update(patching_tables(results, prompts, conditions, cfg))
     write_parquet_atomic(tables["summary"], out.summary)
     for name in STATS_TABLES:
         if name in tables:
             write_parquet_atomic(tables[name], out.stats / f"{name}.parquet")
     return tables
+
+
+def patching_tables(results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl.DataFrame,
+                    cfg: Config) -> dict[str, pl.DataFrame]:
+    """With resample conditions: `recovered` per condition (`patching`) and per pair (`patching_pairs`), and
+    the target's recovered against the random sets of its size (`patching_vs_controls`)."""
+    resample = conditions.filter(pl.col("intervention") == "resample")
+    if resample.height == 0:
+        return {}
+    patched = patching(results, prompts, resample, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed)
+    summary = patched.summary.with_columns(pl.lit("resample").alias("intervention"))
+    found = {"patching": summary, "patching_pairs": patched.per_pair}
+    if {"target", "random"} <= set(resample["kind"].to_list()):
+        found["patching_vs_controls"] = stats.target_vs_controls(summary, list(RECOVERED_METRICS))
+    return found
 
 
 def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict,

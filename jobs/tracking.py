@@ -15,6 +15,8 @@ Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
                "{model}/target_vs_controls/{metric}/{stat}"  target effect vs random-set controls (zero; another
                                                        kind under "{model}/target_vs_controls/target@{kind}/...")
                "{model}/faithfulness/{kind}/{label}/{stat}"  the target set's faithfulness (circuit conditions)
+               "{model}/patching/{side}/{stat}", "{model}/patching_vs_controls/{metric}/{stat}"  the target's
+                                                       recovered under resample (`patching_metrics`)
                "cross/{a}__{b}/target/{metric}/{stat}", "cross/{a}__{b}/maps/{sweep}/{metric}/{stat}"
                                                        with two or more models (`cross_model_logs`)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
@@ -76,7 +78,7 @@ TVC_STATS = ("target_effect", "control_mean", "control_std", "n_controls", "z", 
              "p_greater", "rank")
 # Tables of `tables` logged as W&B Tables (the results themselves go into the artifact).
 LOGGED_TABLES = ("summary", "condition_effects", "per_prompt", "target_vs_controls", "paired_change",
-                 "by_error_kind", "faithfulness")
+                 "by_error_kind", "faithfulness", "patching", "patching_vs_controls")
 TABLE_ROWS = charts_mod.CHART_ROWS  # wandb.Table.MAX_ROWS: W&B cuts a longer table with only a log line
 TAG_CHARS = 64  # W&B refuses longer tags
 # Summary values of the target's cross-model rows and of the effect-map rows.
@@ -128,6 +130,21 @@ def tvc_metrics(tvc: pl.DataFrame) -> dict[str, Any]:
         metric = row["metric"] if row["target_condition"] == "target" else f"{row['target_condition']}/{row['metric']}"
         out.update({tvc_key(row["model"], metric, s): _scalar(row[s]) for s in TVC_STATS if s in row})
     return out
+
+
+def patching_metrics(patched: pl.DataFrame, tvc: pl.DataFrame | None) -> dict[str, Any]:
+    """The target's `recovered` under resample per side, with its CI: "{model}/patching/{side}/{stat}", and
+    against the random sets: "{model}/patching_vs_controls/{metric}/{stat}"."""
+    found: dict[str, Any] = {}
+    for r in patched.filter(pl.col("kind") == "target").iter_rows(named=True):
+        for side in ("denoising", "noising", "both"):
+            found.update({f"{r['model']}/patching/{side}/{stat}": _scalar(r[f"{stat}_{side}"])
+                          for stat in ("recovered", "ci_low", "ci_high", "n")})
+        found[f"{r['model']}/patching/n_small_gap"] = r["n_small_gap"]
+    for r in ([] if tvc is None else tvc.iter_rows(named=True)):
+        found.update({f"{r['model']}/patching_vs_controls/{r['metric']}/{stat}": _scalar(r[stat])
+                      for stat in ("target_effect", "control_mean", "control_std", "z", "p_empirical", "n_controls")})
+    return found
 
 
 def faithfulness_metrics(faith: pl.DataFrame) -> dict[str, Any]:
@@ -345,6 +362,8 @@ def log_sweep(
                                         models))
         if tables.get("faithfulness") is not None:
             metrics.update(faithfulness_metrics(tables["faithfulness"]))
+        if tables.get("patching") is not None:
+            metrics.update(patching_metrics(tables["patching"], tables.get("patching_vs_controls")))
         metrics["sweep/n_prompts"] = tables["prompts"].height
         metrics["sweep/n_conditions"] = tables["conditions"].height
         metrics.update({f"sweep/{name}": value for name, value in (bookkeeping or {}).items()})

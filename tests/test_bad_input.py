@@ -321,6 +321,12 @@ CASES = [
          ("ablation.reference", "absent.jsonl", "no such file")),
     Case("circuit-with-an-empty-target", sweep("--set", "ablation.circuit=true", "--set", "ablation.target_heads="),
          ("ablation.circuit: a circuit keeps the target set", "ablation.target_heads", "empty")),
+    Case("resample-without-pairs", sweep("--set", "ablation.kind=[zero, resample]", "--set", "prompts.n=4"),
+         ("ablation.kind: resample patches each prompt with its partner's activations", "prompt 0 has no pair",
+          "prompts.pairs: true"), light=False),
+    Case("discover-resample-without-pairs", command("discover", "--set", "discover.intervention=resample",
+                                                    "--set", "prompts.n=4"),
+         ("discover.intervention: resample patches each prompt", "prompt 0 has no pair"), light=False),
 ]
 NO_OUT = ("no-mode", "unknown-flag", "weight-diff-without-base")
 
