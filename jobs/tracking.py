@@ -537,6 +537,9 @@ def relog(out_root: str | Path, mode: str | None = None) -> str | None:
     cfg = config_from_dict(manifest["config"])
     if mode:
         cfg = cfg.replace(wandb=dataclasses.replace(cfg.wandb, mode=mode))
+    elif cfg.wandb.mode == "disabled":
+        raise InputError(f"--relog {out.root}: the sweep there ran with wandb.mode=disabled, so there is no run to "
+                         "log again; choose one with --mode offline or --mode online")
     results, prompts, conditions = out.read_results(), pl.read_parquet(out.prompts), pl.read_parquet(out.conditions)
     tables: dict[str, pl.DataFrame | None] = {
         "results": results, "prompts": prompts, "conditions": conditions,

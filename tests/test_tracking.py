@@ -544,6 +544,10 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     ({"job": "discover", "finished": "x"}, "it holds a discover job's output and --relog re-logs sweeps; run the "
                                            "discover job again with --resume"),
     ({"job": "sweep"}, "the sweep there has not finished; continue it with --sweep --resume --out {out}"),
+    ({"job": "sweep", "finished": "x",
+      "config": Config().replace(wandb=dataclasses.replace(Config().wandb, mode="disabled")).to_dict()},
+     "the sweep there ran with wandb.mode=disabled, so there is no run to log again; choose one with --mode "
+     "offline or --mode online"),
 ])
 def test_relog_refuses_what_it_cannot_log(tmp_path, capsys, manifest, message):
     out = OutDir(tmp_path / "OUT")
