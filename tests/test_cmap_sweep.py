@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -22,10 +23,10 @@ from jobs.config import load_config
 from jobs.cross import cache_path
 from jobs.runtime.storage import OutDir
 from jobs.sweep import run_sweep
+from jobs.tracking import cmap_logs
 from tests.support.interventions import reference_table
 from tests.support.models import build_seed_shaped_model, copy_with_scaled_queries
 from tests.support.tokenizer import PLUMBING_RANKS
-from tests.support.wandb_records import read_run
 from tests.tolerances import ScoreTol
 from verif.analysis.cmap import MIN_GAP
 from verif.design.conditions import Ablation
@@ -54,7 +55,7 @@ def swept(tmp_path_factory):
                                 n_ranks=PLUMBING_RANKS)
     shutil.copytree(a, root / "a_copy")
     copy_with_scaled_queries(a, root / "b", TARGET, SCALE)
-    report = run_sweep(load_config(None, [*_settings(root), "wandb.mode=offline"], str(root / "OUT")))
+    report = run_sweep(load_config(None, [*_settings(root), "wandb.mode=disabled"], str(root / "OUT")))
     out = OutDir(root / "OUT")
     return root, report, out, out.read_results()
 
@@ -127,9 +128,10 @@ def test_planted_pair_target_gives_the_source_log_odds(swept, loaded, rounding):
     assert vs["n_controls"] == N_RANDOM and vs["p_greater"] == 1 / (N_RANDOM + 1)  # above every random set
 
 
-def test_cache_size_report_and_wandb(swept):
-    """The cache holds positions x touched columns x 4 bytes (float32); the report says where and how much; W&B
-    has the CMAP keys under cross/<source>__<receiver>/cmap/ and the same-mechanism figure per pair."""
+def test_cache_size_report_and_wandb_keys(swept):
+    """The cache holds positions x touched columns x 4 bytes (float32); the report says where and how much; the
+    W&B keys of CMAP are under cross/<source>__<receiver>/cmap/ (`jobs.tracking.cmap_logs`, which log_sweep
+    calls; the run itself is tested in test_cross_model_sweep.py) and the same-mechanism figure has its panel."""
     _, report, out, _ = swept
     manifest = json.loads(out.manifest.read_text())
     entry = manifest["cross"]["a"]
@@ -142,15 +144,15 @@ def test_cache_size_report_and_wandb(swept):
     assert f"cache:    {out.cross_cache}/ (the cross source's activations on every prompt: " in lines
     assert "  a__b: CMAP of the target from a into b: gap_closed +1.000" in lines
     assert f"cmap:     {out.stats / 'cmap.parquet'}, {out.stats / 'cmap_vs_controls.parquet'}" in lines
-    (run_dir,) = (out.wandb / "wandb").glob("offline-run-*")
-    run = read_run(run_dir)
-    target = pl.read_parquet(out.stats / "cmap.parquet").filter(
-        (pl.col("model") == "b") & (pl.col("kind") == "target")).row(0, named=True)
-    assert run["summary"]["cross/a__b/cmap/target/gap_closed"] == target["gap_closed"]
-    assert run["summary"]["cross/a__b/cmap/vs_controls/p_greater"] == 1 / (N_RANDOM + 1)
-    assert run["summary"]["sweep/cross_cache_bytes"] == entry["bytes"]
-    logged = {k for step in run["history"] for k in step}
-    assert {"cross/a__b/tables/cmap", "cross/a__b/figures/same_mechanism"} <= logged
+    assert report.bookkeeping()["cross_cache_bytes"] == entry["bytes"]  # W&B: sweep/cross_cache_bytes
+    tables = {name: pl.read_parquet(out.stats / f"{name}.parquet") for name in ("cmap", "cmap_vs_controls")}
+    metrics, items = cmap_logs(SimpleNamespace(notes=[]), tables)
+    target = tables["cmap"].filter((pl.col("model") == "b") & (pl.col("kind") == "target")).row(0, named=True)
+    assert metrics["cross/a__b/cmap/target/gap_closed"] == target["gap_closed"]
+    assert metrics["cross/a__b/cmap/vs_controls/p_greater"] == 1 / (N_RANDOM + 1)
+    assert metrics["cross/a__a_copy/cmap/target/n_left_out"] == N_PROMPTS
+    assert set(items) == {"cross/a__a_copy/tables/cmap", "cross/a__b/tables/cmap"}
+    assert (out.cross_figures / "a__b__same_mechanism.png").is_file()
 
 
 def test_resume_recomputes_a_cache_that_does_not_verify(swept, tmp_path):
