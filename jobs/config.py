@@ -115,7 +115,11 @@ def _kinds(v: str | list, what: str = "intervention") -> str | None:
 
 
 def _circuit(v: bool | str | list) -> str | None:
-    return None if isinstance(v, bool) else _kinds(v)
+    if isinstance(v, bool):
+        return None
+    if "cross" in (v if isinstance(v, list) else [v]):
+        return "cross is not a circuit kind (a circuit replaces every other component within one model)"
+    return _kinds(v)
 
 
 def _reference(v: str) -> str | None:
@@ -208,9 +212,12 @@ class AblationConfig:
     exclude_target: bool = doc("Keep target heads and neurons out of the control sets.", True)
     match_layers: bool = doc("Draw controls with the target's per-layer head (and neuron) counts.", False)
     sweeps: list = listing("Extra sweeps: layer (each layer whole), single_head (each head alone).", [], _sweeps)
-    kind: str | list = doc("Intervention: zero (the study's), mean, mean_positional or resample (the prompt's "
-                           "partner's activation: activation patching), or a list: every condition under every "
+    kind: str | list = doc("Intervention: zero (the study's), mean, mean_positional, resample (the prompt's "
+                           "partner's activation: activation patching) or cross (source_model's activation on the "
+                           "same prompt: cross-model activation patching), or a list: every condition under every "
                            "kind (see README, Interventions).", "zero", _kinds)
+    source_model: str | None = doc("With kind cross: the model of model.path (its name or path) whose activations "
+                                   "are patched into every other model; it scores no cross rows itself.", None)
     reference: str = doc("Prompts the mean kinds average: prompts (all of this sweep's, correct and incorrect) or "
                          "a file in the prompts.file formats.", "prompts", _reference)
     circuit: bool | str | list = doc("Faithfulness of the target set: circuit conditions that keep only the target "

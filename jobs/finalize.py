@@ -25,7 +25,7 @@ from verif.model.loading import Arch
 
 # Tables written under OUT/stats/ when they apply.
 STATS_TABLES = ("by_error_kind", "paired_change", "target_vs_controls", "condition_effects", "faithfulness",
-                "patching", "patching_pairs", "patching_vs_controls")
+                "patching", "patching_pairs", "patching_vs_controls")  # (CMAP's: jobs.cross_model)
 # The patching metric's columns the target's recovered is judged on against random sets (verif.analysis.patching).
 RECOVERED_METRICS = ("recovered_denoising", "recovered_noising", "recovered_both")
 
@@ -83,14 +83,15 @@ def patching_tables(results: pl.DataFrame, prompts: pl.DataFrame, conditions: pl
 
 
 def finalize(cfg: Config, out: OutDir, results: pl.DataFrame, arch: Arch, bookkeeping: dict,
-             config_file: str | None = None, models: Sequence[str] = ()) -> Finalized:
-    """Summary, figures, the cross-model tables (two or more `models`, in model.path order), the
-    configured weight diff and the W&B run of a complete sweep (`config_file`: the --config it ran with,
-    for the run's lineage)."""
+             config_file: str | None = None, models: Sequence[str] = (), cmap_source: str | None = None) -> Finalized:
+    """Summary, figures, the cross-model tables (two or more `models`, in model.path order; CMAP's with
+    `cmap_source`, the cross source's name), the configured weight diff and the W&B run of a complete sweep
+    (`config_file`: the --config it ran with, for the run's lineage)."""
     tables = compute_tables(cfg, out, results)
-    cross = cross_model_outputs(cfg, out, tables, models)
+    cross = cross_model_outputs(cfg, out, tables, models, cmap_source)
     if cross is not None:
         tables["cross_model"], tables["cross_model_maps"] = cross.table, cross.maps
+        tables["cmap"], tables["cmap_vs_controls"] = cross.cmap, cross.cmap_vs
     with writing(out.figures):
         pngs = figures.make_figures(
             tables["results"], tables["prompts"], tables["conditions"], tables["summary"], out.figures,

@@ -160,6 +160,25 @@ def check_interventions(cfg: Config, job: Job) -> None:
         raise InputError(CIRCUIT_NEEDS_TARGET)
     if ab.reference != "prompts":
         read_reference_file(cfg)
+    if job.ablates_targets:
+        check_cross(cfg)
+
+
+def check_cross(cfg: Config) -> None:
+    """`ablation.kind: cross` names its source (`ablation.source_model`), which means nothing without it, and
+    has a model to patch into (what the models are, and whether they can exchange activations, is checked
+    once their configs and tokenizers are read: `jobs.cross.check_cross_models`)."""
+    ab, paths = cfg.ablation, cfg.model.paths
+    cross = "cross" in ab.kinds
+    if cross and ab.source_model is None:
+        raise InputError(f"ablation.source_model: ablation.kind cross patches one model's activations into the "
+                         f"others; name the source, one of model.path ({', '.join(paths)})")
+    if not cross and ab.source_model is not None:
+        raise InputError(f"ablation.source_model {ab.source_model!r}: only ablation.kind cross reads it, and "
+                         f"ablation.kind is {list(ab.kinds)}; add cross or unset it (--set ablation.source_model=null)")
+    if cross and len(paths) < 2:
+        raise InputError(f"ablation.kind cross: patches the source model's activations into another model, and "
+                         f"model.path has {len(paths)} ({', '.join(paths)}); list two or more models")
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from jobs import config as config_mod
 from jobs.config import Config
+from jobs.cross import CrossPlan, check_cross_models, plan_cross, record_cache, runs_on, stored_cache
 from jobs.errors import InputError
 from jobs.finalize import Finalized, finalize
-from jobs.fit import check_fit
+from jobs.fit import check_fit, on_gpu
 from jobs.inputs import JOBS, check_out_dir
 from jobs.partners import pair_partners
 from jobs.prepare import PromptSource, prepare_models, prepare_prompts
@@ -51,6 +52,7 @@ from jobs.reference import (
     stored_means,
 )
 from verif.design.conditions import (
+    CROSS_KINDS,
     PAIRED_KINDS,
     Ablation,
     Condition,
@@ -58,8 +60,8 @@ from verif.design.conditions import (
     circuit_conditions,
     with_interventions,
 )
-from verif.model.interventions import ReferenceMeans
-from verif.model.loading import Arch, ModelSource
+from verif.model.interventions import ActivationCache, ReferenceMeans
+from verif.model.loading import Arch, ModelSource, resolve_dtype
 
 class SweepError(InputError):
     """A sweep that cannot start or continue, with the reason in the message."""
@@ -77,6 +79,7 @@ class SweepPlan:
     fit: list[str] = field(default_factory=list)  # each model's memory estimate (jobs.fit), for --check
     reference: ReferencePlan | None = None  # the mean kinds' first pass (jobs.reference)
     partners: list[int] | None = None  # each prompt's partner, when a condition resamples
+    cross: CrossPlan | None = None  # cross-model patching's first pass (jobs.cross)
 
     @property
     def model_names(self) -> list[str]:
@@ -97,13 +100,19 @@ class SweepReport:
     recomputed: dict[str, str] = field(default_factory=dict)
     finalized: Finalized | None = None
     prompt_source: PromptSource | None = None
+    cross_cache: dict | None = None  # the manifest's record of the cross source's activation cache
+
+    @property
+    def cross_cache_bytes(self) -> int:
+        return sum(e["bytes"] for e in (self.cross_cache or {}).values())
 
     def bookkeeping(self) -> dict[str, float]:
         """The job's own numbers, as W&B summary values."""
         skipped = len(self.prompt_source.too_long) if self.prompt_source else 0
         return {"rows_written": self.rows_written, "shards_run": self.shards_run,
                 "shards_skipped": self.shards_skipped, "startup_seconds": self.startup_seconds,
-                "n_retried": len(self.retried), "prompts_skipped_too_long": skipped}
+                "n_retried": len(self.retried), "prompts_skipped_too_long": skipped,
+                **({"cross_cache_bytes": self.cross_cache_bytes} if self.cross_cache else {})}
 
     def lines(self) -> list[str]:
         """The end-of-run report: what was written and where to look."""
@@ -127,6 +136,8 @@ class SweepReport:
             f"figures:  {out.figures}/ ({len(fin.figures) if fin else 0} PNG)",
             *([f"means:    {out.root / 'reference'}/ (the mean kinds' reference means)"]
               if (out.root / "reference").is_dir() else []),
+            *([f"cache:    {out.cross_cache}/ (the cross source's activations on every prompt: "
+               f"{self.cross_cache_bytes / 2**20:.2f} MiB)"] if self.cross_cache else []),
             f"manifest: {out.manifest}",
             f"W&B run:  {(fin and fin.wandb_dir) or 'disabled'}",
         ]
@@ -137,13 +148,15 @@ class SweepReport:
         return lines
 
 
-def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition]) -> list[Shard]:
-    """Cut (model x prompts x conditions) into shards with stable ids."""
+def plan_shards(cfg: Config, names: list[str], n_prompts: int, conditions: list[Condition],
+                cross: CrossPlan | None = None) -> list[Shard]:
+    """Cut (model x prompts x conditions) into shards with stable ids (the cross source scores no cross
+    condition)."""
     per_p = cfg.shards.prompts_per_shard
-    per_c = cfg.shards.conditions_per_shard or len(conditions)
-    ids = [c.id for c in conditions]
     shards = []
     for m, name in enumerate(names):
+        ids = [c.id for c in conditions if runs_on(cross, name, c)]
+        per_c = cfg.shards.conditions_per_shard or len(ids)
         for a in range(0, n_prompts, per_p):
             for g, b in enumerate(range(0, len(ids), per_c)):
                 shards.append(
@@ -157,6 +170,7 @@ def prepare(cfg: Config) -> SweepPlan:
     job = JOBS["sweep"]
     models = prepare_models(cfg, job)
     ab, archs = cfg.ablation, models.archs
+    source = check_cross_models(cfg, models.sources, archs)
     shapes = {(a.n_layers, a.n_heads) + ((a.n_neurons,) if ab.target_neurons else ()) for a in archs}
     if len(shapes) > 1:
         what = "layers x heads x neurons" if ab.target_neurons else "layers x heads"
@@ -180,11 +194,16 @@ def prepare(cfg: Config) -> SweepPlan:
     reference = plan_reference(cfg, prompts, conditions)
     check_positional_lengths(reference, prompts["prompt"].to_list(), dict(zip(prepared.names, prepared.tokenizers)))
     partners = pair_partners(prompts, conditions)
+    dtype = resolve_dtype(cfg.model.dtype, "cuda" if on_gpu(cfg) else "cpu")
+    cross = plan_cross(cfg, source, prepared.names, prepared.tokenizers, prompts,
+                       [f"prompt {i}" for i in prompts["prompt_id"]], conditions, arch.head_dim, dtype)
     check_weight_diff(cfg)
     fit = check_fit(cfg, prepared.sources)
-    shards = plan_shards(cfg, prepared.names, prompts.height, conditions)
+    if cross is not None:
+        fit.append(cross.line(prompts.height))
+    shards = plan_shards(cfg, prepared.names, prompts.height, conditions, cross)
     return SweepPlan(cfg, prepared.sources, arch, prompts, prepared.prompt_source, conditions, shards, fit, reference,
-                     partners)
+                     partners, cross)
 
 
 def _conditions_frame(conditions: list[Condition]) -> pl.DataFrame:
@@ -240,7 +259,8 @@ class ShardsRun:
 
 
 def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
-    """Run every shard the manifest does not hold as done; each is written and recorded as it returns."""
+    """Run every shard the manifest does not hold as done; each is written and recorded as it returns. With
+    cross the source model goes first: its workers write the activation cache the others' shards read."""
     cfg = plan.cfg
     pending = [s for s in plan.shards if manifest["shards"][s.id]["status"] != "done"]
     done = ShardsRun()
@@ -249,12 +269,21 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
     prompts_text = plan.prompts["prompt"].to_list()
     ablation_of = {c.id: c.ablation for c in plan.conditions}
     paired = {c.id for c in plan.conditions if c.intervention in PAIRED_KINDS}
+    crossed = {c.id for c in plan.conditions if c.intervention in CROSS_KINDS}
+    needs_cache = any(crossed & set(s.conditions) for s in pending)
+    order = plan.model_names if plan.cross is None else \
+        [plan.cross.source] + [m for m in plan.model_names if m != plan.cross.source]
+    cache: ActivationCache | None = None
     bar = tqdm(total=len(pending), desc="shards", unit="shard", dynamic_ncols=True)
     try:
         with worker_pool(cfg.ray, out) as pool:
-            for model in plan.model_names:
+            for model in order:
                 todo = [s for s in pending if s.model == model]
-                if not todo:
+                source_pass = needs_cache and model == plan.cross.source
+                if source_pass:
+                    cache = stored_cache(plan.cross, out, manifest, plan.prompts.height)
+                    source_pass = cache is None
+                if not todo and not source_pass:
                     continue
                 source = plan.sources[plan.model_names.index(model)]
                 bar.set_description(f"loading {model}")
@@ -263,19 +292,24 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
                                  check_prompt=prompts_text[0], max_prompt_tokens=cfg.prompts.max_tokens)
                 executor = pool.executor(ShardScorer, "score", spec, cfg.shards.max_attempts)
                 manifest.setdefault("workers", []).extend({"model": model, **w} for w in executor.workers)
+                if source_pass:
+                    bar.set_description(f"cross source {model}")
+                    cache = source_cache(plan, out, manifest, executor)
                 means = None
-                if plan.reference is not None:
+                if plan.reference is not None and todo:
                     bar.set_description(f"reference means {model}")
                     means = pool.share(reference_means(plan, out, manifest, executor, model))
                 bar.set_description(f"scoring {model}")
                 t_rows, rows_before = time.perf_counter(), done.rows
 
                 def payload(s: Shard, name=model, means=means):
-                    partners = None
+                    partners = crossing = None
                     if paired & set(s.conditions):
                         partners = [prompts_text[plan.partners[i]] for i in s.prompt_ids]
+                    if crossed & set(s.conditions):
+                        crossing = cache.select(s.prompt_ids)
                     return ([prompts_text[i] for i in s.prompt_ids], [ablation_of[c] for c in s.conditions], name,
-                            means, partners)
+                            means, partners, crossing)
 
                 def progress(frame: pl.DataFrame, t0=t_rows, before=rows_before) -> None:
                     done.rows += frame.height
@@ -290,6 +324,22 @@ def run_shards(plan: SweepPlan, out: OutDir, manifest: dict) -> ShardsRun:
     finally:
         bar.close()
     return done
+
+
+def source_cache(plan: SweepPlan, out: OutDir, manifest: dict, executor) -> ActivationCache:
+    """The cross source's activations on every prompt, from a first pass of source shards on its workers
+    (entries put in prompt order here), written and recorded in OUT."""
+    cross = plan.cross
+    texts = plan.prompts["prompt"].to_list()
+    entries: list[dict] = [{} for _ in texts]
+    shards = cross.shards(plan.model_names.index(cross.source), len(texts))
+    for shard, part, _ in executor.run(shards, lambda s: ([texts[i] for i in s.prompt_ids], cross.sites)):
+        for i, entry in zip(shard.prompt_ids, part.entries):
+            entries[i] = entry
+    cache = ActivationCache(cross.sites, entries)
+    record_cache(cache, cross, out, manifest)
+    write_json_atomic(manifest, out.manifest)
+    return cache
 
 
 def reference_means(plan: SweepPlan, out: OutDir, manifest: dict, executor, model: str) -> ReferenceMeans:
@@ -311,7 +361,7 @@ def reference_means(plan: SweepPlan, out: OutDir, manifest: dict, executor, mode
 
 def check_complete(results: pl.DataFrame, plan: SweepPlan) -> None:
     """Every (model, prompt, condition) exactly once, or the sweep is not done."""
-    expected = len(plan.model_names) * plan.prompts.height * len(plan.conditions)
+    expected = plan.prompts.height * sum(runs_on(plan.cross, m, c) for m in plan.model_names for c in plan.conditions)
     dupes = results.group_by(["model", "prompt_id", "condition"]).len().filter(pl.col("len") > 1).height
     if results.height != expected or dupes:
         raise SweepError(f"results hold {results.height} rows ({dupes} duplicated keys); expected {expected}")
@@ -344,9 +394,10 @@ def run_sweep(cfg: Config, resume: bool = False, config_file: str | None = None)
         results = out.read_results([s.id for s in plan.shards])
         check_complete(results, plan)
         report = SweepReport(out, ran.rows, ran.shards, skipped, time.perf_counter() - start,
-                             ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source)
+                             ran.startup_seconds, ran.retried, recomputed, prompt_source=plan.prompt_source,
+                             cross_cache=manifest.get("cross"))
         report.finalized = finalize(cfg, out, results, plan.arch, report.bookkeeping(), manifest.get("config_file"),
-                                    plan.model_names)
+                                    plan.model_names, plan.cross and plan.cross.source)
         report.seconds = time.perf_counter() - start
         finish(out, manifest, seconds=report.seconds, startup_seconds=ran.startup_seconds, rows_written=ran.rows)
         return report

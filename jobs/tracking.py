@@ -19,6 +19,9 @@ Keys of a sweep run (README "Reviewing on W&B" lists what to put on a panel):
                                                        recovered under resample (`patching_metrics`)
                "cross/{a}__{b}/target/{metric}/{stat}", "cross/{a}__{b}/maps/{sweep}/{metric}/{stat}"
                                                        with two or more models (`cross_model_logs`)
+               "cross/{a}__{b}/cmap/target/{stat}", "cross/{a}__{b}/cmap/vs_controls/{stat}"  CMAP with
+                                                       ablation.kind cross: a the source, b the receiver
+                                                       (`cmap_logs`)
                "weight_diff/{selection}/{column}"      numeric columns of the weight-diff selection
                "sweep/{rows_written,shards_run,...}"   job bookkeeping
   history      "charts/..."                            native charts (`jobs.charts`): their tables are
@@ -63,6 +66,7 @@ from jobs.runtime.storage import OutDir, read_manifest
 from jobs.wandb_run import Session, log_run
 from verif.analysis.effects import EFFECT_METRICS, condition_effects
 from verif.analysis.cross_figures import pair_figures
+from verif.analysis.cross_model import pair_name
 from verif.analysis.tables import per_prompt_table
 
 ARTIFACT_TYPE = "sweep-results"
@@ -85,6 +89,7 @@ TAG_CHARS = 64  # W&B refuses longer tags
 CROSS_TARGET_STATS = ("effect_a", "effect_b", "diff", "diff_lo", "diff_hi", "ratio", "pearson", "spearman",
                       "diff_z", "diff_p_empirical")
 CROSS_MAP_STATS = ("spearman", "spearman_lo", "spearman_hi", "pearson", "k", "overlap", "expected_overlap", "p_overlap")
+CMAP_TARGET_STATS = ("gap_closed", "gap_closed_lo", "gap_closed_hi", "n_prompts", "n_left_out")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +255,28 @@ def cross_model_logs(session: Session, tables: dict[str, pl.DataFrame | None], o
             items[f"cross/{pair}/tables/maps"] = to_wandb_table(pair_maps.head(TABLE_ROWS))
         items.update({f"cross/{pair}/figures/{name}": wandb.Image(str(p))
                       for name, p in pair_figures(out.cross_figures, pair).items()})
+    cmap_metrics, cmap_items = cmap_logs(session, tables)
+    return metrics | cmap_metrics, items | cmap_items
+
+
+def cmap_logs(session: Session, tables: dict[str, pl.DataFrame | None]) -> tuple[dict, dict]:
+    """(summary metrics, history items) of CMAP (stats/cmap.parquet, cmap_vs_controls.parquet), each (source a,
+    receiver b) under "cross/{a}__{b}/cmap/": the target's gap_closed (".../target/{stat}"), its test against
+    the random sets (".../vs_controls/{stat}") and the pair's table ("cross/{a}__{b}/tables/cmap")."""
+    cmap, vs = tables.get("cmap"), tables.get("cmap_vs_controls")
+    metrics: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for (source, model), rows in ([] if cmap is None else cmap.group_by(["source", "model"], maintain_order=True)):
+        pair = pair_name(source, model)
+        for r in rows.filter(pl.col("kind") == "target").iter_rows(named=True):
+            metrics.update({f"cross/{pair}/cmap/target/{s}": _scalar(r[s]) for s in CMAP_TARGET_STATS})
+        for r in ([] if vs is None else vs.filter((pl.col("source") == source) & (pl.col("model") == model))
+                  .iter_rows(named=True)):
+            metrics.update({f"cross/{pair}/cmap/vs_controls/{s}": _scalar(r[s]) for s in TVC_STATS})
+        items[f"cross/{pair}/tables/cmap"] = to_wandb_table(rows.head(TABLE_ROWS))
+        if rows.height > TABLE_ROWS:
+            session.notes.append(f"W&B: cross/{pair}/tables/cmap holds the first {TABLE_ROWS} of its {rows.height} "
+                                 "rows (W&B's table limit); every row is in OUT/stats/cmap.parquet")
     return metrics, items
 
 

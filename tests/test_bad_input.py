@@ -112,6 +112,9 @@ def files(tmp_path_factory, tiny) -> Path:
     unwritable = d / "unwritable"
     unwritable.mkdir()
     unwritable.chmod(0o555)
+    shutil.copytree(tiny, d / "tiny_copy")  # cross-model patching's partners: the same model, another name,
+    build_tiny_model(d / "tiny_wide", intermediate_size=96)  # another MLP width,
+    build_tiny_model(d / "tiny_words", words=("The",))  # "The" one token: the prompts tokenize differently
     (d / "bad.yaml").write_text("prompts:\n  n: [1, 2\nablation: 3\n")
     (d / "list.yaml").write_text("- a\n- b\n")
     (d / "typo.yaml").write_text("prompts:\n  n: 4\nablation:\n  random_contols: 3\n")
@@ -175,6 +178,9 @@ def command(job: str, *args: str) -> tuple[str, ...]:
         "weight-diff": ("--weight-diff", "--base", "{model}", "--tuned", "{model}"),
     }[job]
     return (*head, "--set", "ray.workers=1", "--set", "wandb.mode=disabled", *args)
+
+
+CROSS = ("--set", "ablation.kind=[zero, cross]")
 
 
 def sweep(*args: str) -> tuple[str, ...]:
@@ -327,6 +333,26 @@ CASES = [
     Case("discover-resample-without-pairs", command("discover", "--set", "discover.intervention=resample",
                                                     "--set", "prompts.n=4"),
          ("discover.intervention: resample patches each prompt", "prompt 0 has no pair"), light=False),
+    # -- cross-model activation patching (issue 21) -------------------------------------------------------------
+    Case("cross-without-source-model", sweep(*CROSS, "--set", "model.path=[{model}, {files}/tiny_copy]"),
+         ("ablation.source_model: ablation.kind cross patches one model's activations into the others; name the "
+          "source, one of model.path ({model}, {files}/tiny_copy)",)),
+    Case("source-model-without-cross", sweep("--set", "ablation.source_model=tiny"),
+         ("ablation.source_model 'tiny': only ablation.kind cross reads it, and ablation.kind is ['zero']",)),
+    Case("cross-with-one-model", sweep(*CROSS, "--set", "ablation.source_model=tiny"),
+         ("ablation.kind cross: patches the source model's activations into another model, and model.path has 1",)),
+    Case("cross-as-a-circuit-kind", sweep("--set", "ablation.circuit=cross"),
+         ("ablation.circuit: cross is not a circuit kind",)),
+    Case("cross-unknown-source-model", sweep(*CROSS, "--set", "model.path=[{model}, {files}/tiny_copy]",
+                                             "--set", "ablation.source_model=r1"),
+         ("ablation.source_model 'r1': not one of the models in model.path; valid: 'tiny', 'tiny_copy'",), light=False),
+    Case("cross-architectures-differ", sweep(*CROSS, "--set", "model.path=[{model}, {files}/tiny_wide]",
+                                             "--set", "ablation.source_model=tiny"),
+         ("ablation.kind cross: models differ in intermediate_size: tiny 64, tiny_wide 96",), light=False),
+    Case("cross-prompt-tokenized-differently", sweep(*CROSS, "--set", "model.path=[{model}, {files}/tiny_words]",
+                                                     "--set", "ablation.source_model=tiny"),
+         ("ablation.kind cross: prompt 0 tokenizes differently: tiny ", "tiny_words ",
+          "first difference at token "), light=False),
 ]
 NO_OUT = ("no-mode", "unknown-flag", "weight-diff-without-base")
 

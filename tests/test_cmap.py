@@ -80,3 +80,23 @@ def test_tokenization_difference_names_the_prompt_and_the_first_token():
         "prompts.jsonl:1 tokenizes differently: a 2 tokens, b 3 tokens, first difference at token 2 (a end, b 9)")
     with pytest.raises(ValueError, match="2 prompts tokenized by a, 1 by b"):
         tokenization_difference({"a": [[1], [2]], "b": [[1]]}, where)
+
+
+def test_cmap_frame_reads_each_ld_from_its_row():
+    """LD_patched from the receiver's cross row, LD_source and LD_receiver from the two models' baselines on the
+    same prompt; the source has no cross rows, and rows of other kinds stay out."""
+    rows = []
+    for model, base in (("a", 2.0), ("b", 0.5), ("c", -1.0)):
+        for pid in range(2):
+            rows.append({"model": model, "prompt_id": pid, "condition": "baseline", "log_odds": base + pid})
+            rows.append({"model": model, "prompt_id": pid, "condition": "target", "log_odds": 9.0})  # zero: not CMAP
+            if model != "a":
+                rows.append({"model": model, "prompt_id": pid, "condition": "target@cross", "log_odds": base + 10 * pid})
+    conditions = pl.DataFrame({"condition": ["baseline", "target", "target@cross"], "kind": ["baseline", "target", "target"],
+                               "intervention": ["none", "zero", "cross"]})
+    got = cmap.cmap_frame(pl.DataFrame(rows), conditions, "a")
+    assert got.columns == list(cmap.CMAP_COLUMNS)
+    assert got.rows() == [("a", "b", "target@cross", "target", 0, 0.5, 2.0, 0.5), ("a", "b", "target@cross", "target", 1, 10.5, 3.0, 1.5),
+                          ("a", "c", "target@cross", "target", 0, -1.0, 2.0, -1.0), ("a", "c", "target@cross", "target", 1, 9.0, 3.0, 0.0)]
+    with pytest.raises(ValueError, match="source model 'r1' has no rows"):
+        cmap.cmap_frame(pl.DataFrame(rows), conditions, "r1")

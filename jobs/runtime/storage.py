@@ -57,6 +57,8 @@ class OutDir:
     cross_model = property(lambda self: self.root / "cross_model.parquet")
     cross_model_maps = property(lambda self: self.root / "cross_model_maps.parquet")
     cross_figures = property(lambda self: self.root / "figures" / "cross")
+    # With ablation.kind cross: the source model's activations on the prompts (jobs.cross).
+    cross_cache = property(lambda self: self.root / "cross")
     wandb = property(lambda self: self.root / "wandb")
     # Held while a driver writes here (jobs.runtime.lock), and the local Ray it started (jobs.runtime.local_ray).
     lock = property(lambda self: self.root / ".lock")
@@ -150,6 +152,15 @@ def write_json_atomic(obj: dict, path: Path) -> None:
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+        _fsync_replace(tmp, path)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """As `write_parquet_atomic`, for a file already serialised (the cross-model source cache)."""
+    tmp = _tmp_name(path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
         _fsync_replace(tmp, path)
 
 

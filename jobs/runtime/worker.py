@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
+from jobs.cross import SourceShard
 from jobs.reference import ReferenceShard
 from verif.design.conditions import PAIRED_KINDS, Ablation
 from verif.model.engine import Scorer
-from verif.model.interventions import ReferenceMeans, ReferenceSums, Sites, Sources
+from verif.model.interventions import ActivationCache, ReferenceMeans, ReferenceSums, Sites, Sources
 from verif.model.loading import load_model
 from verif.model.options import EngineOptions
 from verif.model.score import resolve_yes_no
@@ -92,32 +93,45 @@ class ModelWorker:
 
 class ShardScorer(ModelWorker):
     """A sweep's worker: scores shards; prompts and ablations come with each call (and what non-zero kinds
-    read: the reference means, the partners' texts). A shard of the mean kinds' first pass
-    (`jobs.reference.ReferenceShard`) returns its prompts' activation sums instead."""
+    read: the reference means, the partners' texts, the cross source's activations). A shard of the mean kinds'
+    first pass (`jobs.reference.ReferenceShard`) returns its prompts' activation sums instead, one of the cross
+    source's (`jobs.cross.SourceShard`) its prompts' activations."""
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.scorer = Scorer(self.loaded, self.ids, spec.engine)
 
-    def score(self, shard: Shard | ReferenceShard, *args) -> dict[str, list] | ReferenceSums:
-        """`score_shard` or, for a first-pass shard, `reference_sums`, with the shard's payload."""
+    def score(self, shard: Shard | ReferenceShard | SourceShard, *args
+              ) -> dict[str, list] | ReferenceSums | ActivationCache:
+        """`score_shard` or, for a first-pass shard, `reference_sums` or `source_activations`, with the shard's
+        payload."""
         if isinstance(shard, ReferenceShard):
             return self.reference_sums(*args)
+        if isinstance(shard, SourceShard):
+            return self.source_activations(*args)
         return self.score_shard(shard, *args)
+
+    def source_activations(self, texts: list[str], sites: Sites) -> ActivationCache:
+        """The activations at `sites` of this model's unablated forward of each prompt, on the CPU (they go to
+        the driver, which writes them to OUT)."""
+        cache = self.scorer.activations(self.scorer.tokenize(texts), sites)
+        return ActivationCache(sites, [{k: t.cpu() for k, t in e.items()} for e in cache.entries])
 
     def reference_sums(self, texts: list[str], sites: Sites, positional: bool) -> ReferenceSums:
         """Float64 sums of the activations at `sites` over these reference prompts."""
         return self.scorer.reference_sums(self.scorer.tokenize(texts), sites, positional)
 
     def score_shard(self, shard: Shard, prompts: list[str], ablations: list[Ablation], model_name: str,
-                    means: ReferenceMeans | None = None, partners: list[str] | None = None) -> dict[str, list]:
+                    means: ReferenceMeans | None = None, partners: list[str] | None = None,
+                    cross: ActivationCache | None = None) -> dict[str, list]:
         """Result columns for every (prompt, condition) of the shard, prompt-major. For resample the
-        partners' activations are read first, from an unablated forward of `partners[i]` (prompt i's)."""
+        partners' activations are read first, from an unablated forward of `partners[i]` (prompt i's); cross
+        reads `cross` (entry i: the source model's activations on prompt i)."""
         cache = None
         paired = Sites.of(ablations, PAIRED_KINDS)
         if paired:
             cache = self.scorer.activations(self.scorer.tokenize(partners), paired)
-        table = self.scorer.score_prompts(prompts, ablations, Sources(means, cache))
+        table = self.scorer.score_prompts(prompts, ablations, Sources(means, cache, cross))
         n, c = len(shard.prompt_ids), len(shard.conditions)
         return {
             "model": [model_name] * (n * c),

@@ -4,6 +4,8 @@ Nothing here uses `verif.model.interventions` or the engine. Activations are rea
 forward pre-hooks on each layer's attention output projection (heads) and MLP down projection (neurons)
 in the model's own forward of one unpadded prompt; means and partner activations are computed from those
 reads with numpy, and a scored prompt's intervened columns are overwritten by this module's own pre-hooks.
+For cross (cross-model activation patching) the values are read the same way from another model's own
+forward of the same prompt.
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ def _columns(a: Ablation, site: str, layer: int, head_dim: int) -> list[int]:
 
 @torch.inference_mode()
 def score_one(model, arch, ids: YesNoIds, toks: Sequence[int], ablation: Ablation, means: dict | None = None,
-              partner: Sequence[int] | None = None):
+              partner: Sequence[int] | None = None, source_model=None):
     """log P(Yes), log P(No) of one prompt with `ablation`'s components replaced at every position: by 0, the
-    reference mean, the positional mean (`means`, from `means_of`) or `partner`'s activation."""
+    reference mean, the positional mean (`means`, from `means_of`), `partner`'s activation (resample) or
+    `source_model`'s activation on the same prompt (cross)."""
     seq = len(toks)
-    source = own_inputs(model, partner) if ablation.kind == "resample" else None
+    source = {"resample": lambda: own_inputs(model, partner),
+              "cross": lambda: own_inputs(source_model, toks)}.get(ablation.kind, lambda: None)()
     handles = []
     for site, mods in _modules(model).items():
         for layer, mod in enumerate(mods):
@@ -106,13 +110,14 @@ def score_one(model, arch, ids: YesNoIds, toks: Sequence[int], ablation: Ablatio
 
 
 def reference_table(loaded, ids: YesNoIds, prompts: Sequence[Sequence[int]], ablations: Sequence[Ablation],
-                    means: dict | None = None, partners: Sequence[int] | None = None):
+                    means: dict | None = None, partners: Sequence[int] | None = None, source_model=None):
     """Scores `[n_prompts, n_ablations]` one prompt and one condition per forward (`partners[i]`: the index of
-    prompt i's partner among `prompts`)."""
+    prompt i's partner among `prompts`; `source_model`: the torch model cross reads)."""
     log_yes = np.zeros((len(prompts), len(ablations)))
     log_no = np.zeros_like(log_yes)
     for i, toks in enumerate(prompts):
         for j, a in enumerate(ablations):
             partner = prompts[partners[i]] if partners is not None else None
-            log_yes[i, j], log_no[i, j] = score_one(loaded.model, loaded.arch, ids, toks, a, means, partner)
+            log_yes[i, j], log_no[i, j] = score_one(loaded.model, loaded.arch, ids, toks, a, means, partner,
+                                                    source_model)
     return scores_from_log_probs(log_yes, log_no)

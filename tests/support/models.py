@@ -85,17 +85,19 @@ def copy_with_scaled_queries(src: str | Path, out_dir: str | Path, heads: list[t
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random-weight Qwen2 folder of 4 layers x 4 heads (hidden 32) with `yes_no_byte_tokenizer`: for
-    plumbing (checks, folders, faults) that needs a real model folder but none of its numbers; its
-    tokenizer loads in milliseconds and a whole job runs on it in seconds. Context length 4096."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] = (), intermediate_size: int = 64
+                     ) -> Path:
+    """A random-weight Qwen2 folder of 4 layers x 4 heads (hidden 32) with `yes_no_byte_tokenizer` (`words`: more
+    single-token words, so prompts tokenize differently): for plumbing (checks, folders, faults) that needs a real
+    model folder but none of its numbers; its tokenizer loads in milliseconds and a whole job runs on it in
+    seconds. Context length 4096."""
     from tests.support.tokenizer import yes_no_byte_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = yes_no_byte_tokenizer()
+    tok = yes_no_byte_tokenizer(words)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     Qwen2ForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)

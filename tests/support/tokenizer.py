@@ -46,11 +46,11 @@ def qwen25_tokenizer(n_ranks: int | None = None) -> PreTrainedTokenizerFast:
     )
 
 
-def yes_no_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer whose only merges make the default Yes/No variants single tokens: every
-    other character is a token of its own (a UTF-8 byte), so token counts are easy to reason about, and
-    it loads in milliseconds (the Qwen2.5 one takes seconds). Saved into a qwen2 model folder it loads
-    as transformers' Qwen2Tokenizer (the same pre-tokenizer: digits one by one, a space kept with the
+def yes_no_byte_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer whose only merges make the default Yes/No variants (and `words`) single
+    tokens: every other character is a token of its own (a UTF-8 byte), so token counts are easy to reason
+    about, and it loads in milliseconds (the Qwen2.5 one takes seconds). Saved into a qwen2 model folder it
+    loads as transformers' Qwen2Tokenizer (the same pre-tokenizer: digits one by one, a space kept with the
     word after it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -60,7 +60,7 @@ def yes_no_byte_tokenizer() -> PreTrainedTokenizerFast:
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     merges: list[tuple[str, str]] = []
-    for word in (*DEFAULT_YES, *DEFAULT_NO):
+    for word in (*DEFAULT_YES, *DEFAULT_NO, *words):
         symbols = word.replace(" ", "\u0120")  # the byte-level spelling of a space
         for i in range(1, len(symbols)):
             merges.append((symbols[:i], symbols[i]))

@@ -25,7 +25,7 @@ import polars as pl
 
 from verif.analysis import stats
 
-__all__ = ["MIN_GAP", "gap_closed", "cmap_table", "cmap_vs_controls"]
+__all__ = ["MIN_GAP", "cmap_frame", "gap_closed", "cmap_table", "cmap_vs_controls"]
 
 MIN_GAP = 0.1
 """Smallest |LD_a - LD_b| (nats of log-odds) a prompt's gap is divided by. Near P(Yes) = 0.5 a gap of 0.1
@@ -33,6 +33,25 @@ is 2.5 points of normalised P(Yes): below it the two models barely differ on the
 scoring noise in the numerator is blown up by 1 / gap into values of no meaning. The counterfactual-pair
 patching metric divides by the same (`verif.analysis.patching.MIN_GAP`)."""
 CMAP_COLUMNS = ("source", "model", "condition", "kind", "prompt_id", "ld_patched", "ld_source", "ld_receiver")
+
+
+def cmap_frame(results: pl.DataFrame, conditions: pl.DataFrame, source: str, baseline: str = "baseline",
+               intervention: str = "cross") -> pl.DataFrame:
+    """The CMAP rows of a sweep (CMAP_COLUMNS): per receiver (every model with `intervention` rows; the
+    source has none), condition of that intervention and prompt, LD_patched from the receiver's row,
+    LD_source and LD_receiver from the source's and the receiver's `baseline` rows on the same prompt.
+    A prompt either baseline lacks is not in the frame."""
+    meta = conditions.filter(pl.col("intervention") == intervention).select("condition", "kind")
+    if source not in set(results["model"].to_list()):
+        raise ValueError(f"CMAP: the source model {source!r} has no rows; models: {results['model'].unique().to_list()}")
+    base = results.filter(pl.col("condition") == baseline)
+    ld_source = base.filter(pl.col("model") == source).select("prompt_id", pl.col("log_odds").alias("ld_source"))
+    ld_receiver = base.select("model", "prompt_id", pl.col("log_odds").alias("ld_receiver"))
+    patched = results.filter(pl.col("model") != source).join(meta, on="condition", how="inner")
+    return (patched.select("model", "condition", "kind", "prompt_id", pl.col("log_odds").alias("ld_patched"))
+            .join(ld_source, on="prompt_id", how="inner").join(ld_receiver, on=["model", "prompt_id"], how="inner")
+            .select(pl.lit(source).alias("source"), *[c for c in CMAP_COLUMNS if c != "source"])
+            .sort(["model", "condition", "prompt_id"]))
 
 
 def gap_closed(ld_patched: np.ndarray, ld_source: np.ndarray, ld_receiver: np.ndarray,
@@ -79,6 +98,7 @@ def cmap_vs_controls(table: pl.DataFrame) -> pl.DataFrame:
         raise ValueError("cmap_vs_controls: no CMAP rows")
     found = []
     for (source, model), part in table.group_by(["source", "model"], maintain_order=True):
-        tvc = stats.target_vs_controls(part.with_columns(pl.lit(f"{source}->{model}").alias("model")), "gap_closed")
+        named = part.with_columns(pl.lit(f"{source}->{model}").alias("model"), pl.lit("cross").alias("intervention"))
+        tvc = stats.target_vs_controls(named, "gap_closed")
         found.append(tvc.drop("model").select(pl.lit(source).alias("source"), pl.lit(model).alias("model"), pl.all()))
     return pl.concat(found)

@@ -1,5 +1,8 @@
 """Figures of the cross-model tables: "same mechanism?" per model pair, and the per-head effect scatter.
 
+With cross-model activation patching (`verif.analysis.cmap`) the "same mechanism?" figure also shows, for
+each direction the sweep patched between the pair's models, the target's gap_closed against the random sets'.
+
 Drawn like `verif.analysis.figures` (a `Figure` on the Agg canvas, never pyplot; one PNG per call,
 its Path returned; every figure names the models and the number of prompts, and its axes carry units).
 Files go to `OUT/figures/cross/<a>__<b>__<figure>.png`, apart from the per-model figures.
@@ -131,12 +134,53 @@ def _draw_metric(ax: Axes, rows: pl.DataFrame, metric: str, model_a: str, model_
     ax.grid(axis="y", alpha=0.3)
 
 
+def _draw_cmap(ax: Axes, cmap: pl.DataFrame, vs: pl.DataFrame | None, model_a: str, model_b: str) -> None:
+    """Per direction patched between the two models (source -> receiver): the random sets' gap_closed (dots and
+    their central 95%) and the target's with its CI; 1 = the set carries the whole difference, 0 = none."""
+    directions = [(s, r) for s, r in ((model_a, model_b), (model_b, model_a))
+                  if cmap.filter((pl.col("source") == s) & (pl.col("model") == r)).height]
+    titles = []
+    for i, (source, receiver) in enumerate(directions):
+        rows = cmap.filter((pl.col("source") == source) & (pl.col("model") == receiver))
+        cv = rows.filter(pl.col("kind") == "random")["gap_closed"].cast(pl.Float64).drop_nulls().to_numpy()
+        if cv.size >= 2:
+            lo, hi = np.quantile(cv, [0.025, 0.975])
+            ax.fill_between([i - 0.3, i + 0.3], lo, hi, color=_C_CONTROL, alpha=0.3,
+                            label=f"random sets, central 95% (n = {cv.size})" if i == 0 else None)
+        if cv.size:
+            ax.scatter(i + np.linspace(-0.2, 0.2, cv.size), cv, s=6, color=_C_CONTROL, zorder=2)
+        target = rows.filter(pl.col("kind") == "target")
+        if target.height and target["gap_closed"][0] is not None:
+            t = target.row(0, named=True)
+            err = None if t["gap_closed_lo"] is None else [[t["gap_closed"] - t["gap_closed_lo"]],
+                                                          [t["gap_closed_hi"] - t["gap_closed"]]]
+            ax.errorbar([i], [t["gap_closed"]], yerr=err, fmt="o", color=_C_TARGET, ms=7, capsize=5, zorder=3,
+                        label="target set, 95% CI" if i == 0 else None)
+            p = None if vs is None else vs.filter((pl.col("source") == source) & (pl.col("model") == receiver))
+            p_text = "n/a" if p is None or p.height == 0 else f"{p['p_greater'][0]:.2g}"
+            titles.append(f"{source} → {receiver}: {_fmt_ci(t, 'gap_closed')} ({t['n_prompts']} prompts, "
+                          f"{t['n_left_out']} left out), p_greater {p_text}")
+    ax.axhline(0, color="grey", ls="--", lw=1)
+    ax.axhline(1, color=_C_TARGET, ls=":", lw=1)
+    ax.set_xticks(range(len(directions)), [f"{s} → {r}" for s, r in directions], fontsize=7)
+    ax.set_xlim(-0.6, len(directions) - 0.4)
+    ax.set_ylabel("gap closed by patching the set from source into receiver\n(LD_patched − LD_r) / (LD_s − LD_r)",
+                  fontsize=7)
+    ax.set_title("CMAP: does the set carry the difference?\n" + "\n".join(titles), fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+
+
 def plot_same_mechanism(cross: pl.DataFrame, maps: pl.DataFrame, conditions: pl.DataFrame, pair: str,
-                        path: str | Path) -> Path | None:
+                        path: str | Path, cmap: pl.DataFrame | None = None,
+                        cmap_vs: pl.DataFrame | None = None) -> Path | None:
     """One pair's answer to "is it the same mechanism?": per metric, the target's effect in each model
     with its CI beside the random sets' effects (and their central 95%), the difference with its CI and
     its p against the random sets' differences; below, the per-head effect scatter when both models
-    ran a single-head sweep. None when the pair has no target condition."""
+    ran a single-head sweep, and CMAP's gap_closed against its null when the sweep patched between them
+    (`cmap`: stats/cmap.parquet, `cmap_vs`: stats/cmap_vs_controls.parquet). None when the pair has no
+    target condition."""
     rows = cross.filter(pl.col("pair") == pair)
     if rows.filter(pl.col("kind") == "target").height == 0:
         return None
@@ -155,6 +199,10 @@ def plot_same_mechanism(cross: pl.DataFrame, maps: pl.DataFrame, conditions: pl.
         bottom.axis("off")
         bottom.text(0.5, 0.5, "no per-head comparison: run ablation.sweeps: [single_head] to get one",
                     ha="center", va="center", color="grey", fontsize=9, transform=bottom.transAxes)
+    pair_cmap = None if cmap is None else cmap.filter(pl.col("source").is_in([model_a, model_b])
+                                                      & pl.col("model").is_in([model_a, model_b]))
+    if pair_cmap is not None and pair_cmap.height:
+        _draw_cmap(fig.add_subplot(grid[1, 3]), pair_cmap, cmap_vs, model_a, model_b)
     n = rows.filter(pl.col("metric") == "delta_log_odds")["n_prompts"].max()
     fig.suptitle(f"Is the mechanism the same in {model_a} (a) and {model_b} (b)? The target set's effect in each, "
                  f"against random sets of its size ({n} prompts)", fontsize=12)
@@ -163,13 +211,15 @@ def plot_same_mechanism(cross: pl.DataFrame, maps: pl.DataFrame, conditions: pl.
 
 
 def make_cross_figures(cross: pl.DataFrame, maps: pl.DataFrame, conditions: pl.DataFrame,
-                       out_dir: str | Path) -> list[Path]:
-    """Every cross-model figure the tables support, one set per pair, into `out_dir`."""
+                       out_dir: str | Path, cmap: pl.DataFrame | None = None,
+                       cmap_vs: pl.DataFrame | None = None) -> list[Path]:
+    """Every cross-model figure the tables support, one set per pair, into `out_dir` (CMAP's panel in
+    "same mechanism?" with `cmap`)."""
     out = Path(out_dir)
     made: list[Path | None] = []
     for pair in cross["pair"].unique(maintain_order=True).to_list():
         stem = out / _safe(pair)
-        made.append(plot_same_mechanism(cross, maps, conditions, pair, f"{stem}__same_mechanism.png"))
+        made.append(plot_same_mechanism(cross, maps, conditions, pair, f"{stem}__same_mechanism.png", cmap, cmap_vs))
         made += [plot_effect_scatter(cross, maps, conditions, pair, sweep, f"{stem}__scatter_{sweep}.png")
                  for sweep in ("single_head", "layer")]
     return [p for p in made if p is not None]

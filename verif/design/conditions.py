@@ -10,6 +10,8 @@ Every condition but the baseline intervenes with one kind (`INTERVENTIONS`, the 
 conditions.parquet): zero (the study's ablation), mean, mean_positional or resample. Several kinds score
 every condition under each (`with_interventions`): the zero condition keeps its plain id, another kind
 appends `@kind` (`target@mean`, `random-003@resample`), so an id names the same set and kind in any sweep.
+`cross` (cross-model activation patching) replaces the set's activations with another model's (the sweep's
+`ablation.source_model`) on the same prompt; only the models other than the source score it.
 The `circuit` family (`circuit_conditions`) keeps a set and intervenes on every other component: the
 faithfulness of a set (Wang et al. 2022).
 """
@@ -26,11 +28,13 @@ from verif.design.neurons import NeuronSet, format_neurons, random_neuron_sets
 
 SWEEPS = ("layer", "single_head")
 # What replaces an intervened activation (verif.model.interventions): 0, the reference prompts' mean,
-# their mean at the same position from the end, the prompt's partner's activation.
-INTERVENTIONS = ("zero", "mean", "mean_positional", "resample")
+# their mean at the same position from the end, the prompt's partner's activation, the source model's
+# activation on the same prompt.
+INTERVENTIONS = ("zero", "mean", "mean_positional", "resample", "cross")
 # Kinds that read the reference prompts' means (computed in a first pass) or the partner's activations.
 REFERENCE_KINDS = ("mean", "mean_positional")
 PAIRED_KINDS = ("resample",)
+CROSS_KINDS = ("cross",)
 CIRCUIT_NEEDS_TARGET = ("ablation.circuit: a circuit keeps the target set, and ablation.target_heads and "
                         "ablation.target_neurons are both empty; name the set to keep")
 # Neuron controls draw from their own stream, so adding neurons to a target leaves its head controls

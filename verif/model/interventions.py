@@ -10,13 +10,15 @@ condition of kind (`verif.design.conditions.INTERVENTIONS`)
   prompt (`ReferenceMeans.positional`; a position some reference prompts lack is averaged over those that
   have it, `n_at`);
 * `resample` by an activation the caller supplies per scored prompt (`ActivationCache`): the prompt's
-  partner's, at the same position, from an unablated forward of the partner.
+  partner's, at the same position, from an unablated forward of the partner;
+* `cross` by another model's activation on the same prompt (`Sources.cross`, a second cache: a shard may
+  hold resample and cross rows at once), from that model's unablated forward.
 
 The cache is the seam for patching from anywhere. `verif.model.engine.Scorer.activations` fills one from
 a model's unablated forward (the same forward code the scores come from, so a prompt's own activations
 replace its own bit for bit); the engine reads entry i as the replacement for scored prompt i whoever
 filled it. Cross-model activation patching (issue 21: another model's activations on the same prompt)
-is a cache filled by the other model's Scorer and handed to this one's `score_tokens`.
+is a cache filled by the other model's Scorer and handed to this one's `score_tokens` as `Sources.cross`.
 
 Per-row mixing and the shared trunk stay as they are: a condition branches off the trunk at its first
 intervened layer (its keep-masks say where, whatever the kind), the keep-masks zero its components, and
@@ -44,8 +46,8 @@ from verif.design.conditions import Ablation
 SITES = ("heads", "neurons")  # the attention output projection's input, the MLP down projection's input
 Key = tuple[str, int]  # (site, layer)
 # Codes of a row's replacement source (zero rows need no edit; -1: a trunk row or a zero row).
-_MEAN, _POSITIONAL, _CACHE = 1, 2, 3
-_CODES = {"mean": _MEAN, "mean_positional": _POSITIONAL, "resample": _CACHE}
+_MEAN, _POSITIONAL, _CACHE, _CROSS = 1, 2, 3, 4
+_CODES = {"mean": _MEAN, "mean_positional": _POSITIONAL, "resample": _CACHE, "cross": _CROSS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +128,10 @@ class ActivationCache:
 
     def select(self, idx: Sequence[int]) -> ActivationCache:
         return ActivationCache(self.sites, [self.entries[i] for i in idx])
+
+    def nbytes(self) -> int:
+        """Bytes the activations take: per prompt, its positions x the touched columns x the dtype's size."""
+        return sum(t.numel() * t.element_size() for e in self.entries for t in e.values())
 
 
 @dataclass
@@ -227,11 +233,12 @@ class ReferenceMeans:
 @dataclass
 class Sources:
     """What non-zero kinds read in one `Scorer.score_tokens` call: the reference means (mean,
-    mean_positional) and a per-prompt cache (resample: entry i is the activation that replaces scored
-    prompt i's; any other filler, such as another model, plugs in the same way)."""
+    mean_positional) and per-prompt caches (entry i is the activation that replaces scored prompt i's):
+    `cache` the partners' (resample), `cross` the source model's on the same prompts (cross)."""
 
     means: ReferenceMeans | None = None
     cache: ActivationCache | None = None
+    cross: ActivationCache | None = None
 
 
 def check_sources(ablations: Sequence[Ablation], sources: Sources | None, lengths: Sequence[int]) -> None:
@@ -251,15 +258,16 @@ def check_sources(ablations: Sequence[Ablation], sources: Sources | None, length
                 i = int(np.argmax(lengths))
                 raise ValueError(f"prompt {i} has {lengths[i]} tokens, more than the longest reference prompt "
                                  f"({longest}): mean_positional has no mean for its first positions")
-    cached = Sites.of(ablations, ("resample",))
-    if cached:
-        cache = sources.cache
+    for kind, cache, field_name in (("resample", sources.cache, "cache"), ("cross", sources.cross, "cross")):
+        cached = Sites.of(ablations, (kind,))
+        if not cached:
+            continue
         if cache is None or len(cache.entries) != len(lengths) or not cache.sites.covers(cached):
-            raise ValueError("resample needs an activation cache with one entry per scored prompt covering every "
-                             "component it intervenes on (Sources.cache)")
+            raise ValueError(f"{kind} needs an activation cache with one entry per scored prompt covering every "
+                             f"component it intervenes on (Sources.{field_name})")
         for i, (n, m) in enumerate(zip(lengths, cache.lengths())):
             if n != m:
-                raise ValueError(f"resample: prompt {i} has {n} tokens but its cached activations {m}; the "
+                raise ValueError(f"{kind}: prompt {i} has {n} tokens but its cached activations {m}; the "
                                  "replacement is read at the same positions, so the two must be as long")
 
 
@@ -320,7 +328,8 @@ class UnitEdits:
         self._built: dict[str, tuple | None] = {}
 
     def _build(self, key: Key) -> tuple | None:
-        """(cols, per-condition mask [C + 1, k], mean [k], positional [T, k], cache [P, T, k]) at `key`."""
+        """(cols, per-condition mask [C + 1, k], mean [k], positional [T, k], cache [P, T, k], cross [P, T, k])
+        at `key`."""
         site, layer = key
         ids = self.sites.layers(site).get(layer)
         if not ids:
@@ -346,12 +355,21 @@ class UnitEdits:
         if (self.code == _POSITIONAL).any() and key in means.positional:
             table = self._subset(means.positional[key], means.sites, key, cols)[: self.seq]
             positional = dev(np.flip(table, 0).copy())  # index t of the unit: seq - 1 - t positions before the last
-        if (self.code == _CACHE).any() and key in c.sites.keys():
-            cache = torch.zeros(len(self.prompts), self.seq, len(cols), device=self.device, dtype=self.dtype)
-            for p, i in enumerate(self.prompts):
-                entry = self._subset(c.entries[i][key], c.sites, key, cols)
-                cache[p, self.seq - entry.shape[0]:] = torch.as_tensor(entry).to(self.device, self.dtype)
-        return (torch.from_numpy(cols).to(self.device), torch.from_numpy(mask).to(self.device), mean, positional, cache)
+        cache = self._per_prompt(_CACHE, c, key, cols)
+        cross = self._per_prompt(_CROSS, self.sources.cross, key, cols)
+        return (torch.from_numpy(cols).to(self.device), torch.from_numpy(mask).to(self.device), mean, positional,
+                cache, cross)
+
+    def _per_prompt(self, code: int, c: ActivationCache | None, key: Key, cols: np.ndarray) -> torch.Tensor | None:
+        """`[P, T, k]`: the unit's prompts' cached activations at `key`, right-aligned (left padding is 0);
+        None when no row of that code reads the cache here."""
+        if not (self.code == code).any() or key not in c.sites.keys():
+            return None
+        out = torch.zeros(len(self.prompts), self.seq, len(cols), device=self.device, dtype=self.dtype)
+        for p, i in enumerate(self.prompts):
+            entry = self._subset(c.entries[i][key], c.sites, key, cols)
+            out[p, self.seq - entry.shape[0]:] = torch.as_tensor(entry).to(self.device, self.dtype)
+        return out
 
     def _subset(self, values, sites: Sites, key: Key, cols: np.ndarray):
         """The columns `cols` of an array over `sites`' columns at `key`: the source may hold more, and columns
@@ -373,7 +391,7 @@ class UnitEdits:
         built = self._built.get(key[0])
         if built is None:
             return None
-        cols, mask, mean, positional, cache = built
+        cols, mask, mean, positional, cache, cross = built
         codes = self.code[row_cond]  # row_cond -1 reads the trunk's entry (-1)
         if not (codes > 0).any():
             return None
@@ -381,15 +399,16 @@ class UnitEdits:
         row_mask = mask[conds][:, None, :]
         if not bool(row_mask.any()):
             return None
-        full = ((codes == _POSITIONAL) | (codes == _CACHE)).any()
+        full = ((codes == _POSITIONAL) | (codes == _CACHE) | (codes == _CROSS)).any()
         values = torch.zeros(len(row_cond), self.seq if full else 1, len(cols), device=self.device, dtype=self.dtype)
         for code, src in ((_MEAN, mean), (_POSITIONAL, positional)):
             rows = np.flatnonzero(codes == code)
             if len(rows) and src is not None:
                 values[torch.from_numpy(rows).to(self.device)] = src
-        rows = np.flatnonzero(codes == _CACHE)
-        if len(rows) and cache is not None:
-            values[torch.from_numpy(rows).to(self.device)] = cache[torch.from_numpy(row_prompt[rows]).to(self.device)]
+        for code, src in ((_CACHE, cache), (_CROSS, cross)):
+            rows = np.flatnonzero(codes == code)
+            if len(rows) and src is not None:
+                values[torch.from_numpy(rows).to(self.device)] = src[torch.from_numpy(row_prompt[rows]).to(self.device)]
         return Replace(cols, row_mask, values)
 
     def at(self, layer: int, row_cond: np.ndarray, row_prompt: np.ndarray) -> Edit | None:
