@@ -7,6 +7,11 @@ A sweep scores every prompt under many conditions. Two facts make that cheaper t
   prompt's un-ablated "trunk" is run once and each condition branches off it at its first ablated
   layer. Rows are kept ordered by branch layer, so at layer l the live rows are one contiguous slice
   of a preallocated buffer and no tensor is ever concatenated.
+* A resample row replaces components by its prompt's partner's activations, and a counterfactual pair's
+  prompts are the same tokens up to the first one that differs: before it the partner's activations are
+  the prompt's own, so the row equals the trunk there in every layer. Such a row computes only the
+  positions from there on, attending to the trunk's keys and values below (`SharedPrefix`; eager, never a
+  compiled graph). The hook path computes every position.
 * Only the last position's logits are needed, so the LM head runs on one position per row.
 
 The arithmetic mirrors the transformers implementation of the Llama decoder (RMSNorm in float32
