@@ -11,14 +11,15 @@ with its partner's activations: denoising on the incorrect prompt, noising on th
   `logits_to_keep=1` (last position only), the cheapest a hand loop gets.
 * engine: `Scorer.activations` (the partners' cache, the same forward code as the scores) and one
   `Scorer.score_tokens` call for every head's resample condition and the baseline: the shared trunk (a
-  head in layer l branches off the unablated trunk at l), rows of many heads per forward chunk,
-  last-token logits.
+  head in layer l branches off the unablated trunk at l), each resample row computed only at positions from
+  the first one where prompt and partner differ (below it the partner's activations are the prompt's own:
+  `verif.model.forward.SharedPrefix`), rows of many heads per forward chunk, last-token logits.
 
 Pairs are made here: a correct generated attempt and the same text with its claimed value changed to
 another of as many digits, kept when both prompts have the same token length (the pair generator of
 `prompts.pairs` does this for sweeps). Reported: rows (prompt x head) per second, the ratio, the largest
 |log-odds| difference between the loop and the engine, and where the engine's time goes (cache, scoring;
-row-layers against the loop's).
+row-layers and row-positions against the loop's).
 
     python benchmarks/bench_patching.py                  # SmolLM2, 1 pair (2 prompts x 270 heads)
     python benchmarks/bench_patching.py --pairs 2 --layers 4   # faster: heads of the first 4 layers only
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     diff = float(max(np.abs(got - loop_full).max(), np.abs(got - loop_last).max()))
     row_layers = sum(t.row_layers for t in tables)
     row_layers_loop = rows * arch.n_layers
+    row_positions = sum(t.row_positions for t in tables)
+    row_positions_loop = sum(len(t) for t in prompts) * len(heads) * arch.n_layers
+    first_difference = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(prompts, partners)]
     t_engine, t_full, t_last = (seconds[n] for n in names)
     t_cache, t_score = seconds["engine_cache"], seconds["engine_score"]
     result = {
@@ -185,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         "heads": len(heads), "rows": rows, "machine": benchlib.machine_info(), "seconds": seconds,
         "rows_per_s": {n: rows / seconds[n] for n in names},
         "speedup": {"vs_loop_full_logits": t_full / t_engine, "vs_loop_last_logits": t_last / t_engine},
+        "first_difference": first_difference,
         "row_layers": {"engine": row_layers, "loop": row_layers_loop, "engine_over_loop": row_layers / row_layers_loop},
+        "row_positions": {"engine": row_positions, "loop": row_positions_loop,
+                          "engine_over_loop": row_positions / row_positions_loop},
         "max_abs_log_odds_diff": diff,
         "patching_effect_range": [float((got - base).min()), float((got - base).max())],
     }
@@ -200,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
          ["engine (cache + score)", t_engine, rows / t_engine, 1.0]],
     )
     print(f"engine: partners' cache {t_cache:.2f} s, scoring {t_score:.2f} s; row-layers {row_layers} vs the "
-          f"loop's {row_layers_loop} ({row_layers / row_layers_loop:.3f}x); max |log-odds| loop - engine {diff:.2e}")
+          f"loop's {row_layers_loop} ({row_layers / row_layers_loop:.3f}x); row-positions {row_positions} vs "
+          f"{row_positions_loop} ({row_positions / row_positions_loop:.3f}x; first difference at {first_difference}); "
+          f"max |log-odds| loop - engine {diff:.2e}")
     if args.profile:
         print("engine, one prompt, CPU time by operator group (torch.profiler): " + ", ".join(
             f"{k} {v:.0%}" for k, v in result["engine_profile"].items()))

@@ -26,6 +26,7 @@ from verif.design.conditions import Ablation
 from verif.model.ablation import AblationMasks, HookedAblation
 from verif.model.engine import EngineOptions, Scorer
 from verif.model.families import down_projs, o_projs
+from verif.model.interventions import Sites, Sources
 from verif.model.loading import read_arch
 from verif.model.score import resolve_yes_no, score_plain
 
@@ -274,3 +275,31 @@ def test_hook_path_equals_rows_alone(family, prompts):
             for c in range(len(ABLATIONS)):
                 ref[p, c] = score_plain(lm.model, hooks, [toks], masks.select([c]), ids, lm.tokenizer.pad_token_id).log_odds[0]
     assert (np.abs(got.log_odds - ref) <= score_tol(ref)).all(), got.log_odds - ref
+
+
+def test_resample_skipping_a_shared_prefix_equals_hook_path(fast_family, prompts):
+    """Resample rows of pairs that first differ 5 and 3 positions before their last (within the sliding window)
+    compute only the positions from there on
+    (attending to the trunk's keys and values below): they equal the hook path, which computes every position,
+    for every family with a fast path (q/k norms, post-norms, partial rotary, sliding windows shorter than the
+    prompts), in a padded unit and with the last block at the last position only."""
+    lm = load_family(fast_family)
+    ids = resolve_yes_no(lm.tokenizer)
+    toks = [prompts[0], list(prompts[0]), prompts[2], list(prompts[2])]
+    first = [len(toks[0]) - 5, len(toks[2]) - 3]
+    toks[1][first[0]] += 1
+    toks[3][first[1]] += 1
+    partners = [toks[1], toks[0], toks[3], toks[2]]
+    abls = [Ablation()] + [Ablation(a.heads, a.neurons, "resample") for a in ABLATIONS[1:]]
+    hook = Scorer(lm, ids, EngineOptions(path="hook"))
+    want = hook.score_tokens(toks, abls, Sources(cache=hook.activations(partners, Sites.of(abls))))
+    for opts in ({"bucket_ratio": 2.0}, {"last_position_only": True}):
+        fast = Scorer(lm, ids, EngineOptions(**opts))
+        cache = fast.activations(partners, Sites.of(abls))
+        assert cache.same_prefix(toks, fast.origin) == [first[0]] * 2 + [first[1]] * 2
+        got = fast.score_tokens(toks, abls, Sources(cache=cache))
+        assert got.nonfinite == 0
+        assert (np.abs(got.log_odds - want.log_odds) <= score_tol(want.log_odds)).all(), (got.log_odds - want.log_odds)
+        whole = fast.score_tokens(toks, abls, Sources(cache=type(cache)(cache.sites, cache.entries)))
+        assert got.row_positions < whole.row_positions  # positions were skipped
+    assert (np.abs(want.log_odds[:, 1:] - want.log_odds[:, :1]) > 1e-4).any(0).all()  # every condition patches

@@ -216,3 +216,44 @@ def test_missing_sources_are_refused_before_any_forward(seed_model):
     means = scorer.reference_sums([[11] * 7], sites, positional=True).means()
     with pytest.raises(ValueError, match="prompt 0 has 8 tokens, more than the longest reference prompt \\(7\\)"):
         scorer.score_tokens(toks, [Ablation(((3, 1),), kind="mean_positional")], Sources(means=means))
+
+
+def _changed(toks, position: int) -> list[int]:
+    """`toks` with the token at `position` replaced by another id: a pair that first differs there."""
+    out = list(toks)
+    out[position] = toks[position] + 1
+    return out
+
+
+def test_resample_skips_the_positions_a_pair_shares(case):
+    """A pair that first differs at position 6 (of 14) and one that differs at position 0 (nothing to skip), with
+    zero, mean and resample rows in one unit: the resample rows compute positions >= 6 only (row-positions by
+    hand), and every row equals the same rows with every position computed (a cache that does not say its
+    tokens), the unshared path, the hook reference one prompt at a time, and each condition scored alone."""
+    first = 6
+    a, b = case.toks[0], case.toks[2]
+    toks = [a, _changed(a, first), b, _changed(b, 0)]
+    partners = [1, 0, 3, 2]
+    kinds = ("resample", "zero", "mean", "resample")
+    abls = [Ablation()] + [Ablation(h, n, kind) for (h, n), kind in zip(case.sets + [case.sets[2]], kinds)]
+    scorer = Scorer(case.loaded, case.ids)
+    sites = Sites.of(abls)
+    means = scorer.reference_sums(case.toks, Sites.of(abls, REFERENCE_KINDS), positional=True).means()
+    cache = scorer.activations([toks[p] for p in partners], sites)
+    assert cache.same_prefix(toks, scorer.origin) == [first, first, 0, 0]
+    got = scorer.score_tokens(toks, abls, Sources(means, cache))
+    unknown = type(cache)(cache.sites, cache.entries)  # no tokens, no origin: every position is computed
+    full = scorer.score_tokens(toks, abls, Sources(means, unknown))
+    unshared = Scorer(case.loaded, case.ids, EngineOptions(share_trunk=False)).score_tokens(toks, abls,
+                                                                                            Sources(means, cache))
+    want = reference_table(case.loaded, case.ids, toks, abls, case.means, partners)
+    for other, what in ((full, "every position"), (unshared, "unshared"), (_table(want), "hook reference")):
+        assert_scores_close(got, other if isinstance(other, dict) else _table(other), case.tol, f"{case.name} vs {what}")
+    alone = np.column_stack([scorer.score_tokens(toks, [x], Sources(means, cache)).log_odds[:, 0] for x in abls])
+    np.testing.assert_allclose(got.log_odds, alone, rtol=0, atol=case.tol.log)
+    # only the first pair's resample rows skip: 2 prompts x `first` positions x the layers each row runs
+    n_layers = case.loaded.arch.n_layers
+    skipped = sum(2 * first * (n_layers - min(x.layers)) for x in abls[1:] if x.kind == "resample")
+    assert got.row_layers == full.row_layers and full.row_positions - got.row_positions == skipped
+    # not vacuous: a resample row left at the baseline would be more than the tolerance off the reference
+    assert (np.abs(want.log_odds[:, [1, 4]] - want.log_odds[:, :1]) > 2 * case.tol.log).all()

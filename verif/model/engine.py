@@ -31,7 +31,7 @@ from verif.design.conditions import Ablation
 from verif.design.heads import Head
 from verif.model.ablation import AblationMasks
 from verif.model.families import fast_path_gaps
-from verif.model.forward import FastForward, to_device
+from verif.model.forward import FastForward, SharedPrefix, to_device
 from verif.model.hooked import HookForward
 from verif.model.interventions import (
     ActivationCache,
@@ -88,6 +88,7 @@ class ScoreTable:
     log_odds: np.ndarray
     row_layers: int = 0
     nonfinite: int = 0  # rows with a NaN or infinite value (YesNoScores.nonfinite)
+    row_positions: int = 0  # (row x layer x position) states computed (ForwardStats.row_positions)
 
 
 def check_lengths(lengths: Sequence[int], opts: EngineOptions) -> None:
@@ -202,6 +203,8 @@ class Scorer:
                 )  # fmt: skip
             self.forward = HookForward(loaded.model, loaded.arch, 64, self.placement)
         self.pad_id = self._pad_id()
+        # names this model in the caches it fills: a resample skips shared prefixes only on its own activations
+        self.origin = f"{loaded.name}@{id(loaded.model):x}"
         self._yes_idx = torch.tensor(ids.yes, device=self.device)
         self._no_idx = torch.tensor(ids.no, device=self.device)
 
@@ -265,7 +268,8 @@ class Scorer:
         edited = any(a.kind != "zero" for a in abls)
         if edited:
             check_sources(abls, sources, lengths)
-        before = self.forward.stats.row_layers
+        before = self.forward.stats.row_layers, self.forward.stats.row_positions
+        shared = self._shared_prefixes(token_ids, abls, sources)
         done: list[tuple[Unit, torch.Tensor, torch.Tensor]] = []
         for unit in plan_units(lengths, c, self.opts, self._rows_for):
             self.forward.max_rows = unit.chunk_rows
@@ -278,8 +282,10 @@ class Scorer:
             if edited:
                 edits = UnitEdits([abls[j] for j in unit.conditions], sources, unit.prompts, ids.shape[1],
                                   self.loaded.arch.head_dim, self.device, self.dtype)
+            prefix = None if shared is None else self._unit_prefix(unit, abls, shared, lengths, ids.shape[1])
+            kwargs = {} if prefix is None else {"prefix": prefix}
             for logits in self.forward.logits(ids, None if same_length else attn, unit_masks, self.opts.share_trunk,
-                                              edits):
+                                              edits, **kwargs):
                 y, no = self._yes_no_log_probs(logits)
                 ly.append(y)
                 ln.append(no)
@@ -297,8 +303,29 @@ class Scorer:
                 log_no[rows] = all_no[start:start + y.numel()].reshape(shape)
                 start += y.numel()
         s: YesNoScores = scores_from_log_probs(log_yes, log_no)
-        return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before,
-                          int(s.nonfinite.sum()))
+        return ScoreTable(s.p_yes, s.p_no, s.p_yes_norm, s.log_odds, self.forward.stats.row_layers - before[0],
+                          int(s.nonfinite.sum()), self.forward.stats.row_positions - before[1])
+
+    def _shared_prefixes(self, token_ids: Sequence[Sequence[int]], abls: Sequence[Ablation],
+                         sources: Sources | None) -> list[int] | None:
+        """Per prompt, the tokens it shares from the start with the prompt its resample rows read (the cache's
+        `same_prefix`), where the fast path shares the trunk and some condition resamples; else None."""
+        if not (self.path == "fast" and self.opts.share_trunk and any(a.kind == "resample" for a in abls)):
+            return None
+        return sources.cache.same_prefix(token_ids, self.origin)
+
+    @staticmethod
+    def _unit_prefix(unit: Unit, abls: Sequence[Ablation], shared: Sequence[int], lengths: Sequence[int],
+                     seq: int) -> SharedPrefix | None:
+        """The unit's `SharedPrefix`: its resample rows start at the first position (left padding counted)
+        where some prompt differs from its partner, at the last position at the latest; None if that is 0."""
+        firsts = [seq - lengths[i] + shared[i] for i in unit.prompts]
+        start = min(min(firsts), seq - 1)
+        if start <= 0:
+            return None
+        resample = np.array([abls[j].kind == "resample" for j in unit.conditions])
+        same = np.array([shared[i] == lengths[i] for i in unit.prompts])
+        return SharedPrefix(start, resample, same)
 
     def score_prompts(self, prompts: Sequence[str], ablations: Sequence[Ablation | Iterable[Head]],
                       sources: Sources | None = None) -> ScoreTable:
@@ -334,7 +361,7 @@ class Scorer:
         finally:
             if keep_last:
                 self.forward.last_position_only = True
-        return ActivationCache(sites, entries)
+        return ActivationCache(sites, entries, [tuple(t) for t in token_ids], self.origin)
 
     def reference_sums(self, token_ids: Sequence[Sequence[int]], sites: Sites, positional: bool,
                        batch: int = 16) -> ReferenceSums:

@@ -7,6 +7,11 @@ A sweep scores every prompt under many conditions. Two facts make that cheaper t
   prompt's un-ablated "trunk" is run once and each condition branches off it at its first ablated
   layer. Rows are kept ordered by branch layer, so at layer l the live rows are one contiguous slice
   of a preallocated buffer and no tensor is ever concatenated.
+* A resample row replaces components by its prompt's partner's activations, and a counterfactual pair's
+  prompts are the same tokens up to the first one that differs: before it the partner's activations are
+  the prompt's own, so the row equals the trunk there in every layer. Such a row computes only the
+  positions from there on, attending to the trunk's keys and values below (`SharedPrefix`; eager, never a
+  compiled graph). The hook path computes every position.
 * Only the last position's logits are needed, so the LM head runs on one position per row.
 
 The arithmetic mirrors the transformers implementation of the Llama decoder (RMSNorm in float32
@@ -43,7 +48,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -199,14 +204,32 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((rot * cos + _rotate_half(rot) * sin, x[..., r:]), dim=-1)
 
 
-def _qk_norm(q: torch.Tensor, k: torch.Tensor, w: LayerWeights, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q/k norms on flat `[rows, T, heads * d]` projections: per head over d (`head`), or over the
-    whole projection (`proj`); returns `[rows, T, heads, d]` views."""
+def _norm_heads(t: torch.Tensor, weight: torch.Tensor, w: LayerWeights, head_dim: int) -> torch.Tensor:
+    """A q or k norm on a flat `[rows, T, heads * d]` projection: per head over d (`head`), or over the whole
+    projection (`proj`); returns a `[rows, T, heads, d]` view."""
     if w.qk_norm == "proj":
-        q, k = (_norm(t, nw, w.qk_norm_eps, w.norm_f32) for t, nw in ((q, w.q_norm_w), (k, w.k_norm_w)))
-        return q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim))
-    q, k = q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim))
-    return _norm(q, w.q_norm_w, w.qk_norm_eps, w.norm_f32), _norm(k, w.k_norm_w, w.qk_norm_eps, w.norm_f32)
+        return _norm(t, weight, w.qk_norm_eps, w.norm_f32).unflatten(-1, (-1, head_dim))
+    return _norm(t.unflatten(-1, (-1, head_dim)), weight, w.qk_norm_eps, w.norm_f32)
+
+
+def _qk_norm(q: torch.Tensor, k: torch.Tensor, w: LayerWeights, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k norms on flat `[rows, T, heads * d]` projections (`_norm_heads`)."""
+    return _norm_heads(q, w.q_norm_w, w, head_dim), _norm_heads(k, w.k_norm_w, w, head_dim)
+
+
+def keys_values(
+    h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's keys (normed where the family norms them, rotated) and values `[rows, T, kv heads, d]` for its
+    input `h` `[rows, T, hidden]`: the same arithmetic as `decoder_layer`'s, without the queries."""
+    rows, seq, _ = h.shape
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
+    x = h if w.post_norm else _norm(h, w.ln1, w.ln1_eps, w.norm_f32)
+    kv = F.linear(x, w.qkv_w[nh * d:], None if w.qkv_b is None else w.qkv_b[nh * d:])
+    k = kv[..., : nkv * d]
+    k = k.view(rows, seq, nkv, d) if w.qk_norm is None else _norm_heads(k, w.k_norm_w, w, d)
+    return _rope(k, cos, sin), kv[..., nkv * d:].view(rows, seq, nkv, d)
 
 
 def _attend(
@@ -273,11 +296,15 @@ def decoder_layer(
     gqa_in_kernel: bool,
     neuron_mask: torch.Tensor | None = None,
     edit: Edit | None = None,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decoder block on `[rows, T, hidden]`; `head_mask` `[rows, H]` ablates heads, `neuron_mask`
     `[rows, I]` MLP neurons, `edit` replaces what non-zero interventions replace (`verif.model.interventions`).
 
     `cos`/`sin` are `[rows or 1, T, rotary dims]`; `attn_mask` `[rows or 1, 1, T, T]` or None (causal).
+    With `prefix_kv` (keys and values `[rows, S, kv heads, d]` of S earlier positions, `keys_values`) the
+    rows are the last T positions of S + T: their queries also attend to those keys, and `attn_mask` is then
+    `[rows or 1, 1, T, S + T]` (never None).
     """
     rows, seq, _ = h.shape
     nh, nkv, d = n_heads, n_kv_heads, head_dim
@@ -290,6 +317,8 @@ def decoder_layer(
     else:
         q, k = _qk_norm(qkv[..., : nh * d], qkv[..., nh * d: (nh + nkv) * d], w, d)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if prefix_kv is not None:
+        k, v = torch.cat((prefix_kv[0], k), 1), torch.cat((prefix_kv[1], v), 1)
     a = _attend(q, k, v, attn_mask, True, gqa_in_kernel)
     return _block_output(h, a, w, head_mask, neuron_mask, d, act, edit)
 
@@ -308,6 +337,7 @@ def last_position_layer(
     gqa_in_kernel: bool,
     neuron_mask: torch.Tensor | None = None,
     edit: Edit | None = None,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The last decoder block, for the last position only: `[rows, T, hidden]` -> `[rows, hidden]`.
 
@@ -315,19 +345,17 @@ def last_position_layer(
     every position; the query, o_proj and MLP run on one position per row (~1/36 of a 36-layer
     model's work saved). The arithmetic is the same (equal to ~1e-15 in float64), but GEMMs with
     fewer rows may sum in another order, so in float32 results move by rounding (~1e-5 in log-odds).
+    `prefix_kv` as in `decoder_layer`.
     """
     rows, seq, _ = h.shape
-    nh, nkv, d = n_heads, n_kv_heads, head_dim
-    x = h if w.post_norm else _norm(h, w.ln1, w.ln1_eps, w.norm_f32)
-    kv = F.linear(x, w.qkv_w[nh * d:], None if w.qkv_b is None else w.qkv_b[nh * d:])
-    q = F.linear(x[:, -1:], w.qkv_w[: nh * d], None if w.qkv_b is None else w.qkv_b[: nh * d])
-    k = kv[..., : nkv * d]
-    if w.qk_norm is None:
-        q, k = q.view(rows, 1, nh, d), k.view(rows, seq, nkv, d)
-    else:
-        q, k = _qk_norm(q, k, w, d)
-    q, k = _rope(q, cos[:, -1:], sin[:, -1:]), _rope(k, cos, sin)
-    v = kv[..., nkv * d:].view(rows, seq, nkv, d)
+    nh, d = n_heads, head_dim
+    k, v = keys_values(h, w, cos, sin, n_heads, n_kv_heads, head_dim)
+    if prefix_kv is not None:
+        k, v = torch.cat((prefix_kv[0], k), 1), torch.cat((prefix_kv[1], v), 1)
+    x = h[:, -1:] if w.post_norm else _norm(h[:, -1:], w.ln1, w.ln1_eps, w.norm_f32)
+    q = F.linear(x, w.qkv_w[: nh * d], None if w.qkv_b is None else w.qkv_b[: nh * d])
+    q = q.view(rows, 1, nh, d) if w.qk_norm is None else _norm_heads(q, w.q_norm_w, w, d)
+    q = _rope(q, cos[:, -1:], sin[:, -1:])
     mask = attn_mask[:, :, -1:] if attn_mask is not None else None
     a = _attend(q, k, v, mask, False, gqa_in_kernel)
     if head_mask is not None:
@@ -404,7 +432,26 @@ class ForwardStats:
     """Work done, in (row x layer) evaluations: what sharing the trunk saves is visible here."""
 
     row_layers: int = 0
+    row_positions: int = 0  # (row x layer x position) evaluations: positions a block computes a state at
     device_moves: int = 0  # times the hidden states went on to another device (a split model, verif.model.placement)
+
+
+@dataclass
+class SharedPrefix:
+    """Positions before `start` of a unit that the rows of some conditions leave as the unablated forward has
+    them: their rows compute positions >= `start` only, attending to the trunk's keys and values below it.
+
+    A resample row replaces a component by its partner's activation at the same position, and a pair's two
+    prompts are the same tokens up to the first position where they differ: below it a causal model's partner
+    activations are the prompt's own, so the replacement changes nothing there, in any layer (the engine
+    builds this from the cache's tokens, `verif.model.engine.Scorer.score_tokens`). `conditions` `[C]`: the
+    conditions whose rows skip; `same` `[P]`: prompts whose partner is the prompt itself (nothing differs),
+    whose rows of those conditions are the trunk's, exactly.
+    """
+
+    start: int
+    conditions: np.ndarray
+    same: np.ndarray
 
 
 @dataclass
@@ -412,9 +459,10 @@ class RowPlan:
     """Where each (prompt, condition) result comes from, computed on the CPU before any kernel runs.
 
     Rows are ordered by the layer they enter at: trunk rows (one per prompt, enter at 0, only when
-    the trunk is shared) first, then branch rows by branch layer. `live[l]` is the `[lo, hi)` slice
-    of rows evaluated at layer l; `source[p, c]` the row whose final state is prompt p under
-    condition c.
+    the trunk is shared) first, then branch rows by branch layer, then the rows of a `SharedPrefix`'s
+    conditions (positions >= `start` only) by branch layer. `live[l]` is the `[lo, hi)` slice of rows
+    evaluated at layer l at every position, `live_suffix[l]` the slice evaluated at positions >= `start`;
+    `source[p, c]` the row whose final state is prompt p under condition c.
     """
 
     row_prompt: np.ndarray  # [rows] prompt index of each row
@@ -423,15 +471,18 @@ class RowPlan:
     row_neurons: np.ndarray  # [rows, L] whether the row ablates any neuron at layer l
     live: list[tuple[int, int]]
     source: np.ndarray  # [P, C]
+    live_suffix: list[tuple[int, int]] = field(default_factory=list)
+    start: int = 0
 
 
-def plan_rows(masks: AblationMasks, n_prompts: int, share_trunk: bool) -> RowPlan:
+def plan_rows(masks: AblationMasks, n_prompts: int, share_trunk: bool, prefix: SharedPrefix | None = None) -> RowPlan:
     """The row layout for `n_prompts` prompts under C conditions' masks (CPU work only).
 
     A condition branches off the trunk at the first layer where it ablates a head or a neuron. With
     `share_trunk` a condition that ablates nothing reads the trunk row, and the trunk stops after the
-    last branch layer when no condition needs its final state. Without it every (prompt, condition)
-    pair runs all layers on its own: the reference for what sharing saves.
+    last branch layer when no condition needs its final state (it runs to the last layer when rows of a
+    `prefix` read its keys and values). Without it every (prompt, condition) pair runs all layers on its
+    own: the reference for what sharing saves, and `prefix` is ignored (there is no trunk to read).
     """
     heads = (masks.heads != 1).any(-1).numpy()  # [C, L]
     ablated = heads | masks.neuron_layers
@@ -439,7 +490,9 @@ def plan_rows(masks: AblationMasks, n_prompts: int, share_trunk: bool) -> RowPla
     first = np.where(ablated.any(-1), ablated.argmax(-1), n_layers)
     if not share_trunk:
         first = np.zeros_like(first)
-    branch = sorted((c for c in range(n_cond) if first[c] < n_layers), key=lambda c: (first[c], c))
+        prefix = None
+    suffix = np.zeros(n_cond, dtype=bool) if prefix is None else prefix.conditions & (first < n_layers)
+    branch = sorted((c for c in range(n_cond) if first[c] < n_layers), key=lambda c: (bool(suffix[c]), first[c], c))
     n_trunk = n_prompts if share_trunk else 0
     prompts = np.arange(n_prompts)
     row_prompt = np.concatenate([prompts[:n_trunk]] + [prompts for _ in branch]).astype(np.int64)
@@ -453,14 +506,22 @@ def plan_rows(masks: AblationMasks, n_prompts: int, share_trunk: bool) -> RowPla
     source[:, first >= n_layers] = prompts[:, None]  # un-ablated conditions: the trunk's final state
     for j, c in enumerate(branch):
         source[:, c] = n_trunk + j * n_prompts + prompts
-    trunk_needed = any(first[c] >= n_layers for c in range(n_cond))
+    same = np.zeros(n_prompts, dtype=bool) if prefix is None else prefix.same
+    for c in np.flatnonzero(suffix):
+        source[same, c] = prompts[same]  # nothing to patch in: the unablated forward, exactly
+    trunk_needed = any(first[c] >= n_layers for c in range(n_cond)) or bool((same.any() and suffix.any()))
     trunk_end = n_layers if trunk_needed else max((int(first[c]) for c in branch), default=0)
-    live = []
+    if suffix.any():  # the last layer's suffix rows read the trunk's input to it
+        trunk_end = max(trunk_end, n_layers - 1)
+    n_full = n_trunk + n_prompts * int((~suffix[branch]).sum()) if branch else n_trunk
+    live, live_suffix = [], []
     for layer in range(n_layers):
         lo = 0 if layer < trunk_end else n_trunk
-        hi = int(np.searchsorted(row_enter[n_trunk:], layer, side="right")) + n_trunk
+        hi = int(np.searchsorted(row_enter[n_trunk:n_full], layer, side="right")) + n_trunk
         live.append((lo, hi))
-    return RowPlan(row_prompt, row_cond, row_ablates, row_neurons, live, source)
+        live_suffix.append((n_full, int(np.searchsorted(row_enter[n_full:], layer, side="right")) + n_full))
+    return RowPlan(row_prompt, row_cond, row_ablates, row_neurons, live, source, live_suffix,
+                   0 if prefix is None else prefix.start)
 
 
 class FastForward:
@@ -494,14 +555,15 @@ class FastForward:
         self.stats = ForwardStats()
         self.placement = placement or Placement.of_model(model)
 
-    def _chunks(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Near-equal chunks of at most `max_rows` rows covering [lo, hi) (no tiny tail chunk)."""
+    def _chunks(self, lo: int, hi: int, first: int = 0) -> list[tuple[int, int, int]]:
+        """Near-equal chunks `(a, b, first)` of at most `max_rows` rows covering [lo, hi) (no tiny tail chunk),
+        each computing positions >= `first`."""
         n = hi - lo
         if n <= 0:
             return []
         n_chunks = -(-n // self.max_rows)
         size = -(-n // n_chunks)
-        return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+        return [(a, min(a + size, hi), first) for a in range(lo, hi, size)]
 
     def _layer(self, *args) -> torch.Tensor:
         """The decoder block, compiled if asked; a compile failure falls back to eager once, loudly."""
@@ -529,6 +591,7 @@ class FastForward:
         masks: AblationMasks,
         share_trunk: bool = True,
         edits: UnitEdits | Capture | None = None,
+        prefix: SharedPrefix | None = None,
     ) -> torch.Tensor:
         """Final-normed last-position states `[P, C, hidden]` for P prompts under C conditions.
 
@@ -536,10 +599,12 @@ class FastForward:
         (on the CPU: the row plan is made there). With `share_trunk=False` every (prompt, condition)
         row runs all layers: the reference for sharing. `edits` gives each chunk's `Edit` per layer
         (the replacements of non-zero interventions, or a capture); None, as for zero-ablation, edits nothing.
+        `prefix` (with the trunk shared): conditions whose rows compute positions >= `prefix.start` only.
         """
         arch, dev = self.arch, input_ids.device
         n_prompts, seq = input_ids.shape
-        plan = plan_rows(masks, n_prompts, share_trunk)
+        plan = plan_rows(masks, n_prompts, share_trunk, prefix)
+        start = plan.start
         n_rows = len(plan.row_prompt)
         row_prompt = to_device(plan.row_prompt, dev)
 
@@ -552,6 +617,10 @@ class FastForward:
             positions = (attn.cumsum(-1) - 1).clamp(min=0)
             attn_mask = padded_attention_mask(attn)
         layer_masks = window_masks(attn_mask, self.windows, seq, dev)
+        suffix_masks: dict[int | None, torch.Tensor | None] = {}
+        if start:  # queries >= start against every key: causal needs a mask (SDPA aligns is_causal top-left)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=dev).tril()[None, None]
+            suffix_masks = {win: (causal if m is None else m)[:, :, start:] for win, m in layer_masks.items()}
         cos, sin = self.model.model.rotary_emb(h[:1], positions)
         per_prompt = attn is not None
         row_masks = torch.ones(n_rows, arch.n_layers, arch.n_heads, dtype=h.dtype)
@@ -563,43 +632,60 @@ class FastForward:
         place = self.placement
         split, slot = place.split, place.embed
         filled = 0  # rows [0, filled) hold a state
+        filled_suffix = plan.live_suffix[0][0]  # rows [live_suffix lo, filled_suffix) hold one at positions >= start
         for layer in range(arch.n_layers):
             lo, hi = plan.live[layer]
+            slo, shi = plan.live_suffix[layer]
             if hi > filled:  # rows entering here start from their prompt's trunk state (or the embeddings)
                 src = row_prompt[filled:hi]
                 h[filled:hi] = embed(input_ids[src]) if layer == 0 else h[src]
                 filled = hi
+            if shi > filled_suffix:
+                src = row_prompt[filled_suffix:shi]
+                h[filled_suffix:shi, start:] = embed(input_ids[src, start:]) if layer == 0 else h[src, start:]
+                filled_suffix = shi
             if split and (layer == 0 or place.layers[layer] != slot):  # the layer lives on another device
                 self.stats.device_moves += place.layers[layer] != slot
                 slot = place.layers[layer]
-                h, row_prompt, cos, sin, layer_masks, row_masks = place.to_all(
-                    (h, row_prompt, cos, sin, layer_masks, row_masks), slot)
+                h, row_prompt, cos, sin, layer_masks, suffix_masks, row_masks = place.to_all(
+                    (h, row_prompt, cos, sin, layer_masks, suffix_masks, row_masks), slot)
                 dev = place.device(slot)
             w = self.weights[layer]
-            mask = layer_masks[w.window]
             final = self.last_position_only and layer == arch.n_layers - 1
-            for a, b in self._chunks(lo, hi):
+            kv = None
+            if shi > slo:  # the trunk's keys and values below start, read before the trunk rows move on
+                c, s = (cos[:, :start], sin[:, :start])
+                kv = keys_values(h[:n_prompts, :start], w, c, s, arch.n_heads, arch.n_kv_heads, arch.head_dim)
+            for a, b, first in self._chunks(lo, hi, 0) + self._chunks(slo, shi, start):
                 idx = row_prompt[a:b]
                 c, s = (cos[idx], sin[idx]) if per_prompt else (cos, sin)
+                mask = (suffix_masks if first else layer_masks)[w.window]
                 m = mask[idx] if mask is not None and mask.shape[0] > 1 else mask
                 # Eager: skip the multiply where no row ablates. Compiled: always pass the mask (the
                 # multiply fuses into a copy that runs anyway), so half as many graphs get compiled.
                 ablates = compiled or plan.row_ablates[a:b, layer].any()
                 hm = row_masks[a:b, layer] if ablates else None
-                args = (h[a:b], w, c, s, m, hm, arch.n_heads, arch.n_kv_heads, arch.head_dim, self.act,
-                        m is None)  # grouped-query heads read in place only without a mask, as transformers decides
+                args = (h[a:b, first:], w, c[:, first:], s[:, first:], m, hm, arch.n_heads, arch.n_kv_heads,
+                        arch.head_dim, self.act, m is None)  # grouped-query heads in place only without a mask
                 neurons = plan.row_neurons[a:b, layer].any()
                 edit = None if edits is None else edits.at(layer, plan.row_cond[a:b], plan.row_prompt[a:b])
-                if neurons or edit is not None:
-                    args += (to_device(masks.neuron_keep(plan.row_cond[a:b], layer).to(h.dtype), dev) if neurons
-                             else None,)
-                if edit is not None:
-                    args += (edit,)
-                if final:  # eager: 1/36 of the work, not worth a compiled graph of its own
-                    h[a:b, -1] = last_position_layer(*args)
+                neuron_keep = (to_device(masks.neuron_keep(plan.row_cond[a:b], layer).to(h.dtype), dev) if neurons
+                               else None)
+                if first:  # a suffix chunk: eager, with the trunk's keys and values below start
+                    prefix_kv = (kv[0][idx], kv[1][idx])
+                    fn = last_position_layer if final else decoder_layer
+                    out = fn(*args, neuron_keep, edit, prefix_kv)
+                elif final:  # eager: 1/36 of the work, not worth a compiled graph of its own
+                    out = last_position_layer(*args, neuron_keep, edit)
                 else:
-                    h[a:b] = self._layer(*args)
-            self.stats.row_layers += hi - lo
+                    out = self._layer(*args, *((neuron_keep,) if neurons or edit is not None else ()),
+                                      *((edit,) if edit is not None else ()))
+                if final:
+                    h[a:b, -1] = out
+                else:
+                    h[a:b, first:] = out
+                self.stats.row_positions += (b - a) * (1 if final else seq - first)
+            self.stats.row_layers += hi - lo + shi - slo
 
         if split:
             self.stats.device_moves += place.norm != slot
@@ -609,10 +695,10 @@ class FastForward:
 
     def logits(
         self, input_ids: torch.Tensor, attn: torch.Tensor | None, masks: AblationMasks, share_trunk: bool = True,
-        edits: UnitEdits | None = None,
+        edits: UnitEdits | None = None, prefix: SharedPrefix | None = None,
     ) -> Iterator[torch.Tensor]:
         """Last-position logits `[rows, vocab]` of a unit, `max_rows` rows at a time, prompt-major."""
-        hidden = self.last_hidden(input_ids, attn, masks, share_trunk, edits)
+        hidden = self.last_hidden(input_ids, attn, masks, share_trunk, edits, prefix)
         flat = hidden.reshape(-1, hidden.shape[-1])
         for a in range(0, flat.shape[0], self.max_rows):
             yield self.lm_head(flat[a:a + self.max_rows])

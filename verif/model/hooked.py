@@ -59,4 +59,5 @@ class HookForward:
                 kwargs = {} if attn is None else {"attention_mask": attn[prompt], "position_ids": positions[prompt]}
                 out = self.model(input_ids=input_ids[prompt], use_cache=False, logits_to_keep=1, **kwargs)
                 self.stats.row_layers += len(chunk) * self.arch.n_layers
+                self.stats.row_positions += len(chunk) * self.arch.n_layers * input_ids.shape[1]
                 yield out.logits[:, -1]

@@ -118,16 +118,38 @@ def all_components(n_layers: int, n_heads: int, n_neurons: int) -> Sites:
 @dataclass
 class ActivationCache:
     """Per prompt, activations at `sites` from an unablated forward: `entries[i][(site, layer)]` is
-    `[length of prompt i, columns]` (`Sites.columns` order), real positions only."""
+    `[length of prompt i, columns]` (`Sites.columns` order), real positions only.
+
+    `tokens[i]` are the token ids entry i was read from and `origin` names the model that read them
+    (`Scorer.activations` fills both; None where unknown). A scorer of that same model knows from them that
+    positions where entry i's tokens and scored prompt i's agree from the start hold the prompt's own
+    activations: a resample there changes nothing, and it skips them (`verif.model.forward.SharedPrefix`).
+    Any other filler (another model's activations) leaves them None, and every position is computed.
+    """
 
     sites: Sites
     entries: list[dict[Key, torch.Tensor]]
+    tokens: list[tuple[int, ...]] | None = None
+    origin: str | None = None
 
     def lengths(self) -> list[int]:
         return [next(iter(e.values())).shape[0] if e else 0 for e in self.entries]
 
     def select(self, idx: Sequence[int]) -> ActivationCache:
-        return ActivationCache(self.sites, [self.entries[i] for i in idx])
+        tokens = None if self.tokens is None else [self.tokens[i] for i in idx]
+        return ActivationCache(self.sites, [self.entries[i] for i in idx], tokens, self.origin)
+
+    def same_prefix(self, token_ids: Sequence[Sequence[int]], origin: str) -> list[int]:
+        """Per scored prompt, how many of its first tokens entry i's tokens share (0 for every prompt unless
+        the cache was read by `origin`, the scoring model, from known tokens)."""
+        if self.tokens is None or self.origin != origin:
+            return [0] * len(token_ids)
+        out = []
+        for mine, theirs in zip(token_ids, self.tokens):
+            n = min(len(mine), len(theirs))
+            diff = np.flatnonzero(np.asarray(mine[:n]) != np.asarray(theirs[:n]))
+            out.append(int(diff[0]) if len(diff) else n)
+        return out
 
     def nbytes(self) -> int:
         """Bytes the activations take: per prompt, its positions x the touched columns x the dtype's size."""
@@ -288,7 +310,8 @@ class Replace:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[rows, T, width]`, or `[rows, width]` for the last position only; returns a new tensor (on x's
         device: a layer of a model split over devices gets its values there)."""
-        mask, values = (self.mask, self.values) if x.dim() == 3 else (self.mask[:, 0], self.values[:, -1])
+        # x may be a row's last positions only (verif.model.forward.SharedPrefix): values align to the right
+        mask, values = (self.mask, self.values[:, -x.shape[1]:]) if x.dim() == 3 else (self.mask[:, 0], self.values[:, -1])
         cols, mask, values = (t.to(x.device) for t in (self.cols, mask, values))
         old = x.index_select(-1, cols)
         return x.index_copy(-1, cols, torch.where(mask, values.to(x.dtype), old))
