@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from verif.analysis import stats
+from verif.analysis.stats import WeightedAuroc, stratified_counts
 
 __all__ = [
     "CROSS_METRICS",
@@ -174,21 +175,6 @@ def _row_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def stratified_counts(labels: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """`[n_boot, n]` counts: each resample draws, within each label, as many prompts as it has, with
-    replacement."""
-    labels = np.asarray(labels, dtype=bool)
-    counts = np.zeros((n_boot, labels.size), dtype=np.float64)
-    for side in (labels, ~labels):
-        idx = np.flatnonzero(side)
-        m = idx.size
-        if m == 0:
-            continue
-        draws = rng.integers(0, m, size=(n_boot, m)) + m * np.arange(n_boot)[:, None]
-        counts[:, idx] = np.bincount(draws.ravel(), minlength=n_boot * m).reshape(n_boot, m)
-    return counts
-
-
 def _percentile_ci(boots: np.ndarray, estimate: float, ci: float) -> tuple[float | None, float | None]:
     """Percentile interval of the finite resampled values, widened to hold the estimate (a constant
     statistic can land an ulp off its own resamples); None without any finite resample."""
@@ -250,32 +236,8 @@ class _Side:
 
     values: dict[str, np.ndarray]
     rankers: dict[str, _Ranker]
-    auroc_cond: _AurocTable | None
-    auroc_base: _AurocTable | None
-
-
-@dataclass(frozen=True)
-class _AurocTable:
-    """What a weighted AUROC of fixed values needs: each correct attempt's place among the sorted
-    incorrect ones (strictly below, and below or equal)."""
-
-    neg_order: np.ndarray
-    below: np.ndarray
-    below_or_equal: np.ndarray
-
-    @classmethod
-    def of(cls, pos: np.ndarray, neg: np.ndarray) -> _AurocTable:
-        order = np.argsort(neg, kind="stable")
-        sorted_neg = neg[order]
-        return cls(order, np.searchsorted(sorted_neg, pos, "left"), np.searchsorted(sorted_neg, pos, "right"))
-
-    def auroc(self, w_p: np.ndarray, w_n: np.ndarray) -> np.ndarray:
-        """P(correct > incorrect) + P(tie) / 2 under the weights (Mann-Whitney), one per resample."""
-        cum = np.zeros((w_n.shape[0], w_n.shape[1] + 1))
-        np.cumsum(w_n[:, self.neg_order], axis=1, out=cum[:, 1:])
-        # each correct attempt beats the incorrect ones below it and ties those equal to it: (lt + le) / 2
-        wins = cum[:, self.below] + cum[:, self.below_or_equal]
-        return 0.5 * np.einsum("bn,bn->b", w_p, wins) / (w_p.sum(1) * w_n.sum(1))
+    auroc_cond: WeightedAuroc | None
+    auroc_base: WeightedAuroc | None
 
 
 def _side(frame: pl.DataFrame, suffix: str, label: np.ndarray) -> _Side:
@@ -284,8 +246,8 @@ def _side(frame: pl.DataFrame, suffix: str, label: np.ndarray) -> _Side:
     values = {"delta_correct": d[label], "delta_incorrect": d[~label], "delta_log_odds": lo}
     both = label.any() and (~label).any()
     return _Side(values, {m: _Ranker(v) for m, v in values.items()},
-                 _AurocTable.of(p[label], p[~label]) if both else None,
-                 _AurocTable.of(base[label], base[~label]) if both else None)
+                 WeightedAuroc.of(p[label], p[~label]) if both else None,
+                 WeightedAuroc.of(base[label], base[~label]) if both else None)
 
 
 def _weights(metric: str, w_p: np.ndarray, w_n: np.ndarray) -> np.ndarray:
@@ -302,8 +264,9 @@ def _statistics(a: _Side, b: _Side, w_p: np.ndarray, w_n: np.ndarray) -> dict[tu
     metrics, pearson and spearman (NaN where undefined: an empty label, no spread)."""
     out = {}
     for m in CROSS_METRICS:
-        if m == "delta_auroc":
-            ea, eb = (_auroc_change(s, w_p, w_n) for s in (a, b))
+        if m == "delta_auroc":  # WeightedAuroc takes the weights prompts first
+            wt_p, wt_n = np.ascontiguousarray(w_p.T), np.ascontiguousarray(w_n.T)
+            ea, eb = (_auroc_change(s, wt_p, wt_n) for s in (a, b))
         else:
             w = _weights(m, w_p, w_n)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -316,10 +279,11 @@ def _statistics(a: _Side, b: _Side, w_p: np.ndarray, w_n: np.ndarray) -> dict[tu
     return out
 
 
-def _auroc_change(s: _Side, w_p: np.ndarray, w_n: np.ndarray) -> np.ndarray:
+def _auroc_change(s: _Side, wt_p: np.ndarray, wt_n: np.ndarray) -> np.ndarray:
+    """The AUROC's change from the baseline per resample (weights prompts first, `[n, B]`)."""
     if s.auroc_cond is None:
-        return np.full(w_p.shape[0], np.nan)
-    return s.auroc_cond.auroc(w_p, w_n) - s.auroc_base.auroc(w_p, w_n)
+        return np.full(wt_p.shape[1], np.nan)
+    return s.auroc_cond.auroc(wt_p, wt_n) - s.auroc_base.auroc(wt_p, wt_n)
 
 
 CROSS_SCHEMA = {

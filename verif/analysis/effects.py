@@ -26,40 +26,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from verif.analysis.stats import group_seed, labelled
+from verif.analysis.stats import WeightedAuroc, group_seed, labelled, stratified_counts
 
 EFFECT_METRICS: tuple[str, ...] = ("delta_correct", "delta_incorrect", "delta_auroc")
 # Entries of the resample-count matrix held at once (resamples x prompts), as in bootstrap_mean_ci.
 _CHUNK_ENTRIES = 4_000_000
-
-
-def _weighted_auroc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray, weights_t: np.ndarray) -> np.ndarray:
-    """AUROC of `scores` (positives `pos`, negatives `neg`: index arrays) under each column of `weights_t`
-    ([n_prompts, n_resamples] draw counts, prompts first so that gathering prompts copies whole rows):
-    sum over (pos i, neg j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2), over (sum of pos weights) x
-    (sum of neg weights). NaN where either side has no weight."""
-    order = neg[np.argsort(scores[neg], kind="stable")]
-    sorted_neg = scores[order]
-    lo = np.searchsorted(sorted_neg, scores[pos], side="left")
-    hi = np.searchsorted(sorted_neg, scores[pos], side="right")
-    cum = np.zeros((order.size + 1, weights_t.shape[1]))
-    np.cumsum(weights_t[order], axis=0, out=cum[1:])
-    below, through = cum[lo], cum[hi]
-    w_pos = weights_t[pos]
-    wins = (w_pos * (below + 0.5 * (through - below))).sum(axis=0)
-    total = w_pos.sum(axis=0) * cum[-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
-
-
-def _draws(rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray, n_prompts: int, m: int) -> np.ndarray:
-    """[m, n_prompts] counts: each row draws len(pos) prompts among pos and len(neg) among neg."""
-    counts = np.zeros((m, n_prompts))
-    for group in (pos, neg):
-        if group.size:
-            picks = group[rng.integers(0, group.size, size=(m, group.size))]
-            np.add.at(counts, (np.repeat(np.arange(m), group.size), picks.ravel()), 1.0)
-    return counts
 
 
 def _interval(boots: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +61,11 @@ def _model_effects(df: pl.DataFrame, model: str, baseline: str, n_boot: int, see
     change = np.where(paired, score - np.where(finite[b], score[b], 0.0), 0.0)
     pos, neg = np.flatnonzero(label), np.flatnonzero(~label)
 
+    def auroc_of(c: int, weights_t: np.ndarray) -> np.ndarray:
+        """Condition c's AUROC over its finite prompts under each column of `weights_t` ([n_prompts, n])."""
+        p, n = pos[finite[c, pos]], neg[finite[c, neg]]
+        return WeightedAuroc.of(score[c, p], score[c, n]).auroc(weights_t[p], weights_t[n])
+
     def deltas(weights: np.ndarray) -> dict[str, np.ndarray]:
         """[n_weights, n_conditions] delta_correct, delta_incorrect and delta_auroc under each weight row."""
         out = {}
@@ -97,9 +73,8 @@ def _model_effects(df: pl.DataFrame, model: str, baseline: str, n_boot: int, see
             w = weights * side
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[name] = (w @ (paired * change).T) / (w @ paired.T)
-        weights_t = np.ascontiguousarray(weights.T)
-        auroc = np.stack([_weighted_auroc(score[c], pos[finite[c, pos]], neg[finite[c, neg]], weights_t)
-                          for c in range(len(conds))], axis=1)
+        weights_t = np.ascontiguousarray(weights.T)  # prompts first: gathering prompts copies whole rows
+        auroc = np.stack([auroc_of(c, weights_t) for c in range(len(conds))], axis=1)
         out["delta_auroc"] = auroc - auroc[:, [b]]
         return out
 
@@ -109,7 +84,7 @@ def _model_effects(df: pl.DataFrame, model: str, baseline: str, n_boot: int, see
     chunk = max(1, _CHUNK_ENTRIES // max(ids.size, 1))
     for start in range(0, max(n_boot, 0), chunk):
         m = min(chunk, n_boot - start)
-        for k, v in deltas(_draws(rng, pos, neg, ids.size, m)).items():
+        for k, v in deltas(stratified_counts(label, m, rng)).items():
             boots[k][start:start + m] = v
     columns: dict[str, list] = {"model": [model] * len(conds), "condition": conds,
                                 "n_pairs_correct": (paired[:, pos]).sum(axis=1).tolist(),

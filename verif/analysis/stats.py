@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,8 @@ __all__ = [
     "KIND_ORDER",
     "bootstrap_mean_ci",
     "group_seed",
+    "stratified_counts",
+    "WeightedAuroc",
     "labelled",
     "summarize",
     "paired_change",
@@ -99,6 +102,59 @@ def group_seed(seed: int, *parts: str | int) -> np.random.SeedSequence:
     for p in parts:
         keys.append(p if isinstance(p, int) else zlib.crc32(str(p).encode()))
     return np.random.SeedSequence(keys)
+
+
+# --------------------------------------------------------------------------------------------
+# resampling prompts by label: a resample is a row of draw counts, every statistic a weighted one
+# --------------------------------------------------------------------------------------------
+
+
+def stratified_counts(labels: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """`[n_boot, n]` counts: each resample draws, within each label, as many prompts as it has, with
+    replacement (so both labels keep their sizes and an AUROC is defined in every resample). The correct
+    attempts' draws come first from `rng`, then the incorrect ones'."""
+    labels = np.asarray(labels, dtype=bool)
+    counts = np.zeros((n_boot, labels.size), dtype=np.float64)
+    for side in (labels, ~labels):
+        idx = np.flatnonzero(side)
+        m = idx.size
+        if m == 0:
+            continue
+        draws = rng.integers(0, m, size=(n_boot, m)) + m * np.arange(n_boot)[:, None]
+        counts[:, idx] = np.bincount(draws.ravel(), minlength=n_boot * m).reshape(n_boot, m)
+    return counts
+
+
+@dataclass(frozen=True)
+class WeightedAuroc:
+    """The AUROC of fixed scores, correct (`pos`) vs incorrect (`neg`) attempts, under many weightings of
+    the attempts (the bootstrap's draw counts): the incorrect scores are sorted once, and each correct
+    attempt's place among them (strictly below, below or equal) serves every weighting.
+
+    With integer weights every cumulative sum, win count and product is an integer or a half: exact in
+    float64, so the result is the one correctly rounded division whatever the summation order."""
+
+    neg_order: np.ndarray
+    below: np.ndarray
+    below_or_equal: np.ndarray
+
+    @classmethod
+    def of(cls, pos: np.ndarray, neg: np.ndarray) -> WeightedAuroc:
+        order = np.argsort(neg, kind="stable")
+        sorted_neg = neg[order]
+        return cls(order, np.searchsorted(sorted_neg, pos, "left"), np.searchsorted(sorted_neg, pos, "right"))
+
+    def auroc(self, w_pos: np.ndarray, w_neg: np.ndarray) -> np.ndarray:
+        """P(correct > incorrect) + P(tie) / 2 (Mann-Whitney) under each column of the weights, prompts
+        first (`w_pos` `[n_pos, B]`, `w_neg` `[n_neg, B]`: gathering prompts copies whole rows), one per
+        resample; NaN where either side has no weight."""
+        cum = np.zeros((w_neg.shape[0] + 1, w_neg.shape[1]))
+        np.cumsum(w_neg[self.neg_order], axis=0, out=cum[1:])
+        # each correct attempt beats the incorrect ones below it and ties those equal to it: (lt + le) / 2
+        wins = 0.5 * np.einsum("nb,nb->b", w_pos, cum[self.below] + cum[self.below_or_equal])
+        total = w_pos.sum(axis=0) * cum[-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
 
 
 def _metric_cols(results: pl.DataFrame) -> list[str]:
