@@ -100,6 +100,9 @@ def test_patching_small(tmp_path, seed_model_dir, seed_model, rounding):
     low, high = res["patching_effect_range"]
     assert high - low > 10 * tol.log  # patching the partner's heads moves the verdict
     assert res["row_layers"]["engine"] == 2 * (5 * 36)  # per prompt: the trunk + 4 heads, all from layer 0
+    # the trunk at every position, the 4 resample rows from the pair's first difference on
+    (n,), f = set(res["prompt_tokens"]), res["first_difference"]
+    assert 0 < f[0] == f[1] < n and res["row_positions"]["engine"] == 2 * 36 * (n + 4 * (n - f[0]))
     assert all(v > 0 for v in res["speedup"].values())
 
 
