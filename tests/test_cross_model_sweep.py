@@ -1,6 +1,8 @@
-"""A sweep of three models on a 4-layer x 4-head seed-shaped model, in this process: the model, a copy of it
-(identical), and a copy whose target heads have their W_Q rows scaled (a planted difference). It writes the
-cross-model tables and figures, logs them to W&B under cross/<a>__<b>/, and its numbers are the known ones."""
+"""A sweep of three models on a 4-layer x 4-head seed-shaped model with the plumbing tokenizer (the first
+10,000 Qwen2.5 ranks: the study's Yes/No ids, a 15x smaller embedding and a tokenizer that loads at once), in
+this process: the model, a copy of it (identical), and a copy whose target heads have their W_Q rows scaled (a
+planted difference). It writes the cross-model tables and figures, logs them to W&B under cross/<a>__<b>/, and
+its numbers are the known ones."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from jobs.runtime.storage import OutDir
 from jobs.sweep import run_sweep
 from jobs.tracking import relog
 from tests.support.models import build_seed_shaped_model, copy_with_scaled_queries
+from tests.support.tokenizer import PLUMBING_RANKS
 from tests.support.wandb_records import read_run
 from verif.analysis.cross_model import PER_PROMPT_METRICS
 
@@ -22,6 +25,10 @@ TARGET = [(1, 2), (2, 0), (3, 1)]
 # 10x sharper attention in the three target heads: the planted pair differs on the prompts' verdicts
 # by more than their spread (a smaller factor, 3, left the log-odds difference's CI across 0 here).
 SCALE = 10.0
+# The weights' seed. Like SCALE, it decides whether 12 prompts are enough for the planted difference to show
+# in both metrics' intervals: with this tokenizer seeds 0 and 1 leave delta_log_odds' CI across 0, seed 2 does
+# not (delta_log_odds -0.40 [-0.76, -0.06], delta_correct -0.15 [-0.26, -0.05]).
+SEED = 2
 N_PROMPTS = 12
 MODELS = ("a", "a_copy", "b")
 
@@ -29,7 +36,8 @@ MODELS = ("a", "a_copy", "b")
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
-    a = build_seed_shaped_model(root / "a", n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8)
+    a = build_seed_shaped_model(root / "a", seed=SEED, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
+                                n_ranks=PLUMBING_RANKS)
     shutil.copytree(a, root / "a_copy")
     copy_with_scaled_queries(a, root / "b", TARGET, SCALE)
     heads = ", ".join(f"L{layer} H{head}" for layer, head in TARGET)

@@ -170,20 +170,21 @@ def test_with_interventions_and_pair_partners():
         pair_partners(pl.DataFrame({"pair_id": [7, 7, 7]}), [Condition("t", "target", ((1, 2),), intervention="resample")])
 
 
-def test_worker_resamples_from_the_partners_texts(seed_model_dir, seed_model, short_prompts):
+def test_worker_resamples_from_the_partners_texts(sweep_model_dir, sweep_model, short_prompts):
     """A sweep worker's resample shard reads the partners' activations from their texts (hand-made pairs of
-    equal token length, partners outside the shard): the scores of the engine given the partners' cache."""
-    tok = seed_model.tokenizer
+    equal token length, partners outside the shard): the scores of the engine given the partners' cache.
+    On the plumbing model of this file's sweep (the seed shape with the first 10,000 Qwen2.5 ranks)."""
+    tok = sweep_model.tokenizer
     texts = [short_prompts[1], short_prompts[1].replace("= 19 + 17 = 36", "= 19 + 17 = 37")]  # a counterfactual pair
     assert texts[0] != texts[1]
     assert len(tok.encode(texts[0], add_special_tokens=False)) == len(tok.encode(texts[1], add_special_tokens=False))
     i, j = 0, 1
     abls = [Ablation(), Ablation(((3, 13), (17, 14)), ((10, 5),), "resample"), Ablation(((20, 1),), (), "zero")]
-    worker = ShardScorer(WorkerSpec(str(seed_model_dir), "float32", "cpu", (" Yes", "Yes", " yes", "yes"),
+    worker = ShardScorer(WorkerSpec(str(sweep_model_dir), "float32", "cpu", (" Yes", "Yes", " yes", "yes"),
                                     (" No", "No", " no", "no"), EngineOptions()))
     cols = worker.score_shard(Shard("s", "m", (i,), ("baseline", "resample", "zero")), [texts[i]], abls, "m",
                               None, [texts[j]])
-    scorer = Scorer(seed_model, resolve_yes_no(tok))
+    scorer = Scorer(sweep_model, resolve_yes_no(tok))
     toks = scorer.tokenize([texts[i], texts[j]])
     want = scorer.score_tokens(toks[:1], abls, Sources(cache=scorer.activations(toks[1:], Sites.of(abls))))
     np.testing.assert_array_equal(cols["log_odds"], want.log_odds[0])
