@@ -37,8 +37,9 @@ def run_script(name: str, *args: str, block: tuple[str, ...] = (), timeout: int 
 
 def test_gpu_throughput_tiny_cpu(tmp_path):
     # 4 prompts of 13-16 tokens (the --tiny default is 6 of 29-32): every variant still runs mixed lengths.
+    # Baseline, the study's target and one random control set (the default is 6): every row kind, half the cost.
     proc = run_script("gpu_throughput.py", "--device", "cpu", "--tiny", "--n-prompts", "4", "--max-tokens", "16",
-                      "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
+                      "--n-random", "1", "--out", str(tmp_path), block=NOT_ON_GPU_MACHINE)
     res = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert "% of limit" in proc.stdout  # the closing table
     assert res["limit_rows_per_s"] > 0 and res["gemm_tflops_model_shapes"] > 0
@@ -106,16 +107,14 @@ def test_patching_small(tmp_path, seed_model_dir, seed_model, rounding):
     assert all(v > 0 for v in res["speedup"].values())
 
 
-def test_gpu_benchmark_data_is_small_and_real():
+def test_gpu_benchmark_data_is_small_and_real(qwen_tokenizer):
     data_file = BENCH / "data" / "qwen25_prompts.json"
     assert data_file.stat().st_size < 2_000_000
     data = json.loads(data_file.read_text())
     assert data["yes_ids"] == [7414, 9454, 9834, 9693] and data["no_ids"] == [2308, 2753, 902, 2152]
     assert len(data["tokens"]) == 1024
     # every prompt ends with the template's "... Therefore, the final answer is"
-    from tests.support.tokenizer import qwen25_tokenizer
-
-    tail = qwen25_tokenizer().encode(" Therefore, the final answer is", add_special_tokens=False)
+    tail = qwen_tokenizer.encode(" Therefore, the final answer is", add_special_tokens=False)
     assert all(t[-len(tail):] == tail for t in data["tokens"])
 
 

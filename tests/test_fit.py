@@ -33,12 +33,13 @@ def _bytes(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("which", ["seed_model", "smollm2"])
 def test_estimate_counts_the_bytes_the_model_loads(which, request):
     loaded = request.getfixturevalue(which)  # float32 on the CPU: Qwen2 from safetensors, Llama from GGUF
-    est = estimate(_config(loaded), torch.float32, EngineOptions(), 1024)
+    config = _config(loaded)  # read once from the model's files (a GGUF's metadata takes seconds to parse)
+    est = estimate(config, torch.float32, EngineOptions(), 1024)
     assert est.param_bytes == _bytes(loaded.model)  # tied embeddings counted once (both models tie them)
     layers = decoder_layers(loaded.model)
     assert [est.sizes.units[f"model.layers.{i}"] for i in range(len(layers))] == [_bytes(layer) for layer in layers]
     assert est.sizes.units["lm_head"] == 0 and est.sizes.tied == (("model.embed_tokens", "lm_head"),)
-    assert estimate(_config(loaded), torch.bfloat16, EngineOptions(), 1024).param_bytes * 2 == est.param_bytes
+    assert estimate(config, torch.bfloat16, EngineOptions(), 1024).param_bytes * 2 == est.param_bytes
 
 
 def test_estimate_adds_up_what_scoring_holds(seed_model):
