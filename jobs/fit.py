@@ -12,12 +12,11 @@ GPU node; each worker checks again against its own GPUs' free memory before it l
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig
 
 from jobs.config import Config
 from jobs.errors import InputError
 from verif.model.devicemap import GB
-from verif.model.loading import ModelSource, resolve_dtype
+from verif.model.loading import ModelSource, read_config, resolve_dtype
 from verif.model.memory import Estimate, estimate
 
 SHOWN_SPLITS = (1, 2, 4, 8)  # GPUs per worker whose per-GPU need is shown when there is no GPU to compare with
@@ -73,8 +72,7 @@ def check_fit(cfg: Config, sources: list[ModelSource]) -> list[str]:
     totals = local_gpu_memory() if gpu else []
     lines = []
     for src in sources:
-        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        est = estimate(AutoConfig.from_pretrained(src.location, **kwargs), dtype, cfg.engine, cfg.prompts.max_tokens)
+        est = estimate(read_config(src), dtype, cfg.engine, cfg.prompts.max_tokens)
         if gpu:
             lines.append(fit_line(src.name, est, max(1, int(cfg.ray.gpus_per_worker)), totals))
         else:

@@ -144,6 +144,33 @@ def test_read_arch_matches_loaded(seed_model):
     assert read_arch(seed_model.source) == seed_model.arch
 
 
+def test_config_is_read_once_per_file_version_and_handed_out_as_a_copy(seed_model_dir, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    from verif.model import loading
+
+    (tmp_path / "config.json").write_text((Path(seed_model_dir) / "config.json").read_text())
+    want = read_arch(resolve_source(str(seed_model_dir)))
+    reads = []
+    real = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
+    src = resolve_source(str(tmp_path))
+    arch, length = read_arch(src), loading.read_context_length(src)
+    assert len(reads) == 1 and arch == want
+    mine = loading.read_config(src)
+    mine.max_position_embeddings = 3  # a caller's change stays its own
+    assert loading.read_context_length(src) == length and len(reads) == 1
+    # a rewritten config is read again (another size, so the version differs even within one mtime tick)
+    before = (tmp_path / "config.json").read_text()
+    cfg = json.loads(before)
+    cfg["max_position_embeddings"] = 12345
+    after = json.dumps(cfg, indent=4)
+    (tmp_path / "config.json").write_text(after if len(after) != len(before) else after + "\n")
+    assert loading.read_context_length(src) == 12345 and len(reads) == 2
+
+
 # ---------------------------------------------------------------- tokenizer
 
 

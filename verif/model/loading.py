@@ -9,6 +9,8 @@ model types are supported, and where their heads and neurons are, is `verif.mode
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -116,22 +118,42 @@ def arch_from_config(config: PretrainedConfig) -> Arch:
     return family_of(getattr(config, "model_type", "?")).arch(config)
 
 
-def read_arch(source: ModelSource) -> Arch:
-    """The architecture from the config alone (cheap: no weights), for validating a sweep up front."""
+def _file_version(source: ModelSource) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the file a local config is read from: a rewritten file is read again."""
+    if source.kind == "hub":
+        return None
+    path = Path(source.location) / (source.gguf_file or "config.json")
     try:
-        config = AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_config(location: str, gguf_file: str | None, version: tuple[int, int] | None) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def read_config(source: ModelSource) -> PretrainedConfig:
+    """The model's transformers config, read once per process and file version (a GGUF's metadata parse
+    costs seconds, and the checks before a job read it several times); a copy, so callers may change it."""
+    try:
+        config = _cached_config(source.location, source.gguf_file, _file_version(source))
     except OSError as e:
         raise OSError(f"model.path {source.spec!r}: cannot read its config ({e})") from e
-    return arch_from_config(config)
+    return copy.deepcopy(config)
+
+
+def read_arch(source: ModelSource) -> Arch:
+    """The architecture from the config alone (cheap: no weights), for validating a sweep up front."""
+    return arch_from_config(read_config(source))
 
 
 def read_context_length(source: ModelSource) -> int | None:
     """The longest input the model was built for (`max_position_embeddings`), None when its config
     does not say; read from the config alone, like `read_arch`."""
-    try:
-        config = AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
-    except OSError as e:
-        raise OSError(f"model.path {source.spec!r}: cannot read its config ({e})") from e
+    config = read_config(source)
     length = getattr(config, "max_position_embeddings", None)
     return int(length) if isinstance(length, int) and length > 0 else None
 
@@ -201,8 +223,8 @@ def load_model(
     device = default_device() if device == "auto" else device
     torch_dtype = resolve_dtype(dtype, device)
     kwargs = _from_pretrained_kwargs(source)
+    config = read_config(source)
     try:
-        config = AutoConfig.from_pretrained(source.location, **kwargs)
         family = family_of(getattr(config, "model_type", "?"))
         slots = gpu_slots(device, gpus)
         device_map = {"": device} if slots is None else _device_map(config, torch_dtype, slots, engine,
