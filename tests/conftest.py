@@ -114,15 +114,9 @@ def sweep_model(sweep_model_dir) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def smollm2(request, tmp_path_factory) -> LoadedModel:
-    """The packaged SmolLM2-135M (real weights, Llama, 30 layers x 9 heads), float32 on the CPU (~17 s).
-
-    Loaded through the real loader (GGUF) once per session: under xdist the first worker to need it loads it
-    and the others read its pickled copy, checked identical to the bit (tests.support.model_cache)."""
-    from tests.support.model_cache import shared_load
-
-    return shared_load("smollm2", lambda: load_model("packaged:smollm2-135m", dtype="float32", device="cpu"),
-                       tmp_path_factory, request.config)
+def smollm2() -> LoadedModel:
+    """The packaged SmolLM2-135M (real weights, Llama, 30 layers x 9 heads), float32 on the CPU (~15-30 s)."""
+    return load_model("packaged:smollm2-135m", dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="session")
