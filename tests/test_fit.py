@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 import launch
 from jobs import fit
@@ -21,11 +20,6 @@ from verif.model.options import EngineOptions
 from tests.support.sweeps import sweep_overrides
 
 
-def _config(loaded):
-    src = loaded.source
-    return AutoConfig.from_pretrained(src.location, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
-
-
 def _bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -33,7 +27,7 @@ def _bytes(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("which", ["seed_model", "smollm2"])
 def test_estimate_counts_the_bytes_the_model_loads(which, request):
     loaded = request.getfixturevalue(which)  # float32 on the CPU: Qwen2 from safetensors, Llama from GGUF
-    config = _config(loaded)  # read once from the model's files (a GGUF's metadata takes seconds to parse)
+    config = loading.read_config(loaded.source)
     est = estimate(config, torch.float32, EngineOptions(), 1024)
     assert est.param_bytes == _bytes(loaded.model)  # tied embeddings counted once (both models tie them)
     layers = decoder_layers(loaded.model)
@@ -45,7 +39,7 @@ def test_estimate_counts_the_bytes_the_model_loads(which, request):
 def test_estimate_adds_up_what_scoring_holds(seed_model):
     """The reserve by hand: the unit's hidden states twice, a chunk's temporaries, its mask and logits."""
     arch, opts = seed_model.arch, EngineOptions(max_rows=32, max_chunk_tokens=8192, max_unit_tokens=65536)
-    est = estimate(_config(seed_model), torch.bfloat16, opts, 300)
+    est = estimate(loading.read_config(seed_model.source), torch.bfloat16, opts, 300)
     assert est.hidden_bytes == 2 * 65536 * arch.hidden_size * 2
     assert est.chunk_bytes == 8192 * activation_bytes_per_token(arch, torch.bfloat16)
     assert est.mask_bytes == 8192 * 300
@@ -102,7 +96,8 @@ def test_a_worker_maps_the_gpus_it_sees(seed_model, monkeypatch):
     monkeypatch.setattr(loading, "free_memory", lambda slots: [free["bytes"]] * len(slots))
     slots = loading.gpu_slots("cuda", 2)
     assert slots == [0, 1]
-    config, opts = _config(seed_model), EngineOptions(max_rows=4, max_chunk_tokens=1024, max_unit_tokens=4096)
+    config = loading.read_config(seed_model.source)
+    opts = EngineOptions(max_rows=4, max_chunk_tokens=1024, max_unit_tokens=4096)
     device_map = loading._device_map(config, torch.bfloat16, slots, opts, 1024, "seed")
     layers = [device_map[f"model.layers.{i}"] for i in range(36)]
     assert set(device_map.values()) == {0, 1} and layers == sorted(layers)

@@ -131,15 +131,15 @@ def _file_version(source: ModelSource) -> tuple[int, int] | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_config(location: str, gguf_file: str | None, version: tuple[int, int] | None) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+def _cached_config(source: ModelSource, version: tuple[int, int] | None) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
 
 
 def read_config(source: ModelSource) -> PretrainedConfig:
     """The model's transformers config, read once per process and file version (a GGUF's metadata parse
     costs seconds, and the checks before a job read it several times); a copy, so callers may change it."""
     try:
-        config = _cached_config(source.location, source.gguf_file, _file_version(source))
+        config = _cached_config(source, _file_version(source))
     except OSError as e:
         raise OSError(f"model.path {source.spec!r}: cannot read its config ({e})") from e
     return copy.deepcopy(config)
